@@ -1,0 +1,5 @@
+"""Entry point for ``python -m filterd``."""
+
+from filterd.cli import main
+
+raise SystemExit(main())

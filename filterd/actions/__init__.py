@@ -1,0 +1,80 @@
+"""Action executors: turn a ``Verdict`` into I/O (relay, quarantine) and an ``Outcome``.
+
+The one place where a verdict meets the next hop. A message is answered 250 only when the next
+hop said 250 for it, or when its quarantine copy is on disk; a rule's discard is the one
+deliberate exception and is counted and logged by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from filterd.actions.quarantine import QuarantineStore
+from filterd.actions.relay import RelayTransaction
+from filterd.actions.tag import apply_modifications, spam_headers
+from filterd.model import Action, Message, Outcome, SmtpReply, Verdict
+
+DEFAULT_REJECT = SmtpReply(554, "5.7.1", "Message rejected by policy")
+DEFAULT_TEMPFAIL = SmtpReply(451, "4.7.1", "Message deferred by policy")
+
+
+def rewrite(message: Message, verdict: Verdict) -> bytes:
+    """The bytes to deliver: incoming X-Spam-* removed, the verdict's header edits applied."""
+    added = list(verdict.add_headers)
+    if verdict.tag:
+        added = spam_headers(
+            verdict.score, verdict.required_score or 0.0, verdict.rules, flag=True
+        ) + added
+    return apply_modifications(
+        message.raw,
+        remove=verdict.remove_headers,
+        add=added,
+        subject_prefix=verdict.subject_prefix if verdict.tag or verdict.subject_prefix else "",
+    )
+
+
+class Executor:
+    """Carries out verdicts for one daemon; holds the quarantine store."""
+
+    def __init__(self, quarantine: QuarantineStore) -> None:
+        self.quarantine = quarantine
+
+    async def execute(self, verdict: Verdict, message: Message, txn: RelayTransaction) -> Outcome:
+        action = verdict.action
+        if action is Action.REJECT:
+            return Outcome(action, verdict.reply or DEFAULT_REJECT)
+        if action is Action.TEMPFAIL:
+            return Outcome(action, verdict.reply or DEFAULT_TEMPFAIL)
+        if action is Action.DISCARD:
+            return Outcome(action, SmtpReply(250, "2.0.0", "Ok: discarded"))
+        if action is Action.QUARANTINE:
+            entry_id = await asyncio.to_thread(
+                self.quarantine.store,
+                message,
+                verdict,
+                rule=verdict.deciding_rule or "",
+                reason=verdict.reason,
+            )
+            return Outcome(action, SmtpReply(250, "2.0.0", f"Ok: quarantined as {entry_id}"),
+                           quarantine_id=entry_id)
+        return await self._deliver(verdict, message, txn)
+
+    async def _deliver(self, verdict: Verdict, message: Message, txn: RelayTransaction) -> Outcome:
+        recipients = list(verdict.redirect) if verdict.redirect else list(txn.accepted)
+        extra = [rcpt for rcpt in verdict.bcc if rcpt not in recipients]
+        if verdict.redirect:
+            replies = await txn.restart(recipients + extra)
+            if not txn.accepted:
+                first = replies[0].as_reply() if replies else DEFAULT_TEMPFAIL
+                reply = first if not first.is_success else DEFAULT_TEMPFAIL
+                return Outcome(verdict.action, SmtpReply(451, "4.3.0", f"Redirect refused by next hop: {reply.render()}"))
+        else:
+            for rcpt in extra:
+                await txn.add_recipient(rcpt)
+        data_reply = await txn.send_data(rewrite(message, verdict))
+        return Outcome(
+            verdict.action,
+            data_reply.as_reply(),
+            delivered=tuple(txn.accepted) if data_reply.code == 250 else (),
+            next_hop_reply=str(data_reply),
+        )

@@ -1,0 +1,539 @@
+"""The quarantine store: one ``.eml`` (the original bytes) and one ``.json`` (envelope, verdict,
+trace, status) per entry under ``quarantine.path``, plus an SQLite index to list them fast.
+
+Durability is the contract: ``store`` returns only once both files are written to a temporary
+name, fsync'ed, renamed into place and the folder fsync'ed, the ``.eml`` before the ``.json``. The
+``.json`` marks an entry complete; an ``.eml`` without one is a write that never finished (it is
+ignored, and removed once older than an hour, so a concurrent writer is never raced). Any
+``OSError`` becomes ``QuarantineError``, which the daemon answers with ``451 4.3.0``: nothing is
+acknowledged that is not on disk. Folders are created 0700 and files 0600 whatever the umask.
+
+The index is a cache of the ``.json`` files: it is created, resynchronised or rebuilt from them
+when it is missing, stale (a crash between a file and its index row) or corrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from filterd.actions.quarantine_index import IndexCorruptError, QuarantineIndex
+from filterd.errors import QuarantineError
+from filterd.model import Action, Message, RuleTrace, Verdict
+
+__all__ = [
+    "ENTRY_ID_RE",
+    "Entry",
+    "EntryNotFoundError",
+    "EntryStatus",
+    "QuarantineStore",
+    "run_retention",
+]
+
+log = structlog.stdlib.get_logger(__name__)
+
+ENTRY_ID_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_FORMAT = 1
+_ORPHAN_GRACE = timedelta(hours=1)
+_HEADER_SCAN_LIMIT = 65536
+_SUBJECT_LIMIT = 998
+
+
+class EntryStatus(enum.Enum):
+    """Where an entry is in its life."""
+
+    QUARANTINED = "quarantined"
+    RELEASED = "released"
+
+
+class EntryNotFoundError(QuarantineError):
+    """No entry has this id (or the id is not a valid entry id)."""
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One quarantined message's metadata. ``trace`` is read from the entry's file: entries
+    that come from ``list`` carry an empty trace (the index does not keep it); ``get`` has it."""
+
+    id: str
+    date: datetime
+    sender: str  # "" for the null sender
+    recipients: tuple[str, ...]
+    subject: str
+    size: int
+    rule: str
+    reason: str
+    action: str
+    score: float
+    status: EntryStatus
+    client_ip: str | None = None
+    client_name: str | None = None
+    helo: str | None = None
+    queue_id: str | None = None
+    message_id: str = ""
+    rules: tuple[str, ...] = ()
+    trace: tuple[RuleTrace, ...] = ()
+    sha256: str = ""
+    released_at: datetime | None = None
+    released_to: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any]) -> Entry:
+        released_at = meta.get("released_at")
+        return cls(
+            id=str(meta["id"]),
+            date=datetime.fromisoformat(str(meta["date"])),
+            sender=str(meta.get("sender", "")),
+            recipients=tuple(str(r) for r in meta.get("recipients", ())),
+            subject=str(meta.get("subject", "")),
+            size=int(meta.get("size", 0)),
+            rule=str(meta.get("rule", "")),
+            reason=str(meta.get("reason", "")),
+            action=str(meta.get("action", "quarantine")),
+            score=float(meta.get("score", 0.0)),
+            status=EntryStatus(meta.get("status", "quarantined")),
+            client_ip=meta.get("client_ip"),
+            client_name=meta.get("client_name"),
+            helo=meta.get("helo"),
+            queue_id=meta.get("queue_id"),
+            message_id=str(meta.get("message_id", "")),
+            rules=tuple(str(r) for r in meta.get("rules", ())),
+            trace=tuple(_trace_from_dict(t) for t in meta.get("trace", ())),
+            sha256=str(meta.get("sha256", "")),
+            released_at=datetime.fromisoformat(released_at) if released_at else None,
+            released_to=tuple(str(r) for r in meta.get("released_to", ())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the ``.json`` file and ``quarantine list --json``)."""
+        return {
+            "format": _FORMAT,
+            "id": self.id,
+            "date": _iso(self.date),
+            "status": self.status.value,
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "client_ip": self.client_ip,
+            "client_name": self.client_name,
+            "helo": self.helo,
+            "queue_id": self.queue_id,
+            "message_id": self.message_id,
+            "subject": self.subject,
+            "size": self.size,
+            "sha256": self.sha256,
+            "rule": self.rule,
+            "reason": self.reason,
+            "action": self.action,
+            "score": self.score,
+            "rules": list(self.rules),
+            "trace": [_trace_to_dict(t) for t in self.trace],
+            "released_at": _iso(self.released_at) if self.released_at else None,
+            "released_to": list(self.released_to),
+        }
+
+
+def _trace_to_dict(trace: RuleTrace) -> dict[str, Any]:
+    return {
+        "rule": trace.rule,
+        "matched": trace.matched,
+        "score": trace.score,
+        "shadow": trace.shadow,
+        "detail": trace.detail,
+        "action": trace.action.value if trace.action else None,
+    }
+
+
+def _trace_from_dict(item: Mapping[str, Any]) -> RuleTrace:
+    action = item.get("action")
+    return RuleTrace(
+        rule=str(item.get("rule", "")),
+        matched=bool(item.get("matched", False)),
+        score=float(item.get("score", 0.0)),
+        shadow=bool(item.get("shadow", False)),
+        detail=str(item.get("detail", "")),
+        action=Action(action) if action else None,
+    )
+
+
+def _headers_of(raw: bytes) -> tuple[str, str]:
+    """Subject and Message-ID, decoded, from the header block only (the body is never parsed)."""
+    head = raw[:_HEADER_SCAN_LIMIT]
+    match = re.search(rb"\r?\n\r?\n", head)
+    if match:
+        head = head[: match.end()]
+    try:
+        parsed = BytesHeaderParser(policy=default_policy).parsebytes(head)
+        subject = str(parsed.get("Subject", "") or "")
+        message_id = str(parsed.get("Message-ID", "") or "")
+    except Exception:  # cosmetic metadata must never stop a message from being stored
+        return "", ""
+    return subject[:_SUBJECT_LIMIT], message_id.strip()[:_SUBJECT_LIMIT]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(folder: Path, name: str, data: bytes) -> str:
+    """Write ``folder/name`` via a fsync'ed temporary file and a rename; returns its version."""
+    tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, _FILE_MODE)
+    try:
+        try:
+            os.fchmod(fd, _FILE_MODE)  # the umask may have taken bits from the open() mode
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            stat = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return f"{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def _make_folder(path: Path) -> None:
+    """Create ``path`` and any missing parents 0700 (chmod after mkdir: umask-independent)."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process got there first
+            os.mkdir(folder, _DIR_MODE)
+            os.chmod(folder, _DIR_MODE)
+            _fsync_dir(folder.parent)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
+
+
+class QuarantineStore:
+    """The quarantine folder. Synchronous: the daemon calls it through ``asyncio.to_thread``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._stale = False
+        try:
+            _make_folder(self.path)
+            self._index = self._open_index()
+        except (OSError, sqlite3.Error) as exc:
+            raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
+
+    # --- index upkeep -------------------------------------------------------------------------
+
+    def _open_index(self) -> QuarantineIndex:
+        try:
+            self._index = QuarantineIndex(self.path)
+            self._sync(full=self._index.created)
+        except IndexCorruptError as exc:
+            log.warning("quarantine_index_corrupt", path=str(self.path), error=str(exc))
+            if hasattr(self, "_index"):
+                self._index.close()
+            QuarantineIndex.remove_files(self.path)
+            self._index = QuarantineIndex(self.path)
+            self._sync(full=True)
+        return self._index
+
+    def _scan(self) -> dict[str, str]:
+        """Complete entries on disk (id -> version of the .json); old unfinished writes removed."""
+        found: dict[str, str] = {}
+        emls: dict[str, float] = {}
+        leftovers: list[tuple[Path, float]] = []
+        with os.scandir(self.path) as it:
+            for item in it:
+                stem, dot, ext = item.name.partition(".")
+                if not dot:
+                    continue
+                if not stem and item.name.endswith(".tmp"):
+                    leftovers.append((Path(item.path), item.stat().st_mtime))
+                elif ext == "json" and ENTRY_ID_RE.fullmatch(stem):
+                    stat = item.stat()
+                    found[stem] = f"{stat.st_mtime_ns}:{stat.st_size}"
+                elif ext == "eml" and ENTRY_ID_RE.fullmatch(stem):
+                    emls[stem] = item.stat().st_mtime
+        leftovers += [(self.path / f"{i}.eml", m) for i, m in emls.items() if i not in found]
+        cutoff = time.time() - _ORPHAN_GRACE.total_seconds()
+        for orphan, mtime in leftovers:
+            if mtime < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    orphan.unlink()
+                    log.info("quarantine_orphan_removed", file=orphan.name)
+        return {i: v for i, v in found.items() if i in emls}
+
+    def _sync(self, *, full: bool = False) -> int:
+        """Bring the index in line with the files: re-read every changed or new ``.json``."""
+        on_disk = self._scan()
+        indexed = {} if full else self._index.versions()
+        upserts = []
+        for entry_id, version in on_disk.items():
+            if indexed.get(entry_id) != version:
+                meta = self._try_load_meta(entry_id)
+                if meta is not None:
+                    upserts.append((meta, version))
+        removals = [i for i in indexed if i not in on_disk]
+        if full or upserts or removals:
+            self._index.replace(upserts, removals, clear=full)
+            log.info(
+                "quarantine_index_synced", path=str(self.path), rebuilt=full,
+                updated=len(upserts), removed=len(removals), entries=len(on_disk),
+            )
+        self._stale = False
+        return len(on_disk)
+
+    def _indexed(self) -> QuarantineIndex:
+        """The index, resynchronised first if a write to it failed or it turned out corrupt."""
+        try:
+            if self._stale:
+                self._sync()
+        except IndexCorruptError:
+            self.rebuild_index()
+        except (OSError, sqlite3.Error) as exc:
+            raise QuarantineError(f"quarantine index {self._index.path}: {exc}") from exc
+        return self._index
+
+    def rebuild_index(self) -> int:
+        """Recreate the index from the ``.json`` files; returns the number of entries."""
+        try:
+            self._index.close()
+            QuarantineIndex.remove_files(self.path)
+            self._index = QuarantineIndex(self.path)
+            return self._sync(full=True)
+        except (OSError, sqlite3.Error, IndexCorruptError) as exc:
+            raise QuarantineError(f"cannot rebuild quarantine index: {exc}") from exc
+
+    def _index_call(self, name: str, *args: Any) -> None:
+        """A write to the index after the files are safe: a failure only makes the index stale."""
+        try:
+            getattr(self._index, name)(*args)
+        except (sqlite3.Error, IndexCorruptError) as exc:
+            log.warning("quarantine_index_failed", path=str(self.path), error=str(exc))
+            self._stale = True
+
+    def _read(self, fn: str, *args: Any) -> Any:
+        index = self._indexed()
+        try:
+            return getattr(index, fn)(*args)
+        except IndexCorruptError:
+            self.rebuild_index()
+            return getattr(self._index, fn)(*args)
+        except sqlite3.Error as exc:
+            raise QuarantineError(f"quarantine index {index.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._index.close()
+
+    def __enter__(self) -> QuarantineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def _file(self, entry_id: str, ext: str) -> Path:
+        if not isinstance(entry_id, str) or not ENTRY_ID_RE.fullmatch(entry_id):
+            raise EntryNotFoundError(f"invalid quarantine id {entry_id!r}")
+        return self.path / f"{entry_id}.{ext}"
+
+    def _load_meta(self, entry_id: str) -> dict[str, Any]:
+        """The entry's ``.json``; ``EntryNotFoundError`` or ``QuarantineError`` otherwise."""
+        try:
+            data = self._file(entry_id, "json").read_bytes()
+        except FileNotFoundError:
+            raise EntryNotFoundError(f"no quarantine entry {entry_id}") from None
+        except OSError as exc:
+            raise QuarantineError(f"cannot read quarantine entry {entry_id}: {exc}") from exc
+        try:
+            meta = dict(json.loads(data))
+            Entry.from_dict(meta)  # validates the fields we rely on
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QuarantineError(f"quarantine entry {entry_id} is unreadable: {exc}") from exc
+        return meta
+
+    def _try_load_meta(self, entry_id: str) -> dict[str, Any] | None:
+        """For resyncs: an entry that vanished or cannot be read is skipped (and logged)."""
+        try:
+            return self._load_meta(entry_id)
+        except EntryNotFoundError:
+            return None
+        except QuarantineError as exc:
+            log.warning("quarantine_entry_unreadable", id=entry_id, error=str(exc))
+            return None
+
+    def _new_id(self, now: datetime) -> str:
+        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        while True:
+            entry_id = f"{stamp}-{secrets.token_hex(4)}"
+            if not (self.path / f"{entry_id}.eml").exists():
+                return entry_id
+
+    # --- operations ----------------------------------------------------------------------------
+
+    def store(
+        self, message: Message, verdict: Verdict, *, rule: str, reason: str,
+        now: datetime | None = None,
+    ) -> str:
+        """Write an entry durably and return its id; ``QuarantineError`` if it is not on disk."""
+        now = now or datetime.now(UTC)
+        env = message.envelope
+        subject, message_id = _headers_of(message.raw)
+        entry = Entry(
+            id="", date=now, sender=env.sender, recipients=env.recipients, subject=subject,
+            size=message.size, rule=rule, reason=reason, action=verdict.action.value,
+            score=verdict.score, status=EntryStatus.QUARANTINED, client_ip=env.client_ip,
+            client_name=env.client_name, helo=env.helo, queue_id=env.queue_id,
+            message_id=message_id, rules=verdict.rules, trace=verdict.trace,
+            sha256=hashlib.sha256(message.raw).hexdigest(),
+        )
+        written: list[Path] = []
+        try:
+            entry_id = self._new_id(now)
+            meta = entry.to_dict() | {"id": entry_id}
+            data = json.dumps(meta, indent=2).encode("ascii")
+            _write_atomic(self.path, f"{entry_id}.eml", message.raw)
+            written.append(self.path / f"{entry_id}.eml")
+            _fsync_dir(self.path)  # the message is on disk before anything says it is complete
+            written.append(self.path / f"{entry_id}.json")
+            version = _write_atomic(self.path, f"{entry_id}.json", data)
+            _fsync_dir(self.path)
+        except (OSError, ValueError) as exc:
+            for path in reversed(written):  # leave no half entry behind
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            log.error(  # noqa: TRY400 - an expected condition (disk full): no traceback
+                "quarantine_store_failed", path=str(self.path), queue_id=env.queue_id,
+                error=str(exc),
+            )
+            raise QuarantineError(f"cannot write quarantine entry in {self.path}: {exc}") from exc
+        self._index_call("upsert", meta, version)
+        log.info(
+            "quarantine_stored", id=entry_id, queue_id=env.queue_id, rule=rule, size=message.size,
+        )
+        return entry_id
+
+    def list(
+        self, limit: int | None = None, offset: int = 0, *, status: EntryStatus | None = None
+    ) -> list[Entry]:
+        """Entries, newest first, without their trace."""
+        rows = self._read("page", limit, offset, status.value if status else None)
+        return [Entry.from_dict(row) for row in rows]
+
+    def count(self, status: EntryStatus | None = None) -> int:
+        return int(self._read("count", status.value if status else None))
+
+    def get(self, entry_id: str) -> Entry:
+        """The entry with its trace, read from its ``.json`` (the truth, not the index)."""
+        self._file(entry_id, "json")
+        if not self._file(entry_id, "eml").exists():
+            raise EntryNotFoundError(f"no quarantine entry {entry_id}")
+        return Entry.from_dict(self._load_meta(entry_id))
+
+    def read_message(self, entry_id: str) -> bytes:
+        """The original message bytes, checked against the digest taken when it was stored."""
+        entry = self.get(entry_id)
+        try:
+            raw = self._file(entry_id, "eml").read_bytes()
+        except FileNotFoundError:
+            raise EntryNotFoundError(f"no quarantine entry {entry_id}") from None
+        except OSError as exc:
+            raise QuarantineError(f"cannot read quarantine entry {entry_id}: {exc}") from exc
+        if entry.sha256 and hashlib.sha256(raw).hexdigest() != entry.sha256:
+            raise QuarantineError(f"quarantine entry {entry_id}: message does not match its digest")
+        return raw
+
+    def mark_released(
+        self, entry_id: str, to: Sequence[str], *, now: datetime | None = None
+    ) -> None:
+        """Record a successful release (atomically rewrites the ``.json``)."""
+        meta = self._load_meta(entry_id)
+        moment = now or datetime.now(UTC)
+        meta |= {
+            "status": EntryStatus.RELEASED.value,
+            "released_at": _iso(moment),
+            "released_to": list(to),
+        }
+        try:
+            data = json.dumps(meta, indent=2).encode("ascii")
+            version = _write_atomic(self.path, f"{entry_id}.json", data)
+            _fsync_dir(self.path)
+        except OSError as exc:
+            raise QuarantineError(f"cannot update quarantine entry {entry_id}: {exc}") from exc
+        self._index_call("upsert", meta, version)
+        log.info("quarantine_released", id=entry_id, recipients=len(to))
+
+    def delete(self, entry_id: str) -> None:
+        """Remove an entry: the ``.json`` first, so a crash leaves an orphan, never a half entry."""
+        json_path = self._file(entry_id, "json")
+        try:
+            json_path.unlink()
+        except FileNotFoundError:
+            raise EntryNotFoundError(f"no quarantine entry {entry_id}") from None
+        except OSError as exc:
+            raise QuarantineError(f"cannot delete quarantine entry {entry_id}: {exc}") from exc
+        try:
+            _fsync_dir(self.path)
+            self._file(entry_id, "eml").unlink(missing_ok=True)
+        except OSError as exc:  # the entry is gone; the orphan .eml goes with the next resync
+            log.warning("quarantine_delete_incomplete", id=entry_id, error=str(exc))
+        self._index_call("remove", entry_id)
+        log.info("quarantine_deleted", id=entry_id)
+
+    def purge(self, older_than: timedelta, now: datetime | None = None) -> int:
+        """Delete the entries stored more than ``older_than`` ago; returns how many."""
+        cutoff = (now or datetime.now(UTC)) - older_than
+        purged = 0
+        for entry_id in self._read("ids_before", _iso(cutoff)):
+            with contextlib.suppress(EntryNotFoundError):  # deleted meanwhile by someone else
+                self.delete(entry_id)
+                purged += 1
+        log.info("quarantine_purged", count=purged, older_than_s=int(older_than.total_seconds()))
+        return purged
+
+
+async def run_retention(
+    store: QuarantineStore, retention: timedelta, *, interval: float = 3600.0
+) -> None:
+    """Purge entries past ``retention`` now and every ``interval`` seconds until cancelled.
+
+    A failing purge is logged and retried at the next interval: retention is housekeeping and
+    never stops the daemon.
+    """
+    while True:
+        try:
+            await asyncio.to_thread(store.purge, retention)
+        except QuarantineError as exc:
+            log.error("quarantine_purge_failed", error=str(exc))  # noqa: TRY400 - as above
+        await asyncio.sleep(interval)

@@ -1,0 +1,201 @@
+"""The quarantine index: an SQLite cache (WAL mode) of the entries' metadata, for fast listing.
+
+The ``.json`` files of the store are the truth; this index only makes ``list``, ``count`` and
+``purge`` fast with 100,000 entries. Each row keeps the entry's metadata without its trace
+(which can be large) and a ``version`` (mtime and size of the ``.json`` file it was read from),
+so the store can tell a stale row from a current one without reading every file.
+
+Thread-safe: one connection, one lock (the daemon stores from worker threads). Several processes
+(daemon and ``filterd quarantine`` commands) may share the file; SQLite's WAL mode and a busy
+timeout serialise them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["INDEX_NAME", "IndexCorruptError", "QuarantineIndex"]
+
+INDEX_NAME = "index.sqlite3"
+_SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 10_000
+_FILE_MODE = 0o600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    date TEXT NOT NULL,      -- ISO 8601 UTC with a Z: sorts as time
+    status TEXT NOT NULL,
+    version TEXT NOT NULL,   -- "<mtime_ns>:<size>" of the .json file the row was read from
+    summary TEXT NOT NULL    -- the metadata as JSON, without the trace
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_date ON entries(date);
+"""
+
+Row = dict[str, Any]
+
+
+class IndexCorruptError(Exception):
+    """The index file is not a usable database; the store deletes and rebuilds it."""
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    # OperationalError covers "locked", "disk full", "read-only": real conditions to report.
+    # Other DatabaseErrors ("file is not a database", "malformed") mean the cache is damaged.
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
+
+
+class QuarantineIndex:
+    """The file ``<folder>/index.sqlite3``. Raises ``sqlite3.Error`` or ``IndexCorruptError``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / INDEX_NAME
+        self._lock = threading.Lock()
+        self._created = not self.path.exists()
+        self._conn = self._open()
+
+    @property
+    def created(self) -> bool:
+        """True when this index was just created empty (so the store must fill it)."""
+        return self._created
+
+    def _open(self) -> sqlite3.Connection:
+        if self._created:
+            # SQLite gives its -wal and -shm files the database file's mode, so creating the
+            # database 0600 ourselves keeps all three private whatever the umask is.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+            try:
+                os.fchmod(fd, _FILE_MODE)
+            finally:
+                os.close(fd)
+        conn = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # The index is a cache of fsync'ed files: losing its last commits costs a resync.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                # A cache in an unknown layout is as good as a corrupt one: rebuild it.
+                raise IndexCorruptError(  # noqa: TRY301 - handled with the sqlite errors below
+                    f"index schema version {version} is not {_SCHEMA_VERSION}"
+                )
+            conn.executescript(_SCHEMA)
+            if version == 0:
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                self._created = True
+            conn.execute("SELECT count(*) FROM entries").fetchone()
+        except sqlite3.Error as exc:
+            conn.close()
+            if _is_corruption(exc):
+                raise IndexCorruptError(str(exc)) from exc
+            raise
+        except IndexCorruptError:
+            conn.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @staticmethod
+    def remove_files(folder: Path) -> None:
+        """Delete the index and its WAL files (after ``close``), to rebuild from scratch."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"{INDEX_NAME}{suffix}").unlink()
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.Error as exc:
+                if _is_corruption(exc):
+                    raise IndexCorruptError(str(exc)) from exc
+                raise
+
+    @staticmethod
+    def _summary(meta: Mapping[str, Any]) -> str:
+        return json.dumps({k: v for k, v in meta.items() if k != "trace"}, sort_keys=True)
+
+    def upsert(self, meta: Mapping[str, Any], version: str) -> None:
+        self._run(
+            "INSERT OR REPLACE INTO entries (id, date, status, version, summary)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (meta["id"], meta["date"], meta["status"], version, self._summary(meta)),
+        )
+
+    def remove(self, entry_id: str) -> None:
+        self._run("DELETE FROM entries WHERE id = ?", (entry_id,))
+
+    def replace(
+        self, upserts: Iterable[tuple[Mapping[str, Any], str]], removals: Iterable[str],
+        *, clear: bool = False,
+    ) -> None:
+        """Apply many changes in one transaction (a rebuild or a resync)."""
+        rows = [
+            (m["id"], m["date"], m["status"], v, self._summary(m)) for m, v in upserts
+        ]
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if clear:
+                        self._conn.execute("DELETE FROM entries")
+                    self._conn.executemany(
+                        "DELETE FROM entries WHERE id = ?", [(i,) for i in removals]
+                    )
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO entries (id, date, status, version, summary)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if _is_corruption(exc):
+                    raise IndexCorruptError(str(exc)) from exc
+                raise
+
+    def versions(self) -> dict[str, str]:
+        """Every indexed id with the version of the file it was read from."""
+        return {str(i): str(v) for i, v in self._run("SELECT id, version FROM entries")}
+
+    def get(self, entry_id: str) -> Row | None:
+        rows = self._run("SELECT summary FROM entries WHERE id = ?", (entry_id,))
+        return dict(json.loads(rows[0][0])) if rows else None
+
+    def page(
+        self, limit: int | None = None, offset: int = 0, status: str | None = None
+    ) -> list[Row]:
+        """Newest first."""
+        where, params = ("WHERE status = ?", [status]) if status else ("", [])
+        rows = self._run(
+            f"SELECT summary FROM entries {where} ORDER BY date DESC, id DESC"  # noqa: S608 (fixed text)
+            " LIMIT ? OFFSET ?",
+            [*params, -1 if limit is None else limit, offset],
+        )
+        return [json.loads(r[0]) for r in rows]
+
+    def count(self, status: str | None = None) -> int:
+        if status:
+            return int(self._run("SELECT count(*) FROM entries WHERE status = ?", (status,))[0][0])
+        return int(self._run("SELECT count(*) FROM entries")[0][0])
+
+    def ids_before(self, date: str) -> list[str]:
+        """Ids of entries stored before ``date`` (same ISO form as the rows), oldest first."""
+        rows = self._run("SELECT id FROM entries WHERE date < ? ORDER BY date, id", (date,))
+        return [r[0] for r in rows]

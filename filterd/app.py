@@ -1,0 +1,186 @@
+"""The composition root: build every part from the config, serve, reload on HUP, drain on TERM.
+
+Lifecycle (in the manner of uvicorn's server): signal handlers only set flags or schedule work;
+shutdown closes the listeners, lets in-flight transactions finish within ``drain_timeout``,
+answers 421 to the sessions still open and exits 0. A second SIGTERM/SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import structlog
+
+from filterd import __version__
+from filterd.actions import Executor
+from filterd.actions.quarantine import QuarantineStore
+from filterd.actions.relay import RelayClient
+from filterd.config import Config, load_config
+from filterd.errors import ConfigError
+from filterd.observe import Metrics, make_registry, start_metrics_server
+from filterd.processor import MessageProcessor
+from filterd.rules import RuleSet, load_ruleset
+from filterd.sdnotify import Notifier, watchdog_loop
+from filterd.smtp import FilterdHandler, FilterdSMTP, IngressPolicy
+
+log = structlog.get_logger("filterd")
+
+PURGE_INTERVAL_SECONDS = 3600.0
+EXIT_FORCED = 1
+
+
+def ingress_policy(config: Config) -> IngressPolicy:
+    limits = config.limits
+    return IngressPolicy(
+        networks=config.networks,
+        max_message_size=limits.max_message_size,
+        max_recipients=limits.max_recipients,
+        max_connections=limits.max_connections,
+        max_connections_per_client=limits.max_connections_per_client,
+        session_timeout=limits.session_timeout,
+        hostname=config.hostname,
+    )
+
+
+class Daemon:
+    """One running filterd: its servers, its current rule set and its lifecycle flags."""
+
+    def __init__(self, config: Config, config_path: str | None, overrides: dict[str, object]) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.ruleset: RuleSet = load_ruleset(config.rules, max_scan_bytes=config.limits.max_scan_bytes)
+        self.registry = make_registry()
+        self.metrics = Metrics(self.registry)
+        self.metrics.set_rule_names(self.ruleset.rule_names)
+        self.quarantine = QuarantineStore(config.quarantine.path)
+        self.relay = RelayClient(
+            config.relay.host, config.relay.port, timeout=config.limits.relay_timeout,
+            helo=config.hostname, pool_size=config.relay_pool_size,
+        )
+        self.processor = MessageProcessor(lambda: self.ruleset, Executor(self.quarantine), self.metrics)
+        self.handler = FilterdHandler(ingress_policy(config), self.relay, self.processor, self.metrics)
+        self.notifier = Notifier()
+        self.stopping = asyncio.Event()
+        self.signals_seen = 0
+        self.servers: list[asyncio.Server] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # --- signals -----------------------------------------------------------------------------
+    def on_terminate(self) -> None:
+        self.signals_seen += 1
+        if self.signals_seen > 1:
+            log.warning("shutdown_forced")
+            os._exit(EXIT_FORCED)
+        log.info("shutdown_requested")
+        self.stopping.set()
+
+    def on_reload(self) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(self.reload()))
+
+    async def reload(self) -> None:
+        """Build a new rule set beside the old one; swap only if it is valid."""
+        self.notifier.reloading()
+        started = time.perf_counter()
+        try:
+            config = load_config(self.config_path).with_overrides(**self.overrides) if self.config_path else self.config
+            ruleset = await asyncio.to_thread(
+                load_ruleset, config.rules, max_scan_bytes=config.limits.max_scan_bytes
+            )
+        except ConfigError as exc:
+            self.metrics.reload(success=False)
+            log.error("reload_failed", problems=[str(p) for p in exc.problems])
+        except Exception as exc:  # a reload must never take the daemon down
+            self.metrics.reload(success=False)
+            log.error("reload_failed", error=repr(exc))
+        else:
+            self.ruleset = ruleset  # one reference swap: in-flight messages keep their set
+            self.metrics.set_rule_names(ruleset.rule_names)
+            self.metrics.reload(success=True)
+            log.info("config_reloaded", rules=len(ruleset.rule_names),
+                     duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            if config.listen != self.config.listen or config.relay != self.config.relay:
+                log.warning("reload_needs_restart", detail="listen/relay changes take effect on restart")
+        self.notifier.ready()
+
+    # --- run ---------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum, callback in ((signal.SIGTERM, self.on_terminate), (signal.SIGINT, self.on_terminate),
+                                 (signal.SIGHUP, self.on_reload)):
+            loop.add_signal_handler(signum, callback)
+        policy = self.handler.policy
+        for address in self.config.listen:
+            server = await loop.create_server(
+                lambda: FilterdSMTP(self.handler, policy), address.host, address.port, reuse_address=True
+            )
+            self.servers.append(server)
+        if self.config.metrics_listen is not None:
+            self.servers.append(await start_metrics_server(
+                self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
+        self.metrics.set_quarantine_size(await asyncio.to_thread(self.quarantine.count))
+        self.tasks.append(loop.create_task(self.purge_loop()))
+        self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
+        log.info("daemon_started", version=__version__, listen=[str(a) for a in self.config.listen],
+                 relay=str(self.config.relay), rules=len(self.ruleset.rule_names), pid=os.getpid())
+        self.notifier.ready()
+        await self.stopping.wait()
+        self.notifier.stopping()
+        await self.drain()
+        log.info("daemon_stopped")
+        return 0
+
+    async def drain(self) -> None:
+        """Stop listening, let transactions in progress finish (bounded), then close the rest."""
+        self.handler.accepting = False
+        for server in self.servers:
+            server.close()
+        deadline = time.monotonic() + self.config.limits.drain_timeout
+        while time.monotonic() < deadline and (
+            self.handler.in_flight or any(state.txn is not None for state in self.handler.active)
+        ):
+            await asyncio.sleep(0.05)
+        closed = self.handler.close_sessions("421 4.3.2 Service shutting down, try again later")
+        if closed:
+            log.info("sessions_closed_on_shutdown", count=closed)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.relay.close()
+
+    async def purge_loop(self) -> None:
+        retention = self.config.quarantine.retention_seconds
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.quarantine.purge, timedelta(seconds=retention))
+                if removed:
+                    log.info("quarantine_purged", removed=removed, retention_seconds=retention)
+                self.metrics.set_quarantine_size(await asyncio.to_thread(self.quarantine.count))
+            except Exception as exc:  # purge trouble must not stop mail
+                log.error("quarantine_purge_failed", error=repr(exc))
+            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+
+def prepare_state(config: Config) -> None:
+    Path(config.quarantine.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def serve(config: Config, config_path: str | None, overrides: dict[str, object]) -> int:
+    """Run the daemon in the foreground until SIGTERM; returns the exit code."""
+    prepare_state(config)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def main() -> int:
+        daemon = Daemon(config, config_path, overrides)
+        return await daemon.run()
+
+    return asyncio.run(main())

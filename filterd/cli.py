@@ -1,0 +1,178 @@
+"""Command-line parsing for the ``filterd`` console script; each command calls into its owner.
+
+Exit codes: 0 success, 1 a message or command failed, 2 usage error, 78 invalid config/rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from filterd import __version__
+from filterd.config import Config, HostPort, load_config
+from filterd.errors import ConfigError
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_CONFIG = 78
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="config file (default /etc/filterd/filterd.yaml if present, else built-in defaults)")
+
+
+def _rules_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rules", metavar="PATH", help="a rule file or a directory of *.yaml (overrides the config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filterd", description="SMTP content filter with YAML rules")
+    parser.add_argument("--version", action="version", version=f"filterd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    _config_option(serve)
+    serve.add_argument("--listen", metavar="H:P", action="append", help="listen address (repeatable)")
+    serve.add_argument("--relay", metavar="H:P", help="next hop")
+    _rules_option(serve)
+    serve.add_argument("--metrics-listen", metavar="H:P", help="metrics address ('none' to disable)")
+
+    check = commands.add_parser("check", help="validate the config and every rule file")
+    _config_option(check)
+    _rules_option(check)
+
+    scan = commands.add_parser("scan", help="dry-run messages through the rules and print the verdict")
+    _config_option(scan)
+    _rules_option(scan)
+    scan.add_argument("--from", dest="sender", default="", metavar="A", help="envelope sender")
+    scan.add_argument("--to", dest="recipients", action="append", default=[], metavar="A", help="envelope recipient")
+    scan.add_argument("--client-ip", metavar="IP")
+    scan.add_argument("--helo", metavar="NAME")
+    scan.add_argument("--json", action="store_true", help="one JSON object per message")
+    scan.add_argument("files", nargs="+", metavar="FILE.eml")
+
+    test = commands.add_parser("test", help="run the tests: cases of the rule files")
+    _config_option(test)
+    _rules_option(test)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of rule files")
+    _config_option(schema)
+
+    quarantine = commands.add_parser("quarantine", help="manage the quarantine")
+    qcommands = quarantine.add_subparsers(dest="qcommand", required=True, metavar="ACTION")
+    qlist = qcommands.add_parser("list", help="list entries")
+    _config_option(qlist)
+    qlist.add_argument("--json", action="store_true")
+    for name, text in (("show", "show one entry"), ("delete", "delete one entry")):
+        sub = qcommands.add_parser(name, help=text)
+        _config_option(sub)
+        sub.add_argument("id")
+    release = qcommands.add_parser("release", help="re-inject an entry through the relay")
+    _config_option(release)
+    release.add_argument("id")
+    release.add_argument("--to", action="append", metavar="ADDR", help="deliver to this address only (repeatable)")
+    purge = qcommands.add_parser("purge", help="delete entries older than an age")
+    _config_option(purge)
+    purge.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if getattr(args, "rules", None):
+        config = config.with_overrides(rules=args.rules)
+    return config
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    try:
+        if args.listen:
+            overrides["listen"] = tuple(HostPort.parse(item) for item in args.listen)
+        if args.relay:
+            overrides["relay"] = HostPort.parse(args.relay)
+        if args.metrics_listen:
+            overrides["metrics_listen"] = (
+                None if args.metrics_listen == "none" else HostPort.parse(args.metrics_listen)
+            )
+    except ValueError as exc:
+        raise SystemExit(f"filterd: error: {exc}") from exc
+    if args.rules:
+        overrides["rules"] = args.rules
+    return overrides
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "schema":
+        from filterd.rules.commands import schema
+
+        return schema(sys.stdout)
+    config = _load(args)
+    if args.command == "serve":
+        from filterd.app import serve
+        from filterd.observe import configure_logging
+
+        configure_logging(config.log.format, config.log.level)
+        overrides = _serve_overrides(args)
+        return serve(config.with_overrides(**overrides), args.config, overrides)
+    if args.command == "check":
+        from filterd.rules.commands import check
+
+        return check(config.rules, sys.stdout, sys.stderr)
+    if args.command == "scan":
+        from filterd.rules.commands import scan
+
+        return scan(config.rules, args.files, sender=args.sender, recipients=args.recipients,
+                    client_ip=args.client_ip, helo=args.helo, as_json=args.json,
+                    out=sys.stdout, err=sys.stderr, max_scan_bytes=config.limits.max_scan_bytes)
+    if args.command == "test":
+        from filterd.rules.commands import run_tests
+
+        return run_tests(config.rules, sys.stdout, sys.stderr)
+    return _quarantine(args, config)
+
+
+def _quarantine(args: argparse.Namespace, config: Config) -> int:
+    from filterd.actions import quarantine_commands as commands
+    from filterd.actions.quarantine import QuarantineStore
+    from filterd.actions.relay import RelayClient
+    from filterd.observe import configure_logging
+
+    configure_logging(config.log.format, config.log.level)
+    store = QuarantineStore(config.quarantine.path)
+    out = sys.stdout
+    if args.qcommand == "list":
+        return commands.list_entries(store, as_json=args.json, out=out)
+    if args.qcommand == "show":
+        return commands.show_entry(store, args.id, out)
+    if args.qcommand == "delete":
+        return commands.delete_entry(store, args.id, out)
+    if args.qcommand == "purge":
+        return commands.purge_entries(store, args.older_than, out)
+
+    async def send(sender: str, recipients: Sequence[str], raw: bytes) -> None:
+        client = RelayClient(config.relay.host, config.relay.port, timeout=config.limits.relay_timeout,
+                             helo=config.hostname, pool_size=1)
+        try:
+            await client.send(sender, recipients, raw)
+        finally:
+            await client.close()
+
+    return commands.release_entry(store, args.id, to=args.to, send=send, out=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return EX_FAILURE
+
+

@@ -1,0 +1,108 @@
+"""Logging setup: structlog for filterd's own events, and stdlib ``logging`` (aiosmtpd's
+``mail.log``, asyncio, warnings) routed through the same renderer, so every line on stderr
+has one format: JSON objects one per line, or a human console format on a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Final, TextIO
+
+import structlog
+from structlog.typing import Processor
+
+LOG_FORMATS: Final = ("json", "console")
+
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+# aiosmtpd logs every SMTP command line, peer address included, at INFO: several lines per
+# message next to our one ``message_processed`` line. Keep it to warnings unless debugging.
+_CHATTY_LOGGERS: Final = ("mail.log",)
+
+
+class _FilterdHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Our root handler; a distinct class so reconfiguring replaces only what we installed."""
+
+
+def _parse_level(level: str) -> int:
+    try:
+        return _LEVELS[level.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown log level {level!r}; expected one of {', '.join(_LEVELS)}"
+        ) from None
+
+
+def configure_logging(fmt: str | None, level: str, *, stream: TextIO | None = None) -> None:
+    """Set up structlog and the stdlib root logger to write to ``stream`` (default stderr).
+
+    ``fmt`` is "json", "console", or None for: console when the stream is a TTY, else JSON.
+    ``level`` is a level name (debug, info, warning, error, critical). May be called again
+    (e.g. after a reload changed ``log:``); it replaces its own previous setup.
+    """
+    out = stream if stream is not None else sys.stderr
+    numeric = _parse_level(level)
+    if fmt is None:
+        fmt = "console" if out.isatty() else "json"
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(LOG_FORMATS)}")
+
+    # Applied to structlog events before they become LogRecords, and to foreign stdlib
+    # records inside the formatter, so both end up with the same keys.
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    if fmt == "json":
+        # Tracebacks become one escaped string field, so a line stays one JSON object.
+        final += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        final.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
+
+    handler = _FilterdHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared], processors=final
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _FilterdHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
+        )
+    logging.captureWarnings(True)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,  # cheap early exit, before any other work
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Loggers are created at import time, before configuration; not caching lets a
+        # later configure_logging (level change on reload, tests) reach them all.
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """A structlog logger bound to the stdlib logger ``name`` (use the module's __name__)."""
+    return structlog.stdlib.get_logger(name)

@@ -1,0 +1,155 @@
+"""Address-list parsing for From/To/Cc/Reply-To/Sender (RFC 5322 section 3.4, leniently).
+
+A single linear scan over the undecoded header value: quoted strings, nested comments, angle
+addresses, groups (``undisclosed-recipients:;``) and separators. Display names are RFC 2047
+decoded only after the structure is known, so an encoded comma or '<' in a name cannot split or
+forge an address. Common breakage is tolerated: ';' between addresses (Outlook), unterminated
+quotes or brackets, a bare name without an address, ``Name user@example.com`` without brackets.
+"""
+
+from __future__ import annotations
+
+import re
+
+from filterd.mime_headers import decode_words
+
+_SPECIAL_RE = re.compile(r'[",:;<()\\]')
+_QUOTED_RE = re.compile(r'(?:[^"\\]++|\\.?)*+"?', re.S)
+_COMMENT_STEP_RE = re.compile(r"[()\\]")
+_SPACES_RE = re.compile(r"\s+")
+_ESCAPE_RE = re.compile(r"\\(.)", re.S)
+_MAX_ADDRESSES = 1000
+
+Mailbox = tuple[str, str]  # (display name decoded, address as written)
+
+
+class _Element:
+    """The pieces of one mailbox between separators."""
+
+    __slots__ = ("angle", "comments", "phrase", "raw")
+
+    def __init__(self) -> None:
+        self.phrase: list[str] = []  # text before any angle address, quotes removed
+        self.raw: list[str] = []  # the same text as written (quotes kept), for bare addr-specs
+        self.angle: str | None = None
+        self.comments: list[str] = []
+
+    def mailbox(self) -> Mailbox | None:
+        comment = _SPACES_RE.sub(" ", " ".join(self.comments)).strip()
+        if self.angle is not None:
+            address = self.angle.strip()
+            if address.startswith("@") and ":" in address:
+                address = address.rpartition(":")[2]  # obsolete source route: @a,@b:user@c
+            name = _clean_name("".join(self.phrase)) or _clean_name(comment)
+            return name, _SPACES_RE.sub("", address)
+        written = _SPACES_RE.sub(" ", "".join(self.raw)).strip()
+        if not written:
+            return (_clean_name(comment), "") if comment else None
+        if "@" not in written:
+            # No address at all: keep the text as a name so name rules still see it.
+            return _clean_name("".join(self.phrase)), ""
+        words = written.split(" ")
+        if len(words) > 1 and "@" in words[-1]:
+            # "Name user@example.com" without brackets; or "user @ example.com" (obsolete spacing)
+            if "@" in words[0] or words[-1].startswith("@"):
+                return _clean_name(comment), "".join(words)
+            return _clean_name(" ".join(words[:-1]).replace('"', "")), words[-1]
+        return _clean_name(comment), written.replace(" ", "")
+
+
+def _clean_name(text: str) -> str:
+    return _SPACES_RE.sub(" ", decode_words(text)).strip()
+
+
+def _skip_comment(value: str, pos: int, out: list[str]) -> int:
+    """Scan a (possibly nested, possibly unterminated) comment whose '(' is at ``pos - 1``."""
+    depth = 1
+    begin = pos
+    while depth:
+        step = _COMMENT_STEP_RE.search(value, pos)
+        if step is None:
+            out.append(value[begin:])
+            return len(value)
+        char = step.group()
+        pos = step.end()
+        if char == "\\":
+            pos += 1
+        elif char == "(":
+            depth += 1
+        else:
+            depth -= 1
+    out.append(_ESCAPE_RE.sub(r"\1", value[begin : pos - 1]))
+    return pos
+
+
+def parse_address_list(value: str) -> list[Mailbox]:
+    """Every mailbox in an address-list header value (undecoded), in order."""
+    result: list[Mailbox] = []
+    element = _Element()
+    in_group = False
+    pos = 0
+    length = len(value)
+
+    def finish() -> None:
+        nonlocal element
+        mailbox = element.mailbox()
+        if mailbox is not None and (mailbox[0] or mailbox[1]) and len(result) < _MAX_ADDRESSES:
+            result.append(mailbox)
+        element = _Element()
+
+    while pos < length:
+        special = _SPECIAL_RE.search(value, pos)
+        end = special.start() if special else length
+        if end > pos and element.angle is None:
+            element.phrase.append(value[pos:end])
+            element.raw.append(value[pos:end])
+        if special is None:
+            break
+        char = special.group()
+        pos = special.end()
+        if char == '"':
+            quoted = _QUOTED_RE.match(value, pos)
+            stop = quoted.end() if quoted else length
+            inner = value[pos:stop]
+            if not inner.endswith('"') or inner.endswith('\\"') and _odd_escape(inner):
+                continue  # an unterminated quote: read on as if the '"' were not there
+            if element.angle is None:
+                element.raw.append('"' + inner)
+                element.phrase.append(_ESCAPE_RE.sub(r"\1", inner.removesuffix('"')))
+            pos = stop
+        elif char == "(":
+            pos = _skip_comment(value, pos, element.comments)
+        elif char == "<":
+            close = value.find(">", pos)
+            stop = length if close < 0 else close
+            if element.angle is None:
+                element.angle = value[pos:stop]
+            pos = stop + 1
+        elif char == "\\":
+            if element.angle is None:
+                element.phrase.append(value[pos : pos + 1])
+                element.raw.append(value[pos - 1 : pos + 1])
+            pos += 1
+        elif char == ":" and not in_group and element.angle is None and not _has_at(element):
+            in_group = True  # the group's display name is not a mailbox
+            element = _Element()
+        elif char == ":":
+            if element.angle is None:
+                element.phrase.append(":")
+                element.raw.append(":")
+        else:  # ',' or ';'
+            finish()
+            if char == ";":
+                in_group = False
+    finish()
+    return result
+
+
+def _has_at(element: _Element) -> bool:
+    return any("@" in piece for piece in element.raw)
+
+
+def _odd_escape(inner: str) -> bool:
+    """Whether the final '"' of ``inner`` is escaped (an odd run of backslashes before it)."""
+    run = len(inner) - 1 - len(inner[:-1].rstrip("\\"))
+    return run % 2 == 1

@@ -1,0 +1,217 @@
+"""HTML to visible text, links with their visible text, bare URLs in text, and URL hosts.
+
+The HTML scanner is hand-written rather than ``html.parser``: it is a single forward pass of
+regex searches with possessive quantifiers, so hostile markup (unterminated comments, quotes or tags)
+costs linear time, and it only looks at attributes of the few tags that carry links. Script,
+style and similar invisible blocks are dropped; block elements become line breaks; character
+references are decoded; zero-width characters that spammers use to split words are removed.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from urllib.parse import unquote
+
+# One token at a '<': a tag (closing slash, name, attributes up to an optional '>'; quotes only
+# matter after '=', as in the HTML tokenizer), a comment opener, or another markup declaration.
+_TOKEN_RE = re.compile(
+    r"""<(?:(/?)([a-zA-Z][^\s/>]*+)((?:[^>"'=]++|=\s*+"[^"]*+"?|=\s*+'[^']*+'?|=|["'])*+)(>?)"""
+    r"""|(!--)|[!?])"""
+)
+_ATTR_RE = re.compile(r"""([^\s"'>/=]++)(?:\s*+=\s*+(?:"([^"]*+)"?|'([^']*+)'?|([^\s>]*+)))?""")
+_WS_RE = re.compile(r"\s+")
+_BREAKS_RE = re.compile(r" ?\ue000[ \ue000]*+")
+_BREAK = "\ue000"  # a private-use character marking a line break while text is assembled
+
+_BLOCK, _CELL, _HIDDEN, _LINK = range(4)
+_TAG_KINDS = dict.fromkeys(
+    "address article aside blockquote br center dd div dl dt fieldset figure footer form h1 h2 "
+    "h3 h4 h5 h6 header hr li main nav ol option p pre section table tbody tfoot thead tr ul"
+    .split(), _BLOCK)
+_TAG_KINDS.update(td=_CELL, th=_CELL)
+# Never displayed. When the closing tag is missing the opening tag is ignored instead of hiding
+# the rest, so an unclosed <title> cannot blank out the text rules look at.
+_TAG_KINDS.update(dict.fromkeys(("script", "style", "template", "title", "xml"), _HIDDEN))
+# Tag -> attribute holding a URL worth reporting (only <a> has visible link text).
+_LINK_ATTRS = {"a": "href", "area": "href", "form": "action", "img": "src", "iframe": "src"}
+_TAG_KINDS.update(dict.fromkeys(("a", "area", "img", "iframe"), _LINK))
+_SKIPPED_SCHEMES = ("mailto:", "cid:", "tel:", "sms:", "callto:", "#")
+_CLOSERS = {name: re.compile(rf"</{name}[\s/>]", re.I)
+            for name, kind in _TAG_KINDS.items() if kind == _HIDDEN}
+# Removed from visible text: zero-width characters and soft hyphens that split words.
+_INVISIBLE = ("\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff")
+
+_TEXT_URL_RE = re.compile(
+    r"(?<![\w.-])(?:[hH][tT][tT][pP][sS]?://|[fF][tT][pP]://|[wW][wW][wW]\.)"
+    r"[^\s<>\"'`\x00-\x1f\x7f]++"
+)
+_URL_TRAIL = ".,;:!?'\")]}>*"
+_SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+:")
+_AUTHORITY_RE = re.compile(r"[^/?#\\]*+")
+_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+_HOST_SCHEMES = frozenset({"http", "https", "ftp", "ftps", "ws", "wss"})
+
+Link = tuple[str, str | None]  # (URL as found, visible text for <a>, else None)
+
+
+def _strip_invisible(text: str) -> str:
+    for char in _INVISIBLE:
+        if char in text:
+            text = text.replace(char, "")
+    return text
+
+
+def _finish_text(raw: str) -> str:
+    text = html.unescape(raw) if "&" in raw else raw
+    text = _WS_RE.sub(" ", _strip_invisible(text))  # \s covers the no-break space
+    return _BREAKS_RE.sub("\n", text).strip()
+
+
+def _link_text(raw: str) -> str:
+    return _WS_RE.sub(" ", _finish_text(raw)).strip()
+
+
+def render_html(markup: str) -> tuple[str, list[Link]]:
+    """Visible text of an HTML document and the links in it, in document order."""
+    if _BREAK in markup:
+        markup = markup.replace(_BREAK, "")
+    out: list[str] = []
+    links: list[Link] = []
+    open_link: tuple[str, int] | None = None  # (href, index in out where its text starts)
+    pos = 0
+    length = len(markup)
+    search = _TOKEN_RE.search
+    kinds = _TAG_KINDS
+    while True:
+        token = search(markup, pos)
+        if token is None:
+            out.append(markup[pos:])
+            break
+        start = token.start()
+        if start > pos:
+            out.append(markup[pos:start])
+        slash, name, attrs, gt, comment = token.groups()
+        if name is None:
+            close = markup.find("-->" if comment else ">", token.end())
+            if close < 0:
+                break  # an unterminated comment or declaration hides the rest, as in a browser
+            pos = close + (3 if comment else 1)
+            continue
+        if not gt:
+            break  # a tag still open at the end of input: nothing after it is text
+        pos = token.end()
+        kind = kinds.get(name.lower())
+        if kind is None:
+            continue
+        if kind == _BLOCK:
+            out.append(_BREAK)
+            if name.lower() != "form" or slash:
+                continue
+            kind = _LINK
+        elif kind == _CELL:
+            out.append(" ")
+            continue
+        lower = name.lower()
+        if slash:
+            if lower == "a" and open_link is not None:
+                links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
+                open_link = None
+        elif kind == _HIDDEN:
+            closer = _CLOSERS[lower].search(markup, pos)
+            if closer is not None:
+                close = markup.find(">", closer.end() - 1)
+                pos = length if close < 0 else close + 1
+        else:
+            url = _attribute(attrs, _LINK_ATTRS[lower])
+            if lower == "a":
+                if open_link is not None:  # <a> does not nest: a new one closes the old
+                    links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
+                    open_link = None
+                if url is not None:
+                    open_link = (url, len(out))
+            elif url is not None and url[:5].lower() != "data:":  # inline images are content
+                links.append((url, None))
+    if open_link is not None:
+        links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
+    return _finish_text("".join(out)), links
+
+
+def _attribute(attrs: str, wanted: str) -> str | None:
+    """The value of attribute ``wanted`` if it holds a URL worth reporting."""
+    for match in _ATTR_RE.finditer(attrs):
+        if match.group(1).lower() != wanted:
+            continue
+        value = match.group(2) or match.group(3) or match.group(4) or ""
+        value = _strip_invisible(html.unescape(value)).strip()
+        if not value or value.lower().startswith(_SKIPPED_SCHEMES):
+            return None
+        return value
+    return None
+
+
+def find_text_urls(text: str) -> list[str]:
+    """Bare http(s)/ftp/www. URLs in plain text, trailing punctuation trimmed."""
+    urls = []
+    for match in _TEXT_URL_RE.finditer(text):
+        url = match.group()
+        end = len(url)
+        if url[-1] in _URL_TRAIL:
+            # A closer is kept while it has an opener in the URL (a Wikipedia link's ')').
+            unmatched = {c: url.count(c) - url.count(o) for c, o in (")(", "][", "}{")}
+            while end and url[end - 1] in _URL_TRAIL:
+                closer = url[end - 1]
+                if closer in unmatched:
+                    if unmatched[closer] <= 0:
+                        break
+                    unmatched[closer] -= 1
+                end -= 1
+        if url[:end].rstrip("/:.").lower() not in ("", "http", "https", "ftp", "www"):
+            urls.append(url[:end])
+    return urls
+
+
+def url_domain(url: str) -> str:
+    """The lower-cased host of a URL: no scheme, userinfo or port; IDNA labels decoded.
+
+    Browsers' leniency is followed where phishers use it: backslashes and extra slashes after
+    the scheme, the last '@' ending the userinfo, percent-encoded and full-width-dot hosts.
+    """
+    rest = url.strip()
+    scheme = _SCHEME_RE.match(rest)
+    if scheme is not None and not rest.lower().startswith("www."):
+        if scheme.group()[:-1].lower() not in _HOST_SCHEMES and not rest.startswith(
+            "//", scheme.end()
+        ):
+            return ""
+        rest = rest[scheme.end() :].lstrip("/\\")
+    elif rest.startswith("//"):
+        rest = rest[2:]
+    elif not rest.lower().startswith("www."):
+        return ""
+    authority = _AUTHORITY_RE.match(rest)
+    host = authority.group() if authority else ""
+    host = host.rpartition("@")[2]
+    if "%" in host:
+        host = unquote(host, errors="replace")
+    if host.startswith("["):
+        close = host.find("]")
+        host = host[1:] if close < 0 else host[1:close]
+    else:
+        host = host.partition(":")[0]
+    host = host.translate(_DOTS).lower().strip(".")
+    if "xn--" in host:
+        host = ".".join(_idna_label(label) for label in host.split("."))
+    return host
+
+
+def _idna_label(label: str) -> str:
+    if not label.startswith("xn--") or len(label) > 63:
+        return label
+    try:
+        # Punycode directly, not the IDNA 2003 codec, whose nameprep changes what users see
+        # (final sigma); labels are at most 63 characters, so the decoder's cost is bounded.
+        decoded = label[4:].encode("ascii").decode("punycode")
+    except (UnicodeError, ValueError):
+        return label
+    return decoded.lower() if decoded else label

@@ -1,0 +1,112 @@
+"""Per-message processing: evaluate the rules, execute the verdict, account for the outcome.
+
+This is the seam between the ingress (which owns the SMTP dialogue) and everything that decides
+and acts. It is also the outermost catch-all for a message: whatever fails here becomes
+``451 4.3.0`` with one log line and a metric, never a pass and never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from filterd.actions import Executor
+from filterd.actions.relay import RelayTransaction
+from filterd.errors import FilterdError, QuarantineError, RelayError
+from filterd.model import TEMPFAIL_INTERNAL, Action, Message, Outcome, SmtpReply, Verdict
+from filterd.rules import RuleSet, evaluate
+
+log = structlog.get_logger("filterd")
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+# Evaluating a large message can take milliseconds; past this size it runs off the event loop.
+OFFLOAD_BYTES = 256 * 1024
+
+
+class ProcessingMetrics(Protocol):
+    def message_processed(
+        self, action: str, duration_s: float, size: int, rules: tuple[str, ...], shadow_rules: tuple[str, ...]
+    ) -> None: ...
+    def relay_error(self, reason: str) -> None: ...
+
+
+def message_id_of(raw: bytes) -> str:
+    """The Message-ID from the header block, without parsing the message."""
+    end = _HEADER_END.search(raw)
+    header = raw[: end.start()] if end else raw[:65536]
+    match = _MESSAGE_ID.search(header)
+    return match.group(1).decode("utf-8", "replace").strip()[:200] if match else ""
+
+
+class MessageProcessor:
+    """Runs one message through the current rule set and the executor."""
+
+    def __init__(
+        self, ruleset: Callable[[], RuleSet], executor: Executor, metrics: ProcessingMetrics
+    ) -> None:
+        self.ruleset = ruleset
+        self.executor = executor
+        self.metrics = metrics
+
+    async def process(self, message: Message, txn: RelayTransaction, session_id: str) -> SmtpReply:
+        started = time.perf_counter()
+        ruleset = self.ruleset()  # the set this message started with, even if a reload swaps it
+        verdict = Verdict()
+        error = ""
+        try:
+            if message.size > OFFLOAD_BYTES:
+                verdict = await asyncio.to_thread(evaluate, ruleset, message)
+            else:
+                verdict = evaluate(ruleset, message)
+            outcome = await self.executor.execute(verdict, message, txn)
+        except RelayError as exc:
+            self.metrics.relay_error(exc.reason)
+            error = f"relay {exc.reason}: {exc.detail}"
+            outcome = Outcome(Action.TEMPFAIL, TEMPFAIL_INTERNAL)
+        except QuarantineError as exc:
+            error = f"quarantine: {exc}"
+            outcome = Outcome(Action.TEMPFAIL, TEMPFAIL_INTERNAL)
+        except (FilterdError, Exception) as exc:  # the message's outermost catch-all: fail closed
+            log.error("message_failed", session=session_id, error=repr(exc), exc_info=exc)
+            error = f"internal: {exc!r}"[:300]
+            outcome = Outcome(Action.TEMPFAIL, TEMPFAIL_INTERNAL)
+        duration = time.perf_counter() - started
+        action = _accounted_action(outcome)
+        self.metrics.message_processed(action.value, duration, message.size, verdict.rules, verdict.shadow_rules)
+        env = message.envelope
+        log.info(
+            "message_processed",
+            session=session_id,
+            queue_id=env.queue_id,
+            message_id=message_id_of(message.raw),
+            sender=env.sender,
+            recipients=len(env.recipients),
+            size=message.size,
+            client_ip=env.client_ip,
+            helo=env.helo,
+            action=action.value,
+            verdict=verdict.action.value,
+            rules=list(verdict.rules),
+            shadow_rules=list(verdict.shadow_rules),
+            score=round(verdict.score, 2),
+            reason=verdict.reason or None,
+            duration_ms=round(duration * 1000, 3),
+            reply=outcome.reply.render(),
+            next_hop_reply=outcome.next_hop_reply or None,
+            quarantine_id=outcome.quarantine_id,
+            error=error or None,
+        )
+        return outcome.reply
+
+
+def _accounted_action(outcome: Outcome) -> Action:
+    """What really happened: a relayed message the next hop refused was not accepted."""
+    if outcome.action in (Action.ACCEPT, Action.TAG, Action.REDIRECT) and not outcome.reply.is_success:
+        return Action.TEMPFAIL if outcome.reply.is_transient else Action.REJECT
+    return outcome.action

@@ -1,0 +1,276 @@
+"""The compiled rule set and ``evaluate``: the pure function from a message to its verdict.
+
+Order and precedence (docs/rules.md tells the admin the same):
+
+1. Rules run in load order (files by name, rules in file order). A matching rule adds its
+   score and its modifiers (headers, bcc, subject prefix); its action competes with the
+   action decided so far by ``Action.strength``: reject > tempfail > quarantine > discard >
+   redirect > tag > accept; on a tie the earlier rule keeps the decision.
+2. ``stop: true`` on a matching rule ends evaluation. If that rule's action is ``accept`` and
+   nothing stronger than accept was decided before it, the message is accepted outright:
+   thresholds are not applied and nothing after it counts. Any other stop keeps what was
+   decided so far and still applies the thresholds.
+3. Thresholds (``scores:``) apply to the summed score of the non-shadow rules that matched;
+   the strongest threshold reached competes with the rules' decision by strength.
+4. ``mode: shadow`` rules are evaluated and traced, never add score, act or stop.
+
+Rules are evaluated lazily: a rule whose condition needs a multi-pattern hit (its *atoms*) is
+only looked at when a field scan produced one of them, and a field is scanned only when the
+first rule that needs it comes up. The work per message thus follows the rules that can
+match, and a trusted-relay ``accept`` + ``stop`` at the top skips all content scanning.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from filterd.model import Action, Envelope, Message, RuleTrace, SmtpReply, Verdict
+from filterd.rules.view import MessageScan
+
+if TYPE_CHECKING:
+    from filterd.rules.conditions import Condition
+    from filterd.rules.matchers import FieldScanner
+
+DEFAULT_REJECT = SmtpReply(554, "5.7.1", "Message rejected by policy")
+DEFAULT_TEMPFAIL = SmtpReply(451, "4.7.1", "Message deferred by policy")
+DEFAULT_MAX_SCAN_BYTES = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled rule: where it came from, its condition and what it does."""
+
+    name: str
+    source: str
+    line: int
+    condition: Condition
+    description: str = ""
+    action: Action | None = None
+    reply: SmtpReply | None = None
+    reason: str = ""
+    score: float = 0.0
+    stop: bool = False
+    shadow: bool = False
+    bcc: tuple[str, ...] = ()
+    redirect: tuple[str, ...] = ()
+    add_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    subject_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """``scores:``: summed-score thresholds; each one is optional."""
+
+    tag: float | None = None
+    quarantine: float | None = None
+    reject: float | None = None
+
+    def reached(self, score: float) -> tuple[Action, float] | None:
+        """The strongest threshold ``score`` reaches, with its value."""
+        for action, value in ((Action.REJECT, self.reject), (Action.QUARANTINE, self.quarantine),
+                              (Action.TAG, self.tag)):
+            if value is not None and score >= value:
+                return action, value
+        return None
+
+
+@dataclass(frozen=True)
+class TestExpectation:
+    """``expect:`` of a test case; None/empty means "not checked"."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    action: Action | None = None
+    rules: tuple[str, ...] = ()
+    not_rules: tuple[str, ...] = ()
+    score_at_least: float | None = None
+    score_below: float | None = None
+    tag: bool | None = None
+
+
+@dataclass(frozen=True)
+class RuleTestCase:
+    """One ``tests:`` entry: a message (file or inline), its envelope and what must come out."""
+
+    __test__ = False
+
+    name: str
+    source: str
+    line: int
+    col: int
+    envelope: Envelope
+    expect: TestExpectation
+    message_path: str | None = None  # resolved against the rule file's directory
+    raw: bytes | None = None
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A complete, immutable rule set; reload builds a new one and swaps the reference."""
+
+    rules: tuple[Rule, ...]
+    sources: tuple[str, ...]
+    lists: tuple[str, ...]
+    tests: tuple[RuleTestCase, ...]
+    thresholds: Thresholds
+    tag_subject_prefix: str
+    max_scan_bytes: int
+    scanners: Mapping[str, FieldScanner] = field(repr=False)
+    rule_names: tuple[str, ...] = field(init=False)
+    shadow_rule_names: tuple[str, ...] = field(init=False)
+    # Lazy evaluation plan (see module docstring); built from the rules, never mutated.
+    _atom_rules: dict[str, dict[int, tuple[int, ...]]] = field(init=False, repr=False)
+    _scan_events: dict[int, tuple[str, ...]] = field(init=False, repr=False)
+    _initial: tuple[int, ...] = field(init=False, repr=False)
+    _unmatched: tuple[RuleTrace, ...] = field(init=False, repr=False)
+    _skipped: tuple[RuleTrace, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "rule_names", tuple(rule.name for rule in self.rules))
+        put(self, "shadow_rule_names", tuple(rule.name for rule in self.rules if rule.shadow))
+        atom_rules: dict[str, dict[int, list[int]]] = {}
+        first_use: dict[str, int] = {}
+        initial: list[int] = []
+        for position, rule in enumerate(self.rules):
+            atoms = rule.condition.atoms()
+            if not atoms:
+                initial.append(2 * position + 1)
+                continue
+            for field_name, index in atoms:
+                atom_rules.setdefault(field_name, {}).setdefault(index, []).append(position)
+                first_use.setdefault(field_name, position)
+        events: dict[int, list[str]] = {}
+        for field_name, position in first_use.items():
+            events.setdefault(position, []).append(field_name)
+            initial.append(2 * position)  # even keys: scan before evaluating that rule
+        put(self, "_atom_rules", {f: {i: tuple(r) for i, r in by.items()}
+                                  for f, by in atom_rules.items()})
+        put(self, "_scan_events", {p: tuple(fields) for p, fields in events.items()})
+        put(self, "_initial", tuple(sorted(set(initial))))
+        put(self, "_unmatched", tuple(
+            RuleTrace(rule.name, False, 0.0, rule.shadow, "", None) for rule in self.rules))
+        put(self, "_skipped", tuple(
+            RuleTrace(rule.name, False, 0.0, rule.shadow, "not evaluated (an earlier rule stopped)",
+                      None) for rule in self.rules))
+
+    @property
+    def shadow_rules(self) -> tuple[str, ...]:
+        return self.shadow_rule_names
+
+
+class _Decision:
+    """What the rules decided so far while evaluating one message (local to one call)."""
+
+    __slots__ = ("add_headers", "bcc", "decider", "remove_headers", "score", "subject_prefix")
+
+    def __init__(self) -> None:
+        self.score = 0.0
+        self.decider: Rule | None = None
+        self.add_headers: list[tuple[str, str]] = []
+        self.remove_headers: list[str] = []
+        self.bcc: list[str] = []
+        self.subject_prefix = ""
+
+    def apply(self, rule: Rule) -> None:
+        self.score += rule.score
+        self.add_headers.extend(rule.add_headers)
+        self.remove_headers.extend(rule.remove_headers)
+        self.bcc.extend(address for address in rule.bcc if address not in self.bcc)
+        if rule.subject_prefix and not self.subject_prefix:
+            self.subject_prefix = rule.subject_prefix
+        if rule.action is not None and (
+                self.decider is None or rule.action.strength > _action(self.decider).strength):
+            self.decider = rule
+
+
+def _action(rule: Rule) -> Action:
+    return rule.action if rule.action is not None else Action.ACCEPT
+
+
+def evaluate(ruleset: RuleSet, message: Message) -> Verdict:
+    """The verdict of ``ruleset`` for ``message``: pure, no I/O, no clock."""
+    scan = MessageScan(message, ruleset.scanners, ruleset.max_scan_bytes)
+    rules = ruleset.rules
+    heap = list(ruleset._initial)  # a sorted list is already a heap
+    matched: list[tuple[int, str]] = []
+    decision = _Decision()
+    stopped_at: int | None = None
+    accepted_by: Rule | None = None
+    last = -1
+    while heap:
+        key = heapq.heappop(heap)
+        if key == last:
+            continue  # a rule reached through several of its patterns
+        last = key
+        position = key >> 1
+        if not key & 1:
+            for field_name in ruleset._scan_events[position]:
+                by_index = ruleset._atom_rules[field_name]
+                for index in scan.fired(field_name):
+                    for candidate in by_index.get(index, ()):
+                        heapq.heappush(heap, 2 * candidate + 1)
+            continue
+        rule = rules[position]
+        detail = rule.condition.eval(scan)
+        if detail is None:
+            continue
+        matched.append((position, detail))
+        if rule.shadow:
+            continue
+        nothing_stronger = decision.decider is None or _action(decision.decider) is Action.ACCEPT
+        decision.apply(rule)
+        if rule.stop:
+            stopped_at = position
+            if rule.action is Action.ACCEPT and nothing_stronger:
+                accepted_by = rule
+            break
+    return _verdict(ruleset, decision, matched, stopped_at, accepted_by)
+
+
+def _verdict(ruleset: RuleSet, decision: _Decision, matched: Sequence[tuple[int, str]],
+             stopped_at: int | None, accepted_by: Rule | None) -> Verdict:
+    rules = ruleset.rules
+    score = round(decision.score, 4)
+    thresholds = ruleset.thresholds
+    decider = accepted_by or decision.decider
+    action = _action(decider) if decider is not None else Action.ACCEPT
+    reason = (decider.reason or decider.description or f"rule {decider.name}") if decider else ""
+    reached = None if accepted_by is not None else thresholds.reached(score)
+    if reached is not None and reached[0].strength > action.strength:
+        action, decider = reached[0], None
+        reason = f"score {score:g} reached the {reached[0].value} threshold {reached[1]:g}"
+    tag = accepted_by is None and (
+        action is Action.TAG or (thresholds.tag is not None and score >= thresholds.tag))
+    reply = None
+    if action is Action.REJECT:
+        reply = (decider.reply if decider is not None else None) or DEFAULT_REJECT
+    elif action is Action.TEMPFAIL:
+        reply = (decider.reply if decider is not None else None) or DEFAULT_TEMPFAIL
+    trace = list(ruleset._unmatched)
+    if stopped_at is not None:
+        trace[stopped_at + 1:] = ruleset._skipped[stopped_at + 1:]
+    for position, detail in matched:
+        rule = rules[position]
+        trace[position] = RuleTrace(rule.name, True, rule.score, rule.shadow, detail, rule.action)
+    return Verdict(
+        action=action,
+        score=score,
+        rules=tuple(rules[p].name for p, _ in matched if not rules[p].shadow),
+        deciding_rule=decider.name if decider is not None else None,
+        reason=reason,
+        reply=reply,
+        add_headers=tuple(decision.add_headers),
+        remove_headers=tuple(decision.remove_headers),
+        subject_prefix=decision.subject_prefix or (ruleset.tag_subject_prefix if tag else ""),
+        bcc=tuple(decision.bcc),
+        redirect=decider.redirect if decider is not None and action is Action.REDIRECT else (),
+        tag=tag,
+        required_score=thresholds.tag,
+        trace=tuple(trace),
+        shadow_rules=tuple(rules[p].name for p, _ in matched if rules[p].shadow),
+    )

@@ -1,0 +1,430 @@
+"""The SMTP ingress: the only module that imports aiosmtpd.
+
+It owns the wire: admission (networks ACL, connection limits), EHLO extensions, XFORWARD, the
+lock-step MAIL/RCPT forwarding to the next hop, a DATA reader that accepts long lines and bare LF
+and enforces SIZE, and the rule that every unexpected failure answers ``451 4.3.0`` (aiosmtpd's
+default would be a 500). What happens to a received message is delegated to a ``MessageSink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope as AioEnvelope, Session as AioSession
+
+from filterd.actions.relay import RelayClient, RelayTransaction, Xforward
+from filterd.errors import RelayError
+from filterd.model import TEMPFAIL_INTERNAL, Envelope, Message, SmtpReply
+
+log = structlog.get_logger("filterd.smtp")
+
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+_XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
+_SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
+_DATA_CHUNK = 65536
+_session_ids = itertools.count(1)
+
+
+class MessageSink(Protocol):
+    """Decides and executes what happens to one received message; returns the client's reply."""
+
+    async def process(self, message: Message, txn: RelayTransaction, session_id: str) -> SmtpReply: ...
+
+
+class IngressMetrics(Protocol):
+    def session_opened(self) -> None: ...
+    def session_closed(self) -> None: ...
+    def connection_refused(self, reason: str) -> None: ...
+    def relay_error(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class IngressPolicy:
+    """What the ingress enforces, taken from the config."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_client: int
+    session_timeout: float
+    hostname: str
+
+
+@dataclass(eq=False)  # identity semantics: states live in a set of active sessions
+class SessionState:
+    """Per-connection state kept beside aiosmtpd's Session."""
+
+    session_id: str
+    client_ip: str
+    xforward: dict[str, str] = field(default_factory=dict)
+    txn: RelayTransaction | None = None
+    recipients_tried: int = 0
+    admitted: bool = False
+
+
+def _xtext_decode(value: str) -> str:
+    return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def _peer_ip(session: AioSession) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+def _state(session: AioSession) -> SessionState:
+    state: SessionState = session.filterd_state
+    return state
+
+
+class FilterdHandler:
+    """aiosmtpd handler: the per-command hooks, shared by every session of one server."""
+
+    def __init__(
+        self, policy: IngressPolicy, relay: RelayClient, sink: MessageSink, metrics: IngressMetrics
+    ) -> None:
+        self.policy = policy
+        self.relay = relay
+        self.sink = sink
+        self.metrics = metrics
+        self.active: set[SessionState] = set()
+        self.per_client: Counter[str] = Counter()
+        self.accepting = True
+        self.in_flight: set[asyncio.Task[Any]] = set()
+        self.protocols: set[FilterdSMTP] = set()
+
+    # --- admission -------------------------------------------------------------------------
+    def admit(self, session: AioSession) -> str | None:
+        """Attach state to a new session; return a refusal reply, or None to go on."""
+        client_ip = _peer_ip(session)
+        state = SessionState(session_id=f"{next(_session_ids):x}", client_ip=client_ip)
+        session.filterd_state = state
+        if not self.accepting:
+            self.metrics.connection_refused("shutdown")
+            return "421 4.3.2 Service shutting down, try again later"
+        if not self._allowed(client_ip):
+            log.warning("connection_refused", reason="acl", client_ip=client_ip)
+            self.metrics.connection_refused("acl")
+            return "554 5.7.1 Access denied"
+        if len(self.active) >= self.policy.max_connections:
+            log.warning("connection_refused", reason="limit", client_ip=client_ip)
+            self.metrics.connection_refused("limit")
+            return "421 4.7.0 Too many connections, try again later"
+        if self.per_client[client_ip] >= self.policy.max_connections_per_client:
+            log.warning("connection_refused", reason="client_limit", client_ip=client_ip)
+            self.metrics.connection_refused("client_limit")
+            return "421 4.7.0 Too many connections from your address, try again later"
+        state.admitted = True
+        self.active.add(state)
+        self.per_client[client_ip] += 1
+        self.metrics.session_opened()
+        return None
+
+    def _allowed(self, client_ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.policy.networks)
+
+    async def closed(self, session: AioSession) -> None:
+        state: SessionState | None = getattr(session, "filterd_state", None)
+        if state is None or not state.admitted:
+            return
+        state.admitted = False
+        self.active.discard(state)
+        self.per_client[state.client_ip] -= 1
+        if self.per_client[state.client_ip] <= 0:
+            del self.per_client[state.client_ip]
+        self.metrics.session_closed()
+        if state.txn is not None:
+            txn, state.txn = state.txn, None
+            await txn.abandon()
+
+    def close_sessions(self, reply: str) -> int:
+        """Say ``reply`` to every open session and close it (shutdown); returns how many."""
+        protocols, self.protocols = list(self.protocols), set()
+        for protocol in protocols:
+            transport = protocol.transport
+            if transport is not None and not transport.is_closing():
+                with contextlib.suppress(Exception):
+                    transport.write(reply.encode() + b"\r\n")
+                transport.close()
+        return len(protocols)
+
+    # --- hooks -----------------------------------------------------------------------------
+    async def handle_EHLO(
+        self, server: SMTP, session: AioSession, envelope: AioEnvelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        await self._end_transaction(session)
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
+        return responses[:-1] + extra + responses[-1:]
+
+    async def handle_HELO(self, server: SMTP, session: AioSession, envelope: AioEnvelope, hostname: str) -> str:
+        session.host_name = hostname
+        await self._end_transaction(session)
+        return f"250 {self.policy.hostname}"
+
+    async def handle_MAIL(
+        self, server: SMTP, session: AioSession, envelope: AioEnvelope, address: str, options: list[str]
+    ) -> str:
+        state = _state(session)
+        sender = "" if address == "<>" else address
+        txn = self.relay.transaction()
+        try:
+            reply = await txn.begin(sender, options, self._xforward(session))
+        except RelayError as exc:
+            self.metrics.relay_error(exc.reason)
+            log.warning("relay_failed", stage="mail", reason=exc.reason, detail=exc.detail,
+                        session=state.session_id)
+            return TEMPFAIL_INTERNAL.render()
+        if reply.code != 250:
+            await txn.finish()
+            return reply.as_reply().render()
+        state.txn = txn
+        state.recipients_tried = 0
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return reply.as_reply().render()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: AioSession, envelope: AioEnvelope, address: str, options: list[str]
+    ) -> str:
+        state = _state(session)
+        if state.txn is None:
+            return "503 5.5.1 Error: need MAIL command"
+        state.recipients_tried += 1
+        if state.recipients_tried > self.policy.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        try:
+            reply = await state.txn.add_recipient(address)
+        except RelayError as exc:
+            self.metrics.relay_error(exc.reason)
+            log.warning("relay_failed", stage="rcpt", reason=exc.reason, detail=exc.detail,
+                        session=state.session_id)
+            await self._end_transaction(session, broken=True)
+            envelope.mail_from = None
+            envelope.rcpt_tos.clear()
+            return TEMPFAIL_INTERNAL.render()
+        if reply.code in (250, 251):
+            envelope.rcpt_tos.append(address)
+        return reply.as_reply().render()
+
+    async def handle_RSET(self, server: SMTP, session: AioSession, envelope: AioEnvelope) -> str:
+        await self._end_transaction(session)
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: AioSession, envelope: AioEnvelope) -> str:
+        await self._end_transaction(session)
+        return "221 2.0.0 Bye"
+
+    async def handle_NOOP(self, server: SMTP, session: AioSession, envelope: AioEnvelope, arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_exception(self, error: Exception) -> str:
+        # The outermost catch-all of a session: never aiosmtpd's 500, never a silent pass.
+        log.error("session_error", error=repr(error), exc_info=error)
+        return TEMPFAIL_INTERNAL.render()
+
+    # --- helpers used by FilterdSMTP ------------------------------------------------------------
+    def xforward_command(self, session: AioSession, arg: str | None) -> str:
+        state = _state(session)
+        if not arg:
+            return "501 5.5.4 Syntax: XFORWARD attribute=value..."
+        updates: dict[str, str] = {}
+        for item in arg.split():
+            name, eq, value = item.partition("=")
+            name = name.upper()
+            if not eq or name not in XFORWARD_ATTRIBUTES:
+                return f"501 5.5.4 Bad XFORWARD attribute: {name[:40]}"
+            decoded = _xtext_decode(value)
+            updates[name] = "" if decoded in ("[UNAVAILABLE]", "[TEMPUNAVAIL]") else decoded
+        state.xforward.update(updates)
+        return "250 2.0.0 Ok"
+
+    def _xforward(self, session: AioSession) -> Xforward:
+        state = _state(session)
+        attrs = dict(state.xforward)
+        # Without XFORWARD from our client, tell the next hop about the client we saw.
+        attrs.setdefault("ADDR", state.client_ip)
+        if session.host_name and "HELO" not in state.xforward:
+            attrs["HELO"] = session.host_name
+        attrs.setdefault("PROTO", "ESMTP" if session.extended_smtp else "SMTP")
+        return Xforward(attrs)
+
+    async def _end_transaction(self, session: AioSession, *, broken: bool = False) -> None:
+        state: SessionState | None = getattr(session, "filterd_state", None)
+        if state is None:
+            return
+        state.xforward.clear()
+        state.recipients_tried = 0
+        if state.txn is not None:
+            txn, state.txn = state.txn, None
+            await (txn.abandon() if broken else txn.finish())
+
+    def envelope_of(self, session: AioSession, envelope: AioEnvelope) -> Envelope:
+        state = _state(session)
+        sender = envelope.mail_from or ""
+        xf = state.xforward
+        return Envelope(
+            sender="" if sender == "<>" else sender,
+            recipients=tuple(envelope.rcpt_tos),
+            client_ip=xf.get("ADDR") or state.client_ip,
+            client_name=xf.get("NAME") or None,
+            helo=xf.get("HELO") or session.host_name,
+            queue_id=xf.get("IDENT") or None,
+            smtputf8=bool(envelope.smtp_utf8),
+            body_8bitmime=any(opt.upper() == "BODY=8BITMIME" for opt in envelope.mail_options),
+            mail_options=tuple(envelope.mail_options),
+        )
+
+    async def deliver(self, session: AioSession, envelope: AioEnvelope, raw: bytes) -> str:
+        state = _state(session)
+        txn = state.txn
+        if txn is None:
+            return "503 5.5.1 Error: need MAIL command"
+        message = Message(self.envelope_of(session, envelope), raw)
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight.add(task)
+        try:
+            reply = await self.sink.process(message, txn, state.session_id)
+        finally:
+            if task is not None:
+                self.in_flight.discard(task)
+        await self._end_transaction(session, broken=not reply.is_success and txn.data_sent)
+        return reply.render()
+
+
+class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type information
+    """aiosmtpd's protocol with filterd's admission, XFORWARD, SIZE reply and DATA reader."""
+
+    def __init__(self, handler: FilterdHandler, policy: IngressPolicy) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=policy.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=policy.hostname,
+            ident="filterd ESMTP",
+            timeout=policy.session_timeout,
+        )
+        self.filterd_handler = handler
+        self.command_size_limits["XFORWARD"] = 1000
+
+    async def _handle_client(self) -> None:
+        refusal = self.filterd_handler.admit(self.session)
+        if refusal is not None:
+            with contextlib.suppress(ConnectionError):
+                await self.push(refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.filterd_handler.protocols.add(self)
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        self.filterd_handler.protocols.discard(self)
+        super().connection_lost(error)
+        if session is not None:
+            task = self.loop.create_task(self.filterd_handler.closed(session))
+            self.filterd_handler.in_flight.add(task)
+            task.add_done_callback(self.filterd_handler.in_flight.discard)
+
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        if self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: XFORWARD not allowed inside a transaction")
+            return
+        await self.push(self.filterd_handler.xforward_command(self.session, arg))
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        size = _SIZE_PARAM.search(arg or "")
+        if size and self.data_size_limit and int(size.group(1)) > self.data_size_limit:
+            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        started = time.monotonic()
+        raw, too_big = await self._read_data()
+        if too_big:
+            await self.filterd_handler.handle_RSET(self, self.session, self.envelope)
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        self.envelope.original_content = raw
+        self.envelope.content = raw
+        log.debug("data_received", size=len(raw), seconds=round(time.monotonic() - started, 4))
+        status = await self.filterd_handler.deliver(self.session, self.envelope, raw)
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> tuple[bytes, bool]:
+        """Read up to the ``CRLF.CRLF`` end marker; return the un-dot-stuffed bytes.
+
+        Lines of any length and bare LF pass through untouched; only ``<CRLF>.<CRLF>`` ends the
+        data (a bare ``<LF>.<LF>`` is content, and the relay normalises it so it cannot end the
+        message at the next hop). Bytes after the marker (a pipelined command) go back to the
+        reader.
+        """
+        limit = self.data_size_limit or 0
+        buf = bytearray(b"\r\n")  # a virtual line start so the marker and stuffing look the same everywhere
+        too_big = False
+        scanned = 0
+        while True:
+            end = buf.find(b"\r\n.\r\n", max(0, scanned - 4))
+            if end >= 0:
+                break
+            scanned = len(buf)
+            if limit and scanned > limit + 2 + 8192:
+                # Over the limit: keep reading to stay in sync, but keep only the tail.
+                too_big = True
+                del buf[2 : len(buf) - 4]
+                scanned = len(buf)
+            chunk = await self._reader.read(_DATA_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("client closed the connection during DATA")
+            self._reset_timeout()
+            buf += chunk
+        leftover = bytes(buf[end + 5 :])
+        if leftover:
+            # StreamReader has no unread(); aiosmtpd itself manipulates this buffer for STARTTLS.
+            self._reader._buffer[:0] = leftover
+        del buf[end + 2 :]
+        if too_big or (limit and len(buf) - 2 > limit):
+            return b"", True
+        # Un-dot-stuff after CRLF and after a bare LF alike: clients that send bare LF stuff
+        # their dots after it too (a lone "." line arrives as "..").
+        body = bytes(buf).replace(b"\n.", b"\n") if b"\n." in buf else bytes(buf)
+        return body[2:], False
+
+
+def sessions_in_flight(handler: FilterdHandler) -> Sequence[asyncio.Task[Any]]:
+    return list(handler.in_flight)

@@ -1,0 +1,1 @@
+"""Shared test infrastructure: a scriptable next-hop SMTP server and a daemon launcher."""
