@@ -20,8 +20,6 @@ _TOKEN_RE = re.compile(
     r"""|(!--)|[!?])"""
 )
 _ATTR_RE = re.compile(r"""([^\s"'>/=]++)(?:\s*+=\s*+(?:"([^"]*+)"?|'([^']*+)'?|([^\s>]*+)))?""")
-_WS_RE = re.compile(r"\s+")
-_BREAKS_RE = re.compile(r" ?\ue000[ \ue000]*+")
 _BREAK = "\ue000"  # a private-use character marking a line break while text is assembled
 
 _BLOCK, _CELL, _HIDDEN, _LINK = range(4)
@@ -36,6 +34,16 @@ _TAG_KINDS.update(dict.fromkeys(("script", "style", "template", "title", "xml"),
 # Tag -> attribute holding a URL worth reporting (only <a> has visible link text).
 _LINK_ATTRS = {"a": "href", "area": "href", "form": "action", "img": "src", "iframe": "src"}
 _TAG_KINDS.update(dict.fromkeys(("a", "area", "img", "iframe"), _LINK))
+# The fast path: plain tags (no '<' inside) are rewritten from one C-level split before the
+# token loop, which then only sees links, hidden blocks, comments and odd markup. "[^<>]*+"
+# keeps this linear: a failed attempt stops at the next '<', where the next attempt begins.
+_PLAIN_TAG_RE = re.compile(r"(</?([a-zA-Z][^\s/<>]*+)[^<>]*+>)")
+# What a plain tag becomes; None: left in place for the token loop; not listed: removed.
+_PLAIN_REPLACEMENT: dict[str, str | None] = {
+    name: _BREAK if kind == _BLOCK else " " if kind == _CELL else None
+    for name, kind in _TAG_KINDS.items()
+}
+_PLAIN_REPLACEMENT["form"] = None  # a block that also carries a URL
 _SKIPPED_SCHEMES = ("mailto:", "cid:", "tel:", "sms:", "callto:", "#")
 _CLOSERS = {name: re.compile(rf"</{name}[\s/>]", re.I)
             for name, kind in _TAG_KINDS.items() if kind == _HIDDEN}
@@ -63,19 +71,34 @@ def _strip_invisible(text: str) -> str:
 
 
 def _finish_text(raw: str) -> str:
-    text = html.unescape(raw) if "&" in raw else raw
-    text = _WS_RE.sub(" ", _strip_invisible(text))  # \s covers the no-break space
-    return _BREAKS_RE.sub("\n", text).strip()
+    """Decode references, drop invisible characters, collapse white space (str.split's notion
+    includes the no-break space), and turn break markers into single line breaks."""
+    text = _strip_invisible(html.unescape(raw) if "&" in raw else raw)
+    lines = [" ".join(segment.split()) for segment in text.split(_BREAK)]
+    return "\n".join([line for line in lines if line])
 
 
 def _link_text(raw: str) -> str:
-    return _WS_RE.sub(" ", _finish_text(raw)).strip()
+    text = _strip_invisible(html.unescape(raw) if "&" in raw else raw)
+    return " ".join(text.replace(_BREAK, " ").split())
+
+
+def _rewrite_plain_tags(markup: str) -> str:
+    pieces = _PLAIN_TAG_RE.split(markup)  # text, (tag, name, text)...
+    get = _PLAIN_REPLACEMENT.get
+    pieces[1::3] = [
+        tag if (new := get(name.lower(), "")) is None else new
+        for tag, name in zip(pieces[1::3], pieces[2::3], strict=True)
+    ]
+    pieces[2::3] = [""] * (len(pieces) // 3)
+    return "".join(pieces)
 
 
 def render_html(markup: str) -> tuple[str, list[Link]]:
     """Visible text of an HTML document and the links in it, in document order."""
     if _BREAK in markup:
         markup = markup.replace(_BREAK, "")
+    markup = _rewrite_plain_tags(markup)
     out: list[str] = []
     links: list[Link] = []
     open_link: tuple[str, int] | None = None  # (href, index in out where its text starts)

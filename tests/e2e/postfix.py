@@ -304,6 +304,17 @@ class PostfixInstance:
         )
         return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
+    def wait_in_queue(self, queue_id: str, queue_name: str, *, timeout: float = 30.0) -> None:
+        """Wait until ``postqueue -j`` lists the message in ``queue_name`` (hold, deferred...)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            where = {m["queue_id"]: m["queue_name"] for m in self.queue()}
+            if where.get(queue_id) == queue_name:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{queue_id} not in the {queue_name} queue: {where}")
+            time.sleep(0.1)
+
     def log(self) -> str:
         try:
             return self.maillog.read_text(errors="replace")

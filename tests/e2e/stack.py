@@ -9,6 +9,9 @@ in the Postfix log, the filterd log and the sink.
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
+import json
 import os
 import re
 import shutil
@@ -48,6 +51,22 @@ requires_postfix = pytest.mark.skipif(
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="a private Postfix instance must be started as root"
 )
+
+
+def manifest_files(expect: str) -> list[str]:
+    """Corpus files whose MANIFEST expectation is exactly ``expect`` ("reject", "quarantine")."""
+    entries = json.loads((CORPUS / "MANIFEST.json").read_text())
+    return [e["file"] for e in entries if e["expect"] == expect]
+
+
+def header_of(raw: bytes, name: str) -> str:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    return str(msg.get(name, ""))
+
+
+def body_of(raw: bytes) -> bytes:
+    """The bytes after the header block (CRLF-normalised)."""
+    return raw.replace(b"\r\n", b"\n").partition(b"\n\n")[2]
 
 
 def new_message_id() -> str:

@@ -1,0 +1,216 @@
+"""Throughput, CPU and memory of filterd under real SMTP load, side by side with the direct path.
+
+Postfix's ``smtp-source`` drives load (a new connection per message) and ``smtp-sink`` is the
+next hop. Every configuration is measured in the same run, ``--runs`` times, and the median is
+reported:
+
+    direct        smtp-source -> smtp-sink
+    naive relay   smtp-source -> 30-line aiosmtpd/aiosmtplib relay -> smtp-sink (the floor)
+    filterd ...   smtp-source -> filterd (0 rules / shipped rules / shipped + 1,000 regex) -> smtp-sink
+
+For filterd the CPU time (user+system) of its processes per message and their peak RSS are read
+from /proc. Run as root or as a user smtp-sink may run as:
+
+    python tests/bench/bench_smtp.py [--messages 5000] [--sessions 20] [--size 4096] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.support.daemon import free_port, wait_port  # noqa: E402
+
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+
+
+@dataclass
+class Result:
+    name: str
+    rate: float
+    cpu_ms: float | None = None
+    rss_mb: float | None = None
+
+
+def regex_rules(count: int) -> str:
+    """``count`` regex rules that never match ordinary mail, half on headers, half on the body."""
+    lines = ["rules:"]
+    for i in range(count):
+        if i % 2:
+            cond = f'{{header: {{name: Subject, regex: "zq{i}x+(foo|bar)[0-9]{{2,4}}"}}}}'
+        else:
+            cond = f'{{body: {{regex: "(?i)unlikely-token-{i}\\\\s+(alpha|beta)\\\\d+"}}}}'
+        lines += [f"  - name: generated-{i}", f"    if: {cond}", "    then: {score: 0.1}"]
+    return "\n".join(lines) + "\n"
+
+
+def proc_cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def family(pid: int) -> list[int]:
+    """The process and its children (worker processes)."""
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False)
+    except OSError:
+        return [pid]
+    return [pid, *(int(p) for p in out.stdout.split())]
+
+
+def run_source(port: int, messages: int, sessions: int, size: int) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [SMTP_SOURCE, "-s", str(sessions), "-l", str(size), "-m", str(messages),
+         "-f", "bench@example.org", "-t", "sink@example.net", f"127.0.0.1:{port}"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return messages / (time.perf_counter() - started)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.port = free_port()
+        user = ["-u", "postfix"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen([SMTP_SINK, *user, f"127.0.0.1:{self.port}", "1000"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_filterd(workdir: Path, relay_port: int, rules: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    config = workdir / "filterd.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{relay_port}\nrules: {rules}\n"
+        f"state_dir: {workdir / 'state'}\nmetrics: {{listen: null}}\nlog: {{level: warning}}\n"
+        f"workers: {workers}\nlimits: {{max_connections: 500}}\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "filterd", "serve", "-c", str(config)], cwd=REPO)
+    wait_port(port)
+    time.sleep(0.5)
+    return proc, port
+
+
+def measure_filterd(name: str, workdir: Path, sink: Sink, rules: Path, args: argparse.Namespace) -> Result:
+    proc, port = start_filterd(workdir, sink.port, rules, args.workers)
+    try:
+        run_source(port, min(200, args.messages), args.sessions, args.size)  # warm-up
+        pids = family(proc.pid)
+        cpu_before = proc_cpu_seconds(pids)
+        rate = run_source(port, args.messages, args.sessions, args.size)
+        cpu = proc_cpu_seconds(pids) - cpu_before
+        rss = proc_peak_rss_mb(pids)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return Result(name, rate, cpu * 1000 / args.messages, rss)
+
+
+def measure_naive(sink: Sink, args: argparse.Namespace) -> Result:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "bench" / "naive_relay.py"), str(port), str(sink.port)])
+    try:
+        wait_port(port)
+        run_source(port, min(200, args.messages), args.sessions, args.size)
+        cpu_before = proc_cpu_seconds([proc.pid])
+        rate = run_source(port, args.messages, args.sessions, args.size)
+        cpu = proc_cpu_seconds([proc.pid]) - cpu_before
+        rss = proc_peak_rss_mb([proc.pid])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return Result("naive relay", rate, cpu * 1000 / args.messages, rss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", help="comma-separated subset: direct,naive,empty,shipped,regex1000")
+    args = parser.parse_args()
+    wanted = set((args.only or "direct,naive,empty,shipped,regex1000").split(","))
+
+    workdir = Path(tempfile.mkdtemp(prefix="filterd-bench-"))
+    empty = workdir / "empty.yaml"
+    empty.write_text("rules: []\n")
+    many = workdir / "many"
+    many.mkdir()
+    for item in (REPO / "rules").iterdir():
+        target = many / item.name
+        if item.is_dir():
+            shutil.copytree(item, target)
+        else:
+            shutil.copy(item, target)
+    (many / "zz-generated.yaml").write_text(regex_rules(1000))
+
+    runs: dict[str, list[Result]] = {}
+    sink = Sink()
+    try:
+        for _ in range(args.runs):
+            if "direct" in wanted:
+                runs.setdefault("direct", []).append(Result("direct", run_source(sink.port, args.messages, args.sessions, args.size)))
+            if "naive" in wanted:
+                runs.setdefault("naive", []).append(measure_naive(sink, args))
+            if "empty" in wanted:
+                runs.setdefault("empty", []).append(measure_filterd("filterd, 0 rules", workdir, sink, empty, args))
+            if "shipped" in wanted:
+                runs.setdefault("shipped", []).append(measure_filterd("filterd, shipped rules", workdir, sink, REPO / "rules", args))
+            if "regex1000" in wanted:
+                runs.setdefault("regex1000", []).append(measure_filterd("filterd, shipped + 1,000 regex", workdir, sink, many, args))
+    finally:
+        sink.stop()
+
+    direct = statistics.median(r.rate for r in runs["direct"]) if "direct" in runs else None
+    print(f"\n{args.messages} messages of {args.size} B, {args.sessions} sessions, new connection per message, "
+          f"median of {args.runs} runs, filterd workers={args.workers}, {os.cpu_count()} CPUs")
+    print(f"{'path':34} {'msg/s':>9} {'vs direct':>10} {'CPU ms/msg':>11} {'peak RSS MB':>12}")
+    for results in runs.values():
+        rate = statistics.median(r.rate for r in results)
+        cpu = [r.cpu_ms for r in results if r.cpu_ms is not None]
+        rss = [r.rss_mb for r in results if r.rss_mb is not None]
+        ratio = f"{rate / direct:.1%}" if direct else "-"
+        print(f"{results[0].name:34} {rate:9.0f} {ratio:>10} "
+              f"{statistics.median(cpu) if cpu else float('nan'):11.2f} {max(rss) if rss else float('nan'):12.1f}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
