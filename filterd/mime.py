@@ -170,12 +170,12 @@ class ParsedMessage:
             if leaf.container or not leaf.content_type.startswith("text/"):
                 continue
             text = decode_text(decode_body(leaf, self.max_text_bytes), leaf.charset)
-            links: list[tuple[str, str | None]] = []
             if leaf.content_type == "text/html":
                 text, links = render_html(text)
-            elif "\r" in text:
-                text = text.replace("\r\n", "\n")
-            links.extend((url, None) for url in find_text_urls(text))
+            else:
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n")
+                links = [(url, None) for url in find_text_urls(text)]
             parts.append((text, tuple(links)))
         return tuple(parts)
 

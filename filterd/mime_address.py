@@ -111,7 +111,7 @@ def parse_address_list(value: str) -> list[Mailbox]:
             quoted = _QUOTED_RE.match(value, pos)
             stop = quoted.end() if quoted else length
             inner = value[pos:stop]
-            if not inner.endswith('"') or inner.endswith('\\"') and _odd_escape(inner):
+            if not inner.endswith('"') or (inner.endswith('\\"') and _odd_escape(inner)):
                 continue  # an unterminated quote: read on as if the '"' were not there
             if element.angle is None:
                 element.raw.append('"' + inner)

@@ -121,7 +121,8 @@ def _central_directory(data: bytes, limit: int) -> list[tuple[str, int]] | None:
         name_start = pos + _CENTRAL_SIZE
         raw_name = data[name_start : name_start + name_len]
         if size == 0xFFFFFFFF:
-            size = _zip64_extra_size(data[name_start + name_len : name_start + name_len + extra_len])
+            extra_start = name_start + name_len
+            size = _zip64_extra_size(data[extra_start : extra_start + extra_len])
         members.append((_decode_name(raw_name, flags), size))
         pos = name_start + name_len + extra_len + comment_len
     return members if members or total == 0 else None
@@ -154,7 +155,7 @@ def _local_headers(data: bytes, limit: int) -> list[tuple[str, int]]:
     """Walk local file headers from the front: for archives whose directory is missing."""
     members: list[tuple[str, int]] = []
     pos = data.find(_LOCAL)
-    while 0 <= pos and len(members) < limit and pos + _LOCAL_SIZE <= len(data):
+    while pos >= 0 and len(members) < limit and pos + _LOCAL_SIZE <= len(data):
         fields = struct.unpack_from("<4s5H3L2H", data, pos)
         flags, compressed, size, name_len, extra_len = (
             fields[2], fields[7], fields[8], fields[9], fields[10])

@@ -185,13 +185,13 @@ def parse_params(value: str) -> tuple[str, dict[str, str]]:
     parameters (keys lower-cased; RFC 2231 continuations and charsets and RFC 2047 words in
     values decoded). Later duplicates of a plain parameter do not override the first."""
     segments: list[list[str]] = [[]]
-    for token in _PARAM_TOKEN_RE.findall(value):
-        if token == ";":
+    for piece in _PARAM_TOKEN_RE.findall(value):
+        if piece == ";":
             if len(segments) > _MAX_PARAMS:
                 break
             segments.append([])
         else:
-            segments[-1].append(token)
+            segments[-1].append(piece)
     main = "".join(segments[0]).strip().lower()
     plain: dict[str, str] = {}
     sections: dict[str, dict[int, tuple[str, bool]]] = {}

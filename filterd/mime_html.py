@@ -1,9 +1,10 @@
 """HTML to visible text, links with their visible text, bare URLs in text, and URL hosts.
 
-The HTML scanner is hand-written rather than ``html.parser``: it is a single forward pass of
-regex searches with possessive quantifiers, so hostile markup (unterminated comments, quotes or tags)
-costs linear time, and it only looks at attributes of the few tags that carry links. Script,
-style and similar invisible blocks are dropped; block elements become line breaks; character
+The HTML scanner is hand-written rather than ``html.parser``: one C-level split rewrites plain
+tags, then a single forward pass of regex searches with possessive quantifiers handles links,
+hidden blocks and comments, so hostile markup (unterminated comments, quotes or tags) costs
+linear time, and only the few tags that carry links have their attributes read. Script, style
+and similar invisible blocks are dropped; block elements become line breaks; character
 references are decoded; zero-width characters that spammers use to split words are removed.
 """
 
@@ -21,12 +22,13 @@ _TOKEN_RE = re.compile(
 )
 _ATTR_RE = re.compile(r"""([^\s"'>/=]++)(?:\s*+=\s*+(?:"([^"]*+)"?|'([^']*+)'?|([^\s>]*+)))?""")
 _BREAK = "\ue000"  # a private-use character marking a line break while text is assembled
+_EDGE = "\ue001"  # marks where a link starts or ends: no bare URL is read across it
 
 _BLOCK, _CELL, _HIDDEN, _LINK = range(4)
-_TAG_KINDS = dict.fromkeys(
+_BLOCK_NAMES = (
     "address article aside blockquote br center dd div dl dt fieldset figure footer form h1 h2 "
-    "h3 h4 h5 h6 header hr li main nav ol option p pre section table tbody tfoot thead tr ul"
-    .split(), _BLOCK)
+    "h3 h4 h5 h6 header hr li main nav ol option p pre section table tbody tfoot thead tr ul")
+_TAG_KINDS = dict.fromkeys(_BLOCK_NAMES.split(" "), _BLOCK)
 _TAG_KINDS.update(td=_CELL, th=_CELL)
 # Never displayed. When the closing tag is missing the opening tag is ignored instead of hiding
 # the rest, so an unclosed <title> cannot blank out the text rules look at.
@@ -37,7 +39,9 @@ _TAG_KINDS.update(dict.fromkeys(("a", "area", "img", "iframe"), _LINK))
 # The fast path: plain tags (no '<' inside) are rewritten from one C-level split before the
 # token loop, which then only sees links, hidden blocks, comments and odd markup. "[^<>]*+"
 # keeps this linear: a failed attempt stops at the next '<', where the next attempt begins.
-_PLAIN_TAG_RE = re.compile(r"(</?([a-zA-Z][^\s/<>]*+)[^<>]*+>)")
+# Quoted values may hold '>' but not '<'; a tag with an unbalanced quote is left to the loop.
+_PLAIN_TAG_RE = re.compile(
+    r"""(</?([a-zA-Z][^\s/<>]*+)(?:[^<>"']++|"[^"<]*+"|'[^'<]*+')*+>)""")
 # What a plain tag becomes; None: left in place for the token loop; not listed: removed.
 _PLAIN_REPLACEMENT: dict[str, str | None] = {
     name: _BREAK if kind == _BLOCK else " " if kind == _CELL else None
@@ -50,10 +54,12 @@ _CLOSERS = {name: re.compile(rf"</{name}[\s/>]", re.I)
 # Removed from visible text: zero-width characters and soft hyphens that split words.
 _INVISIBLE = ("\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff")
 
+# No look-behind for a word boundary: checked in Python for the rare hit, it would otherwise
+# run at every position of the text.
 _TEXT_URL_RE = re.compile(
-    r"(?<![\w.-])(?:[hH][tT][tT][pP][sS]?://|[fF][tT][pP]://|[wW][wW][wW]\.)"
-    r"[^\s<>\"'`\x00-\x1f\x7f]++"
+    r"(?:[hH][tT][tT][pP][sS]?://|[fF][tT][pP]://|[wW][wW][wW]\.)[^\s<>\"'`\x00-\x1f\x7f]++"
 )
+_URL_GLUE = frozenset(".-_")
 _URL_TRAIL = ".,;:!?'\")]}>*"
 _SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+:")
 _AUTHORITY_RE = re.compile(r"[^/?#\\]*+")
@@ -74,13 +80,15 @@ def _finish_text(raw: str) -> str:
     """Decode references, drop invisible characters, collapse white space (str.split's notion
     includes the no-break space), and turn break markers into single line breaks."""
     text = _strip_invisible(html.unescape(raw) if "&" in raw else raw)
+    if _EDGE in text:
+        text = text.replace(_EDGE, "")
     lines = [" ".join(segment.split()) for segment in text.split(_BREAK)]
     return "\n".join([line for line in lines if line])
 
 
 def _link_text(raw: str) -> str:
     text = _strip_invisible(html.unescape(raw) if "&" in raw else raw)
-    return " ".join(text.replace(_BREAK, " ").split())
+    return " ".join(text.replace(_BREAK, " ").replace(_EDGE, "").split())
 
 
 def _rewrite_plain_tags(markup: str) -> str:
@@ -95,9 +103,11 @@ def _rewrite_plain_tags(markup: str) -> str:
 
 
 def render_html(markup: str) -> tuple[str, list[Link]]:
-    """Visible text of an HTML document and the links in it, in document order."""
-    if _BREAK in markup:
-        markup = markup.replace(_BREAK, "")
+    """Visible text of an HTML document, and its links: those of tags in document order, then
+    the bare URLs of its visible text (never read across the edge of a link)."""
+    for marker in (_BREAK, _EDGE):
+        if marker in markup:
+            markup = markup.replace(marker, "")
     markup = _rewrite_plain_tags(markup)
     out: list[str] = []
     links: list[Link] = []
@@ -137,9 +147,11 @@ def render_html(markup: str) -> tuple[str, list[Link]]:
             continue
         lower = name.lower()
         if slash:
-            if lower == "a" and open_link is not None:
-                links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
-                open_link = None
+            if lower == "a":
+                out.append(_EDGE)
+                if open_link is not None:
+                    links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
+                    open_link = None
         elif kind == _HIDDEN:
             closer = _CLOSERS[lower].search(markup, pos)
             if closer is not None:
@@ -148,6 +160,7 @@ def render_html(markup: str) -> tuple[str, list[Link]]:
         else:
             url = _attribute(attrs, _LINK_ATTRS[lower])
             if lower == "a":
+                out.append(_EDGE)
                 if open_link is not None:  # <a> does not nest: a new one closes the old
                     links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
                     open_link = None
@@ -157,7 +170,9 @@ def render_html(markup: str) -> tuple[str, list[Link]]:
                 links.append((url, None))
     if open_link is not None:
         links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
-    return _finish_text("".join(out)), links
+    text = "".join(out)
+    links.extend((url, None) for url in find_text_urls(text.replace(_EDGE, " ")))
+    return _finish_text(text), links
 
 
 def _attribute(attrs: str, wanted: str) -> str | None:
@@ -177,6 +192,9 @@ def find_text_urls(text: str) -> list[str]:
     """Bare http(s)/ftp/www. URLs in plain text, trailing punctuation trimmed."""
     urls = []
     for match in _TEXT_URL_RE.finditer(text):
+        start = match.start()
+        if start and (text[start - 1].isalnum() or text[start - 1] in _URL_GLUE):
+            continue  # inside a word: "xwww.example.com" is not a URL to report
         url = match.group()
         end = len(url)
         if url[-1] in _URL_TRAIL:

@@ -158,7 +158,7 @@ def _split_multipart(
     cut the list; None when the boundary is empty or never occurs."""
     if not boundary:
         return None
-    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
+    delimiter = b"--" + boundary.encode("utf-8", "surrogatepass")
     parts: list[tuple[int, int]] = []
     part_start: int | None = None  # None while in the preamble
     pos = start

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -246,10 +247,12 @@ class QuarantineStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._stale = False
+        # Resyncs and rebuilds swap or bulk-edit the index: one at a time per process.
+        self._sync_lock = threading.RLock()
         try:
             _make_folder(self.path)
             self._index = self._open_index()
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, IndexCorruptError) as exc:
             raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
 
     # --- index upkeep -------------------------------------------------------------------------
@@ -317,7 +320,8 @@ class QuarantineStore:
         """The index, resynchronised first if a write to it failed or it turned out corrupt."""
         try:
             if self._stale:
-                self._sync()
+                with self._sync_lock:
+                    self._sync()
         except IndexCorruptError:
             self.rebuild_index()
         except (OSError, sqlite3.Error) as exc:
@@ -327,10 +331,11 @@ class QuarantineStore:
     def rebuild_index(self) -> int:
         """Recreate the index from the ``.json`` files; returns the number of entries."""
         try:
-            self._index.close()
-            QuarantineIndex.remove_files(self.path)
-            self._index = QuarantineIndex(self.path)
-            return self._sync(full=True)
+            with self._sync_lock:
+                self._index.close()
+                QuarantineIndex.remove_files(self.path)
+                self._index = QuarantineIndex(self.path)
+                return self._sync(full=True)
         except (OSError, sqlite3.Error, IndexCorruptError) as exc:
             raise QuarantineError(f"cannot rebuild quarantine index: {exc}") from exc
 
@@ -494,33 +499,48 @@ class QuarantineStore:
         self._index_call("upsert", meta, version)
         log.info("quarantine_released", id=entry_id, recipients=len(to))
 
-    def delete(self, entry_id: str) -> None:
-        """Remove an entry: the ``.json`` first, so a crash leaves an orphan, never a half entry."""
-        json_path = self._file(entry_id, "json")
+    def _unlink_entry(self, entry_id: str) -> None:
+        """The ``.json`` first, so a crash leaves an orphan ``.eml``, never a half entry."""
         try:
-            json_path.unlink()
+            self._file(entry_id, "json").unlink()
         except FileNotFoundError:
             raise EntryNotFoundError(f"no quarantine entry {entry_id}") from None
         except OSError as exc:
             raise QuarantineError(f"cannot delete quarantine entry {entry_id}: {exc}") from exc
         try:
-            _fsync_dir(self.path)
             self._file(entry_id, "eml").unlink(missing_ok=True)
-        except OSError as exc:  # the entry is gone; the orphan .eml goes with the next resync
+        except OSError as exc:  # the entry is gone; the orphan .eml goes with a later resync
             log.warning("quarantine_delete_incomplete", id=entry_id, error=str(exc))
+
+    def delete(self, entry_id: str) -> None:
+        """Remove an entry (both files and its index row)."""
+        self._unlink_entry(entry_id)
+        with contextlib.suppress(OSError):  # durability of a deletion is a nicety, not a promise
+            _fsync_dir(self.path)
         self._index_call("remove", entry_id)
         log.info("quarantine_deleted", id=entry_id)
 
     def purge(self, older_than: timedelta, now: datetime | None = None) -> int:
-        """Delete the entries stored more than ``older_than`` ago; returns how many."""
+        """Delete the entries stored more than ``older_than`` ago; returns how many.
+
+        One folder fsync and one index transaction for the lot, not one per entry: a crash
+        mid-purge at worst brings back entries that the next purge removes again.
+        """
         cutoff = (now or datetime.now(UTC)) - older_than
-        purged = 0
+        purged: list[str] = []
         for entry_id in self._read("ids_before", _iso(cutoff)):
             with contextlib.suppress(EntryNotFoundError):  # deleted meanwhile by someone else
-                self.delete(entry_id)
-                purged += 1
-        log.info("quarantine_purged", count=purged, older_than_s=int(older_than.total_seconds()))
-        return purged
+                self._unlink_entry(entry_id)
+                purged.append(entry_id)
+        if purged:
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.path)
+            self._index_call("replace", [], purged)
+        log.info(
+            "quarantine_purged", count=len(purged), older_than_s=int(older_than.total_seconds()),
+            cutoff=_iso(cutoff),
+        )
+        return len(purged)
 
 
 async def run_retention(

@@ -86,7 +86,8 @@ class NextHopConnection:
         lines: list[str] = []
         try:
             while True:
-                line = await asyncio.wait_for(self.reader.readline(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    line = await self.reader.readline()
                 if not line.endswith(b"\n"):
                     raise RelayError("closed", "next hop closed the connection")
                 text = line.decode("utf-8", "replace").rstrip("\r\n")
@@ -110,7 +111,8 @@ class NextHopConnection:
     async def send(self, payload: bytes) -> None:
         try:
             self.writer.write(payload)
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
         except TimeoutError as exc:
             self.broken = True
             raise RelayError("timeout", "next hop did not read in time") from exc
@@ -205,10 +207,14 @@ class RelayClient:
             await conn.close()
         return await open_connection(self.host, self.port, timeout=self.timeout, helo=self.helo), False
 
-    async def release(self, conn: NextHopConnection) -> None:
-        """Return a connection after RSET; anything odd closes it instead."""
+    async def release(self, conn: NextHopConnection, *, clean: bool = False) -> None:
+        """Return a connection to the pool; ``clean`` means the last transaction ended (DATA
+        answered), otherwise RSET first. Anything odd closes it instead."""
         if conn.broken or len(self._idle) >= self.pool_size:
             await conn.close()
+            return
+        if clean:
+            self._idle.append(conn)
             return
         try:
             reply = await conn.command("RSET")
@@ -263,6 +269,7 @@ class RelayTransaction:
         self.xforward: Xforward | None = None
         self.accepted: list[str] = []
         self.data_sent = False
+        self.completed = False
 
     @property
     def active(self) -> bool:
@@ -331,14 +338,16 @@ class RelayTransaction:
             return reply
         await self.conn.send(encode_data(raw))
         self.data_sent = True
-        return await self.conn.read_reply()
+        reply = await self.conn.read_reply()
+        self.completed = True  # after the reply to the data the next hop is between transactions
+        return reply
 
     async def finish(self) -> None:
         """End the transaction: the connection goes back to the pool (RSET) or is closed."""
         conn, self.conn = self.conn, None
         self.accepted = []
         if conn is not None:
-            await self.client.release(conn)
+            await self.client.release(conn, clean=self.completed)
 
     async def abandon(self) -> None:
         """Close the connection without reuse (client vanished, unknown state)."""

@@ -265,7 +265,7 @@ class NameDomainMismatch:
         name = address.name[:512]
         for pattern in (_NAME_ADDRESS, _NAME_DOMAIN):
             for found in pattern.finditer(name):
-                claimed = found.group(1).lower()
+                claimed = str(found.group(1)).lower()
                 if not domains_related(claimed, address.domain):
                     return claimed
         return None

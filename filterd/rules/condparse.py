@@ -230,7 +230,8 @@ class ConditionParser:
         return any(key in parts for key in mapping) or not any(
             key in (*MATCHER_KEYS, "case") for key in mapping)
 
-    def _address(self, value: Any, pos: Pos, group: str, parts: tuple[str, ...]) -> Condition | None:
+    def _address(self, value: Any, pos: Pos, group: str,
+                 parts: tuple[str, ...]) -> Condition | None:
         whole_lookup = LookupKind.ADDRESS
         if not isinstance(value, YamlMap) or not value or not self._parts(value, parts, group):
             return self._single(value, pos, group, group, whole_lookup)
@@ -317,7 +318,9 @@ class ConditionParser:
                 failed = True
             else:
                 networks.append(network)
-        return None if failed else ClientIp(networks, f"client_ip in {_shown([t for t, _ in entries])}")
+        if failed:
+            return None
+        return ClientIp(networks, f"client_ip in {_shown([text for text, _ in entries])}")
 
     def _bounds(self, value: Any, pos: Pos, what: str) -> tuple[int | None, int | None] | None:
         mapping = as_map(value, pos, self.problems, what)
@@ -326,8 +329,8 @@ class ConditionParser:
         if not mapping:
             self.problems.add(pos, f"{what} needs gt and/or lt")
             return None
-        gt = as_size(mapping["gt"], mapping.at("gt"), self.problems, "gt") if "gt" in mapping else None
-        lt = as_size(mapping["lt"], mapping.at("lt"), self.problems, "lt") if "lt" in mapping else None
+        gt, lt = (as_size(mapping[key], mapping.at(key), self.problems, key)
+                  if key in mapping else None for key in SIZE_KEYS)
         if ("gt" in mapping and gt is None) or ("lt" in mapping and lt is None):
             return None
         return gt, lt
@@ -363,7 +366,8 @@ class ConditionParser:
                                                "'attachment:'"):
             return None
         if not mapping:
-            self.problems.add(pos, "'attachment:' needs at least one of " + ", ".join(ATTACHMENT_KEYS))
+            self.problems.add(pos, "'attachment:' needs at least one of "
+                              + ", ".join(ATTACHMENT_KEYS))
             return None
         predicates = self._attachment_predicates(mapping, "attachment")
         if predicates is None:

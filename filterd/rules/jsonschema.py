@@ -48,8 +48,9 @@ def _definitions() -> dict[str, Any]:
     matcher = _object(matcher_props, "a string matcher: exactly one of "
                       + ", ".join(MATCHER_KEYS) + "; case-insensitive unless case: sensitive")
     matcher["oneOf"] = [{"required": [kind]} for kind in MATCHER_KEYS]
+    size_pattern = r"^\s*\d+(\.\d+)?\s*[kKmMgG]?([iI]?[bB])?\s*$"
     size_value = {"anyOf": [{"type": "integer", "minimum": 0},
-                            {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[kKmMgG]?([iI]?[bB])?\s*$"}]}
+                            {"type": "string", "pattern": size_pattern}]}
     size = _object({"gt": _ref("sizeValue"), "lt": _ref("sizeValue")},
                    "bytes, or with a K / M / G suffix (1K = 1024)", min_properties=1)
     true_only = {"const": True}
@@ -58,7 +59,7 @@ def _definitions() -> dict[str, Any]:
                     "name_domain_mismatch": {**true_only, "description":
                                              "extension: the display name shows another domain"}}
     header_props: dict[str, Any] = {"name": {"type": "string"}, "exists": {"type": "boolean"}}
-    header_props.update({k: v for k, v in matcher_props.items()})
+    header_props.update(matcher_props)
     archive = _object({"filename": _ref("matcher"), "size": _ref("size")},
                       "a zip member satisfying every key", min_properties=1)
     attachment = _object({"filename": _ref("matcher"), "content_type": _ref("matcher"),

@@ -131,9 +131,9 @@ def glob_to_regex(glob: str) -> str:
 def pattern_source(kind: MatcherKind, value: str) -> str:
     """The RE2 pattern (without case flag) for one string of an equals/contains/regex/glob."""
     if kind is MatcherKind.EQUALS:
-        return "^(?:" + re2.escape(value) + ")$"
+        return "^(?:" + str(re2.escape(value)) + ")$"
     if kind is MatcherKind.CONTAINS:
-        return re2.escape(value)
+        return str(re2.escape(value))
     if kind is MatcherKind.GLOB:
         return glob_to_regex(value)
     return value

@@ -9,6 +9,7 @@ Nothing is shared with a previously loaded set, so a reload builds a complete ne
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Sequence
@@ -187,7 +188,7 @@ class _Loader:
 
     def _check_thresholds(self) -> None:
         set_ones = [(k, self.thresholds[k]) for k in SCORE_KEYS if k in self.thresholds]
-        for (low_key, (low, _)), (high_key, (high, at)) in zip(set_ones, set_ones[1:], strict=False):
+        for (low_key, (low, _)), (high_key, (high, at)) in itertools.pairwise(set_ones):
             if high <= low:
                 self.problems.add(at, f"scores {high_key} ({high:g}) must be above "
                                       f"{low_key} ({low:g})")
@@ -306,7 +307,8 @@ class _Loader:
             out["reason"] = as_str(mapping["reason"], mapping.at("reason"), problems, "reason",
                                    allow_empty=True) or ""
         if "score" in mapping:
-            out["score"] = as_number(mapping["score"], mapping.at("score"), problems, "score") or 0.0
+            score = as_number(mapping["score"], mapping.at("score"), problems, "score")
+            out["score"] = score or 0.0
         if "stop" in mapping:
             out["stop"] = bool(as_bool(mapping["stop"], mapping.at("stop"), problems, "stop"))
         if "bcc" in mapping:

@@ -102,8 +102,11 @@ class MessageScan:
             group = group_of(field)
             project = _PROJECTIONS.get(field)
             items = self.items(group)
-            cached = items if project is None else [project(item) for item in items]  # type: ignore[assignment]
-            self._values[field] = cached
+            # Unprojected groups (sender, helo, header:*, body, raw) hold their values as items.
+            values: Sequence[Value] = (items if project is None  # type: ignore[assignment]
+                                       else [project(item) for item in items])
+            self._values[field] = values
+            return values
         return cached
 
     # -- multi-pattern hits -----------------------------------------------------------------

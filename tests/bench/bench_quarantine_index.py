@@ -21,9 +21,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from filterd.actions.quarantine import Entry, EntryStatus, QuarantineStore  # noqa: E402
-from filterd.actions.quarantine_index import QuarantineIndex  # noqa: E402
-from filterd.model import Action, Envelope, Message, Verdict  # noqa: E402
+from filterd.actions.quarantine import Entry, EntryStatus, QuarantineStore
+from filterd.actions.quarantine_index import QuarantineIndex
+from filterd.model import Action, Envelope, Message, Verdict
 
 
 def _timed(label: str, fn: Callable[[], Any], repeat: int = 3) -> Any:

@@ -20,7 +20,8 @@ from typing import Any
 from .postfix import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED_RULES = REPO / "rules"
+# The rules the e2e tests run: the shipped ones, or another set named by FILTERD_E2E_RULES.
+SHIPPED_RULES = Path(os.environ.get("FILTERD_E2E_RULES") or REPO / "rules")
 MESSAGE_EVENT = "message_processed"
 
 

@@ -14,9 +14,10 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import signal
-import sqlite3
+import socket
 import stat
 import subprocess
 import sys
@@ -49,6 +50,7 @@ from filterd.actions.quarantine_commands import (
     release_entry,
     show_entry,
 )
+from filterd.actions.quarantine_index import QuarantineIndex
 from filterd.errors import QuarantineError, RelayError
 from filterd.model import Action, Envelope, Message, RuleTrace, Verdict
 
@@ -288,10 +290,11 @@ def test_stale_rows_are_resynchronised_on_open(tmp_path: Path) -> None:
     folder = tmp_path / "q"
     with QuarantineStore(folder) as first:
         a, b, c = (_store(first, n) for n in range(3))
-    with sqlite3.connect(folder / "index.sqlite3") as db:
-        db.execute("DELETE FROM entries WHERE id = ?", (a,))
-        db.execute("INSERT OR REPLACE INTO entries VALUES ('20200101T000000Z-00000000',"
-                   " '2020-01-01T00:00:00Z', 'quarantined', '1:1', '{}')")
+    phantom = json.loads((folder / f"{a}.json").read_text()) | {"id": "20200101T000000Z-00000000"}
+    index = QuarantineIndex(folder)
+    index.remove(a)
+    index.upsert(phantom, "1:1")
+    index.close()
     meta_path = folder / f"{b}.json"
     meta = json.loads(meta_path.read_text())
     meta["status"] = "released"
@@ -500,7 +503,6 @@ def test_no_inode_left_for_the_json_or_the_eml(tmp_path: Path, inodes: int) -> N
 
 def test_file_size_limit_is_an_io_error_too(tmp_path: Path) -> None:
     """Works without mount rights: RLIMIT_FSIZE makes a large write fail with EFBIG."""
-    import resource
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -570,7 +572,7 @@ def test_kill_9_while_storing_loses_no_acknowledged_entry(tmp_path: Path) -> Non
     env = os.environ | {"PYTHONPATH": str(REPO)}
     code = textwrap.dedent(_CHILD_PRELUDE) + textwrap.dedent(_STORE_FOREVER)
     acknowledged: dict[str, str] = {}
-    rng = random.Random(4)  # noqa: S311 - timing jitter, not security
+    rng = random.Random(4)
     for round_ in range(6):
         child = subprocess.Popen(
             [sys.executable, "-c", code, str(folder), str(round_ * 10_000)],
@@ -578,7 +580,7 @@ def test_kill_9_while_storing_loses_no_acknowledged_entry(tmp_path: Path) -> Non
         )
         assert child.stdout is not None
         lines: list[bytes] = []
-        reader = threading.Thread(target=lambda out=child.stdout: lines.extend(out))
+        reader = threading.Thread(target=lines.extend, args=(child.stdout,))
         reader.start()
         deadline = time.monotonic() + 20
         while not lines and time.monotonic() < deadline:  # let it start and store once
@@ -671,7 +673,7 @@ def test_show_prints_metadata_trace_and_headers(store: QuarantineStore) -> None:
     out = io.StringIO()
     assert show_entry(store, entry_id, out) == 0
     text = out.getvalue()
-    assert f"id:" in text and entry_id in text
+    assert f"id:          {entry_id}" in text
     assert "client ip:   192.0.2.7" in text
     assert "+ executable-attachment" in text
     assert "- gtube" in text
@@ -704,7 +706,7 @@ class _Hop:
     received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         if address in self.refuse:
@@ -712,7 +714,7 @@ class _Hop:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_DATA(
         self, server: Any, session: Any, envelope: Any
     ) -> str:
         self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
@@ -801,8 +803,6 @@ def test_failed_release_changes_nothing(store: QuarantineStore, hop: tuple[_Hop,
 
 
 def test_release_with_the_next_hop_down_changes_nothing(store: QuarantineStore) -> None:
-    import socket
-
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
