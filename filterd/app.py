@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,8 +53,12 @@ def ingress_policy(config: Config) -> IngressPolicy:
 class Daemon:
     """One running filterd: its servers, its current rule set and its lifecycle flags."""
 
-    def __init__(self, config: Config, config_path: str | None, overrides: dict[str, object]) -> None:
+    def __init__(self, config: Config, config_path: str | None, overrides: dict[str, object],
+                 inherited_fds: Sequence[int] = ()) -> None:
         self.config = config
+        # As a worker of a supervisor: serve its sockets; it owns metrics HTTP, purge, systemd.
+        self.inherited_fds = tuple(inherited_fds)
+        self.primary = not self.inherited_fds
         self.config_path = config_path
         self.overrides = overrides
         self.ruleset: RuleSet = load_ruleset(config.rules, max_scan_bytes=config.limits.max_scan_bytes)
@@ -94,20 +100,25 @@ class Daemon:
                 load_ruleset, config.rules, max_scan_bytes=config.limits.max_scan_bytes
             )
         except ConfigError as exc:
-            self.metrics.reload(success=False)
+            self._count_reload(success=False)
             log.error("reload_failed", problems=[str(p) for p in exc.problems])
         except Exception as exc:  # a reload must never take the daemon down
-            self.metrics.reload(success=False)
+            self._count_reload(success=False)
             log.error("reload_failed", error=repr(exc))
         else:
             self.ruleset = ruleset  # one reference swap: in-flight messages keep their set
             self.metrics.set_rule_names(ruleset.rule_names)
-            self.metrics.reload(success=True)
+            self._count_reload(success=True)
             log.info("config_reloaded", rules=len(ruleset.rule_names),
                      duration_ms=round((time.perf_counter() - started) * 1000, 1))
             if config.listen != self.config.listen or config.relay != self.config.relay:
                 log.warning("reload_needs_restart", detail="listen/relay changes take effect on restart")
         self.notifier.ready()
+
+    def _count_reload(self, *, success: bool) -> None:
+        # Workers reload after the supervisor validated and counted the reload once.
+        if self.primary:
+            self.metrics.reload(success=success)
 
     # --- run ---------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -116,17 +127,23 @@ class Daemon:
                                  (signal.SIGHUP, self.on_reload)):
             loop.add_signal_handler(signum, callback)
         policy = self.handler.policy
-        for address in self.config.listen:
-            server = await loop.create_server(
-                lambda: FilterdSMTP(self.handler, policy), address.host, address.port, reuse_address=True
-            )
-            self.servers.append(server)
-        if self.config.metrics_listen is not None:
-            self.servers.append(await start_metrics_server(
-                self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
-        self.metrics.set_quarantine_size(await asyncio.to_thread(self.quarantine.count))
-        self.tasks.append(loop.create_task(self.purge_loop()))
-        self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
+
+        def factory() -> FilterdSMTP:
+            return FilterdSMTP(self.handler, policy)
+
+        if self.inherited_fds:
+            for fd in self.inherited_fds:
+                self.servers.append(await loop.create_server(factory, sock=socket.socket(fileno=fd)))
+        else:
+            for address in self.config.listen:
+                self.servers.append(await loop.create_server(
+                    factory, address.host, address.port, reuse_address=True, backlog=1024))
+        if self.primary:
+            if self.config.metrics_listen is not None:
+                self.servers.append(await start_metrics_server(
+                    self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
+            self.tasks.append(loop.create_task(self.purge_loop()))
+            self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
         log.info("daemon_started", version=__version__, listen=[str(a) for a in self.config.listen],
                  relay=str(self.config.relay), rules=len(self.ruleset.rule_names), pid=os.getpid())
         self.notifier.ready()
@@ -171,8 +188,9 @@ def prepare_state(config: Config) -> None:
     Path(config.quarantine.path).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def serve(config: Config, config_path: str | None, overrides: dict[str, object]) -> int:
-    """Run the daemon in the foreground until SIGTERM; returns the exit code."""
+def serve(config: Config, config_path: str | None, overrides: dict[str, object],
+          inherited_fds: Sequence[int] = ()) -> int:
+    """Run one serving process in the foreground until SIGTERM; returns the exit code."""
     prepare_state(config)
     with contextlib.suppress(ImportError):
         import uvloop
@@ -180,7 +198,7 @@ def serve(config: Config, config_path: str | None, overrides: dict[str, object])
         uvloop.install()
 
     async def main() -> int:
-        daemon = Daemon(config, config_path, overrides)
+        daemon = Daemon(config, config_path, overrides, inherited_fds)
         return await daemon.run()
 
     return asyncio.run(main())

@@ -6,7 +6,9 @@ Exit codes: 0 success, 1 a message or command failed, 2 usage error, 78 invalid 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--relay", metavar="H:P", help="next hop")
     _rules_option(serve)
     serve.add_argument("--metrics-listen", metavar="H:P", help="metrics address ('none' to disable)")
+    serve.add_argument("--workers", type=int, metavar="N", help="serving processes (default: config, else CPUs)")
+    # Internal: a worker started by the supervisor serves these inherited listening sockets.
+    serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
 
     check = commands.add_parser("check", help="validate the config and every rule file")
     _config_option(check)
@@ -102,6 +107,10 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"filterd: error: {exc}") from exc
     if args.rules:
         overrides["rules"] = args.rules
+    if args.workers is not None:
+        if args.workers < 1:
+            raise SystemExit("filterd: error: --workers must be at least 1")
+        overrides["workers"] = args.workers
     return overrides
 
 
@@ -112,12 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         return schema(sys.stdout)
     config = _load(args)
     if args.command == "serve":
-        from filterd.app import serve
-        from filterd.observe import configure_logging
-
-        configure_logging(config.log.format, config.log.level)
-        overrides = _serve_overrides(args)
-        return serve(config.with_overrides(**overrides), args.config, overrides)
+        return _serve(args, config)
     if args.command == "check":
         from filterd.rules.commands import check
 
@@ -133,6 +137,34 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_tests(config.rules, sys.stdout, sys.stderr)
     return _quarantine(args, config)
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    overrides = _serve_overrides(args)
+    config = config.with_overrides(**overrides)
+    if args.worker_fds:
+        fds = [int(fd) for fd in args.worker_fds.split(",")]
+        config = config.with_overrides(metrics_listen=None)
+    elif config.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # prometheus-client reads this once, at import: it must be set before anything imports it.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="filterd-metrics-")
+        os.environ["FILTERD_OWNS_METRICS_DIR"] = "1"
+    from filterd.observe import configure_logging
+
+    configure_logging(config.log.format, config.log.level)
+    if args.worker_fds:
+        from filterd.app import serve
+
+        return serve(config, args.config, overrides, inherited_fds=fds)
+    if config.workers > 1:
+        from filterd.app import prepare_state
+        from filterd.supervisor import run_supervisor
+
+        prepare_state(config)
+        return run_supervisor(config, args.config, args.raw_argv, overrides)
+    from filterd.app import serve
+
+    return serve(config, args.config, overrides)
 
 
 def _quarantine(args: argparse.Namespace, config: Config) -> int:
@@ -166,6 +198,7 @@ def _quarantine(args: argparse.Namespace, config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return _run(args)
     except ConfigError as exc:

@@ -120,6 +120,7 @@ def default_config() -> Config:
         log=LogConfig(),
         state_dir=state_dir,
         hostname="localhost",
+        workers=os.cpu_count() or 1,
     )
 
 

@@ -9,7 +9,9 @@ ignored, and removed once older than an hour, so a concurrent writer is never ra
 acknowledged that is not on disk. Folders are created 0700 and files 0600 whatever the umask.
 
 The index is a cache of the ``.json`` files: it is created, resynchronised or rebuilt from them
-when it is missing, stale (a crash between a file and its index row) or corrupt.
+when it is missing, stale (a crash between a file and its index row) or corrupt. Opening a
+store compares the names in the folder with the index; a ``.json`` edited by hand is only seen
+after ``rebuild_index``.
 """
 
 from __future__ import annotations
@@ -202,8 +204,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(folder: Path, name: str, data: bytes) -> str:
-    """Write ``folder/name`` via a fsync'ed temporary file and a rename; returns its version."""
+def _write_atomic(folder: Path, name: str, data: bytes) -> None:
+    """Write ``folder/name`` via a fsync'ed temporary file and a rename."""
     tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = os.open(tmp, flags, _FILE_MODE)
@@ -214,7 +216,6 @@ def _write_atomic(folder: Path, name: str, data: bytes) -> str:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
-            stat = os.fstat(fd)
         finally:
             os.close(fd)
         os.replace(tmp, folder / name)
@@ -222,7 +223,6 @@ def _write_atomic(folder: Path, name: str, data: bytes) -> str:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    return f"{stat.st_mtime_ns}:{stat.st_size}"
 
 
 def _make_folder(path: Path) -> None:
@@ -270,42 +270,43 @@ class QuarantineStore:
             self._sync(full=True)
         return self._index
 
-    def _scan(self) -> dict[str, str]:
-        """Complete entries on disk (id -> version of the .json); old unfinished writes removed."""
-        found: dict[str, str] = {}
-        emls: dict[str, float] = {}
-        leftovers: list[tuple[Path, float]] = []
+    def _scan(self) -> set[str]:
+        """Ids of the complete entries on disk (names only: no stat per entry, so opening a
+        store of 100,000 entries stays cheap); unfinished writes older than an hour removed."""
+        jsons: set[str] = set()
+        emls: set[str] = set()
+        temps: list[Path] = []
         with os.scandir(self.path) as it:
             for item in it:
                 stem, dot, ext = item.name.partition(".")
                 if not dot:
                     continue
                 if not stem and item.name.endswith(".tmp"):
-                    leftovers.append((Path(item.path), item.stat().st_mtime))
+                    temps.append(Path(item.path))
                 elif ext == "json" and ENTRY_ID_RE.fullmatch(stem):
-                    stat = item.stat()
-                    found[stem] = f"{stat.st_mtime_ns}:{stat.st_size}"
+                    jsons.add(stem)
                 elif ext == "eml" and ENTRY_ID_RE.fullmatch(stem):
-                    emls[stem] = item.stat().st_mtime
-        leftovers += [(self.path / f"{i}.eml", m) for i, m in emls.items() if i not in found]
+                    emls.add(stem)
+        leftovers = temps + [self.path / f"{i}.eml" for i in emls - jsons]
         cutoff = time.time() - _ORPHAN_GRACE.total_seconds()
-        for orphan, mtime in leftovers:
-            if mtime < cutoff:
-                with contextlib.suppress(FileNotFoundError):
+        for orphan in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                if orphan.stat().st_mtime < cutoff:
                     orphan.unlink()
                     log.info("quarantine_orphan_removed", file=orphan.name)
-        return {i: v for i, v in found.items() if i in emls}
+        return jsons & emls
 
     def _sync(self, *, full: bool = False) -> int:
-        """Bring the index in line with the files: re-read every changed or new ``.json``."""
+        """Bring the index in line with the folder: add what is missing, drop what is gone,
+        re-read rows left pending by a crash (or every entry when ``full``)."""
         on_disk = self._scan()
-        indexed = {} if full else self._index.versions()
+        indexed = {} if full else self._index.snapshot()
         upserts = []
-        for entry_id, version in on_disk.items():
-            if indexed.get(entry_id) != version:
+        for entry_id in sorted(on_disk):
+            if indexed.get(entry_id, True):  # missing (None -> True) or pending
                 meta = self._try_load_meta(entry_id)
                 if meta is not None:
-                    upserts.append((meta, version))
+                    upserts.append(meta)
         removals = [i for i in indexed if i not in on_disk]
         if full or upserts or removals:
             self._index.replace(upserts, removals, clear=full)
@@ -432,7 +433,7 @@ class QuarantineStore:
             written.append(self.path / f"{entry_id}.eml")
             _fsync_dir(self.path)  # the message is on disk before anything says it is complete
             written.append(self.path / f"{entry_id}.json")
-            version = _write_atomic(self.path, f"{entry_id}.json", data)
+            _write_atomic(self.path, f"{entry_id}.json", data)
             _fsync_dir(self.path)
         except (OSError, ValueError) as exc:
             for path in reversed(written):  # leave no half entry behind
@@ -443,7 +444,7 @@ class QuarantineStore:
                 error=str(exc),
             )
             raise QuarantineError(f"cannot write quarantine entry in {self.path}: {exc}") from exc
-        self._index_call("upsert", meta, version)
+        self._index_call("upsert", meta)
         log.info(
             "quarantine_stored", id=entry_id, queue_id=env.queue_id, rule=rule, size=message.size,
         )
@@ -490,13 +491,14 @@ class QuarantineStore:
             "released_at": _iso(moment),
             "released_to": list(to),
         }
+        self._index_call("set_pending", entry_id)  # a crash from here on: the row is re-read
         try:
             data = json.dumps(meta, indent=2).encode("ascii")
-            version = _write_atomic(self.path, f"{entry_id}.json", data)
+            _write_atomic(self.path, f"{entry_id}.json", data)
             _fsync_dir(self.path)
         except OSError as exc:
             raise QuarantineError(f"cannot update quarantine entry {entry_id}: {exc}") from exc
-        self._index_call("upsert", meta, version)
+        self._index_call("upsert", meta)
         log.info("quarantine_released", id=entry_id, recipients=len(to))
 
     def _unlink_entry(self, entry_id: str) -> None:

@@ -61,8 +61,23 @@ def _listing(entry: Entry) -> dict[str, Any]:
     return data
 
 
+# Quarantined mail is hostile input: a header (or an RFC 2047 word decoding to one) may carry
+# terminal escape sequences. Nothing from a message reaches the terminal as a control character.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_JSON_C1_RE = re.compile(r"[\x7f-\x9f]")  # json.dumps escapes C0 itself, not DEL and C1
+
+
+def _printable(text: str) -> str:
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _dump_json(data: object, out: TextIO) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    out.write(_JSON_C1_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
+
+
 def _shown_address(address: str) -> str:
-    return address or "<>"
+    return _printable(address) or "<>"
 
 
 def _cut(text: str, width: int) -> str:
@@ -79,8 +94,7 @@ def list_entries(
     except QuarantineError as exc:
         return _fail(err or out, exc)
     if as_json:
-        json.dump([_listing(e) for e in entries], out, indent=2, ensure_ascii=False)
-        out.write("\n")
+        _dump_json([_listing(e) for e in entries], out)
         return EXIT_OK
     if not entries:
         out.write("quarantine is empty\n")
@@ -93,9 +107,9 @@ def list_entries(
             e.status.value,
             str(e.size),
             _cut(_shown_address(e.sender), _TABLE_LIMITS["sender"]),
-            _cut(",".join(e.recipients), _TABLE_LIMITS["recipients"]),
+            _cut(_printable(",".join(e.recipients)), _TABLE_LIMITS["recipients"]),
             e.rule or "-",
-            _cut(" ".join(e.subject.split()), _TABLE_LIMITS["subject"]),
+            _cut(_printable(" ".join(e.subject.split())), _TABLE_LIMITS["subject"]),
         )
         for e in entries
     ]
@@ -127,9 +141,7 @@ def show_entry(
         return _fail(err or out, exc)
     log.info("quarantine_shown", id=entry.id)
     if as_json:
-        shown = entry.to_dict() | {"headers": _header_block(raw)}
-        json.dump(shown, out, indent=2, ensure_ascii=False)
-        out.write("\n")
+        _dump_json(entry.to_dict() | {"headers": _header_block(raw)}, out)
         return EXIT_OK
     fields = [
         ("id", entry.id),
@@ -157,7 +169,7 @@ def show_entry(
         ]
     width = max(len(name) for name, _ in fields) + 1
     for name, value in fields:
-        out.write(f"{name + ':':<{width}} {value}\n")
+        out.write(f"{name + ':':<{width}} {_printable(value)}\n")
     if entry.trace:
         out.write("trace:\n")
         for t in entry.trace:
@@ -165,9 +177,9 @@ def show_entry(
             extra = [f"score={t.score:g}"] if t.score else []
             extra += ["shadow"] if t.shadow else []
             extra += [f"action={t.action.value}"] if t.action else []
-            extra += [t.detail] if t.detail else []
+            extra += [_printable(t.detail)] if t.detail else []
             out.write(f"  {mark} {t.rule}" + (f"  ({'; '.join(extra)})" if extra else "") + "\n")
-    out.write("\n" + _header_block(raw) + "\n")
+    out.write("\n" + _printable(_header_block(raw)) + "\n")
     return EXIT_OK
 
 

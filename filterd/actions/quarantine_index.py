@@ -2,8 +2,9 @@
 
 The ``.json`` files of the store are the truth; this index only makes ``list``, ``count`` and
 ``purge`` fast with 100,000 entries. Each row keeps the entry's metadata without its trace
-(which can be large) and a ``version`` (mtime and size of the ``.json`` file it was read from),
-so the store can tell a stale row from a current one without reading every file.
+(which can be large). A row is flagged ``pending`` while its ``.json`` is being rewritten, so
+that after a crash the store knows which rows to re-read without reading (or even stat'ing)
+every file: only the set of names in the folder and the pending rows need checking.
 
 Thread-safe: one connection, one lock (the daemon stores from worker threads). Several processes
 (daemon and ``filterd quarantine`` commands) may share the file; SQLite's WAL mode and a busy
@@ -23,7 +24,7 @@ from typing import Any
 __all__ = ["INDEX_NAME", "IndexCorruptError", "QuarantineIndex"]
 
 INDEX_NAME = "index.sqlite3"
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 10_000
 _FILE_MODE = 0o600
 
@@ -39,8 +40,8 @@ _COLUMNS = ("id", "date", "status", "size", "score", *_TEXT_COLUMNS, *_LIST_COLU
 _SELECT = ", ".join(_COLUMNS)
 # S608: every interpolated name below is one of the constant column names above.
 _UPSERT = (
-    f"INSERT OR REPLACE INTO entries ({_SELECT}, version)"  # noqa: S608
-    f" VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)"
+    f"INSERT OR REPLACE INTO entries ({_SELECT}, pending)"  # noqa: S608
+    f" VALUES ({', '.join('?' for _ in _COLUMNS)}, 0)"
 )
 
 _SCHEMA = f"""
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS entries (
     size INTEGER NOT NULL,
     score REAL NOT NULL,
     {", ".join(f"{c} TEXT" for c in (*_TEXT_COLUMNS, *_LIST_COLUMNS))},
-    version TEXT NOT NULL    -- "<mtime_ns>:<size>" of the .json file the row was read from
+    pending INTEGER NOT NULL -- 1 while the .json is rewritten: re-read the row after a crash
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_date ON entries(date);
 """
@@ -143,11 +144,11 @@ class QuarantineIndex:
                 raise
 
     @staticmethod
-    def _values(meta: Mapping[str, Any], version: str) -> tuple[Any, ...]:
+    def _values(meta: Mapping[str, Any]) -> tuple[Any, ...]:
         lists = tuple("\n".join(meta.get(c) or ()) for c in _LIST_COLUMNS)
         return (
             meta["id"], meta["date"], meta["status"], int(meta.get("size", 0)),
-            float(meta.get("score", 0.0)), *(meta.get(c) for c in _TEXT_COLUMNS), *lists, version,
+            float(meta.get("score", 0.0)), *(meta.get(c) for c in _TEXT_COLUMNS), *lists,
         )
 
     @staticmethod
@@ -157,18 +158,22 @@ class QuarantineIndex:
             row[column] = row[column].split("\n") if row[column] else []
         return row
 
-    def upsert(self, meta: Mapping[str, Any], version: str) -> None:
-        self._run(_UPSERT, self._values(meta, version))
+    def upsert(self, meta: Mapping[str, Any]) -> None:
+        self._run(_UPSERT, self._values(meta))
+
+    def set_pending(self, entry_id: str) -> None:
+        """Flag a row whose ``.json`` is about to be rewritten (cleared by the next upsert)."""
+        self._run("UPDATE entries SET pending = 1 WHERE id = ?", (entry_id,))
 
     def remove(self, entry_id: str) -> None:
         self._run("DELETE FROM entries WHERE id = ?", (entry_id,))
 
     def replace(
-        self, upserts: Iterable[tuple[Mapping[str, Any], str]], removals: Iterable[str],
+        self, upserts: Iterable[Mapping[str, Any]], removals: Iterable[str],
         *, clear: bool = False,
     ) -> None:
         """Apply many changes in one transaction (a rebuild or a resync)."""
-        rows = [self._values(meta, version) for meta, version in upserts]
+        rows = [self._values(meta) for meta in upserts]
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -188,9 +193,9 @@ class QuarantineIndex:
                     raise IndexCorruptError(str(exc)) from exc
                 raise
 
-    def versions(self) -> dict[str, str]:
-        """Every indexed id with the version of the file it was read from."""
-        return {str(i): str(v) for i, v in self._run("SELECT id, version FROM entries")}
+    def snapshot(self) -> dict[str, bool]:
+        """Every indexed id, with its pending flag."""
+        return {str(i): bool(p) for i, p in self._run("SELECT id, pending FROM entries")}
 
     def get(self, entry_id: str) -> Row | None:
         query = f"SELECT {_SELECT} FROM entries WHERE id = ?"  # noqa: S608 - constant names

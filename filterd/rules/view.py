@@ -85,7 +85,9 @@ class MessageScan:
         if group.startswith("header:"):
             return self.parsed.header_values(group[len("header:"):])
         if group == "body":
-            return [self.parsed.body_text[: self._max_scan]]
+            # Without trailing line breaks, so that "$" means the end of the text as it
+            # would in Python (RE2's "$" does not match before a final newline).
+            return [self.parsed.body_text[: self._max_scan].rstrip("\r\n")]
         if group == "raw":
             return [self.message.raw[: self._max_scan]]
         if group == "url":

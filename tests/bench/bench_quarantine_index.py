@@ -56,7 +56,7 @@ def main() -> None:
         folder = Path(tmp)
         index = QuarantineIndex(folder)
         start = datetime(2026, 1, 1, tzinfo=UTC)
-        rows = [(_meta(n, start), f"{n}:1") for n in range(args.entries)]
+        rows = [_meta(n, start) for n in range(args.entries)]
         _timed(f"insert {args.entries} rows (one txn)", lambda: index.replace(rows, []), 1)
         _timed("count()", index.count)
         _timed("count(status)", lambda: index.count("quarantined"))
@@ -65,8 +65,8 @@ def main() -> None:
         _timed("page() all entries", index.page, 1)
         cutoff = f"{start + timedelta(days=15):%Y-%m-%dT%H:%M:%SZ}"
         _timed("ids_before(day 15)", lambda: index.ids_before(cutoff))
-        _timed("versions() (resync snapshot)", index.versions)
-        _timed("upsert one row", lambda: index.upsert(rows[0][0], "x:1"), 20)
+        _timed("snapshot() (resync on open)", index.snapshot)
+        _timed("upsert one row", lambda: index.upsert(rows[0]), 20)
         index.close()
     if args.files:
         with tempfile.TemporaryDirectory() as tmp:

@@ -65,6 +65,13 @@ class Ports:
         return cls(smtp=smtp, filter=filter_, reinject=reinject, sink=sink)
 
 
+def _service(name: str, kind: str, maxproc: str, command: str, *options: str) -> str:
+    """One master.cf entry: private=n for inet services, unpriv -, chroot n, wakeup -."""
+    private = "n" if kind == "inet" else "-"
+    head = f"{name:<15} {kind:<5} {private:<3} -   n   -   {maxproc:<4} {command}\n"
+    return head + "".join(f"  -o {option}\n" for option in options)
+
+
 def filter_master_cf(
     mode: Mode,
     *,
@@ -77,42 +84,73 @@ def filter_master_cf(
 
     ``smtp_service`` is the public listener's service field ("smtp" in production).
     """
+    reinject = f"127.0.0.1:{reinject_port}"
     if mode is Mode.AFTER_QUEUE:
-        return f"""\
-{smtp_service}      inet  n       -       n       -       -       smtpd
-  -o content_filter={FILTER_TRANSPORT}:[127.0.0.1]:{filter_port}
-  -o receive_override_options=no_address_mappings
-{FILTER_TRANSPORT}   unix  -       -       n       -       10      smtp
-  -o smtp_send_xforward_command=yes
-  -o disable_mime_output_conversion=yes
-  -o smtp_generic_maps=
-127.0.0.1:{reinject_port} inet  n  -       n       -       10      smtpd
-  -o content_filter=
-  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
-  -o smtpd_helo_restrictions=
-  -o smtpd_client_restrictions=
-  -o smtpd_sender_restrictions=
-  -o smtpd_relay_restrictions=
-  -o smtpd_recipient_restrictions={reinject_recipient_restrictions}
-  -o smtpd_data_restrictions=
-  -o mynetworks=127.0.0.0/8
-  -o smtpd_authorized_xforward_hosts=127.0.0.0/8
-"""
-    return f"""\
-{smtp_service}      inet  n       -       n       -       20      smtpd
-  -o smtpd_proxy_filter=127.0.0.1:{filter_port}
-  -o smtpd_client_connection_count_limit=10
-127.0.0.1:{reinject_port} inet  n  -       n       -       -       smtpd
-  -o smtpd_authorized_xforward_hosts=127.0.0.0/8
-  -o smtpd_client_restrictions=
-  -o smtpd_helo_restrictions=
-  -o smtpd_sender_restrictions=
-  -o smtpd_relay_restrictions=
-  -o smtpd_recipient_restrictions={reinject_recipient_restrictions}
-  -o smtpd_data_restrictions=
-  -o mynetworks=127.0.0.0/8
-  -o receive_override_options=no_unknown_recipient_checks
-"""
+        return (
+            _service(
+                smtp_service,
+                "inet",
+                "-",
+                "smtpd",
+                f"content_filter={FILTER_TRANSPORT}:[127.0.0.1]:{filter_port}",
+                "receive_override_options=no_address_mappings",
+            )
+            + _service(
+                FILTER_TRANSPORT,
+                "unix",
+                "10",
+                "smtp",
+                "smtp_send_xforward_command=yes",
+                "disable_mime_output_conversion=yes",
+                "smtp_generic_maps=",
+            )
+            + _service(
+                reinject,
+                "inet",
+                "10",
+                "smtpd",
+                "content_filter=",
+                "receive_override_options=no_unknown_recipient_checks,no_header_body_checks,"
+                "no_milters",
+                "smtpd_helo_restrictions=",
+                "smtpd_client_restrictions=",
+                "smtpd_sender_restrictions=",
+                "smtpd_relay_restrictions=",
+                f"smtpd_recipient_restrictions={reinject_recipient_restrictions}",
+                "smtpd_data_restrictions=",
+                "mynetworks=127.0.0.0/8",
+                "smtpd_authorized_xforward_hosts=127.0.0.0/8",
+            )
+        )
+    return _service(
+        smtp_service,
+        "inet",
+        "20",
+        "smtpd",
+        f"smtpd_proxy_filter=127.0.0.1:{filter_port}",
+        "smtpd_proxy_timeout=200s",
+        "smtpd_client_connection_count_limit=10",
+    ) + _service(
+        reinject,
+        "inet",
+        "-",
+        "smtpd",
+        "content_filter=",
+        "receive_override_options=no_unknown_recipient_checks",
+        "smtpd_helo_restrictions=",
+        "smtpd_client_restrictions=",
+        "smtpd_sender_restrictions=",
+        "smtpd_relay_restrictions=",
+        f"smtpd_recipient_restrictions={reinject_recipient_restrictions}",
+        "smtpd_data_restrictions=",
+        "mynetworks=127.0.0.0/8",
+        "smtpd_authorized_xforward_hosts=127.0.0.0/8",
+    )
+
+
+def unfiltered_master_cf(*, smtp_service: str) -> str:
+    """The public listener with no filter: what undoing either mode leaves."""
+    return _service(smtp_service, "inet", "-", "smtpd")
 
 
 # Postfix's own services, as in Debian's master.cf but never chrooted: the instance lives in a
@@ -281,6 +319,23 @@ class PostfixInstance:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def unfilter(self) -> None:
+        """Take the filter out, as docs/postfix.md says: a plain public smtpd, the filter
+        transport and the re-injection listener gone, then ``postfix reload``."""
+        (self.config_dir / "master.cf").write_text(
+            _BASE_MASTER_CF + unfiltered_master_cf(smtp_service=f"127.0.0.1:{self.ports.smtp}")
+        )
+        self._postfix("reload")
+
+    def requeue_deferred(self) -> None:
+        """``postsuper -r ALL deferred``: re-queued mail loses its content_filter record."""
+        subprocess.run(
+            ["postsuper", "-c", str(self.config_dir), "-r", "ALL", "deferred"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
 
     # -- queue and log -------------------------------------------------------------------
 

@@ -7,13 +7,14 @@ A message the filter refuses is bounced by Postfix (a DSN to the sender reaches 
 
 from __future__ import annotations
 
+import smtplib
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from .filterd_proc import FilterdProcess
-from .mailsink import Delivery
-from .postfix import Mode
+from .mailsink import Delivery, MailSink
+from .postfix import Mode, Ports, PostfixInstance
 from .stack import (
     CLIENT_HELO,
     HOLD_RECIPIENT,
@@ -161,3 +162,25 @@ def test_filterd_down_defers_and_nothing_is_lost(stack: Stack) -> None:
     stack.postfix.wait_log(rf"{first}: removed")
     assert len(stack.sink.matching(delivered(mid))) == 1
     assert filterd.message_event(mid)["queue_id"] == first
+
+
+def test_undo_releases_mail_queued_for_filterd() -> None:
+    """docs/postfix.md's undo: mail already queued for filterd goes straight out after it."""
+    ports = Ports.pick()  # filterd never listens on ports.filter here: it is "gone"
+    with MailSink(ports.sink) as sink, PostfixInstance(Mode.AFTER_QUEUE, ports) as postfix:
+        mid = new_message_id()
+        with smtplib.SMTP("127.0.0.1", ports.smtp, local_hostname=CLIENT_HELO) as client:
+            client.sendmail(SENDER, [RECIPIENT], simple_message(mid, "queued for filterd"))
+        first = postfix.queue_id_for(mid)
+        postfix.wait_in_queue(first, "deferred")
+        postfix.unfilter()
+        postfix.flush()
+        # Still bound to the filterd transport: the content_filter is recorded in the queue file.
+        postfix.wait_log(
+            rf"{first}: to=<{RECIPIENT}>.*status=deferred \(mail transport unavailable\)"
+        )
+        postfix.requeue_deferred()
+        postfix.flush()
+        delivery = sink.wait_for(delivered(mid))
+        assert delivery.rcpt_tos == (RECIPIENT,)
+        assert postfix.queue() == []

@@ -15,8 +15,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMD_DIR = REPO / "systemd"
 UNIT = SYSTEMD_DIR / "filterd.service"
 INSTALLED_BINARY = "/opt/filterd/bin/filterd"
 # systemd's bands (src/analyze/analyze-security.c): OK is below 5.0, SAFE below 1.0.
@@ -128,8 +130,10 @@ def test_unit_declares_the_contract() -> None:
     for key, values in expected.items():
         assert d.get(key) == values, key
     assert "@system-service" in d["SystemCallFilter"]
-    # The stop timeout must outlast the drain bound (relay_timeout, 60 s by default).
-    assert int(d["TimeoutStopSec"][0]) > 60
+    # The stop timeout must outlast the drain bound of the shipped config, with a margin.
+    shipped = yaml.safe_load((REPO / "filterd.yaml").read_text())
+    drain = float(shipped.get("limits", {}).get("drain_timeout", 30))
+    assert int(d["TimeoutStopSec"][0]) >= drain + 15
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers missing")

@@ -50,6 +50,7 @@ class Daemon:
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}" if metrics else None},
             "log": {"format": "json", "level": "info"},
             "limits": {"relay_timeout": 5, "drain_timeout": 10},
+            "workers": 1,
         }
         for key, value in (extra or {}).items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -9,7 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+STAGES = ("greeting", "mail", "rcpt", "data", "mid-data", "dot")
+SHUTDOWN_REPLY = "421 4.3.2 nexthop.test Service shutting down, closing transmission channel"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected misbehaviour for one connection or transaction: at ``stage``, do ``kind``.
+
+    kinds: ``close`` (drop the connection), ``stall`` (stop answering for ``seconds``, then drop),
+    ``reply`` (answer ``reply`` instead: at ``rcpt`` for every recipient, at ``dot`` as the final
+    reply, which records nothing), ``shutdown`` (answer 421 and drop), ``late`` (at ``dot`` only:
+    wait ``seconds``, then record the message and answer 250, as a next hop does whose reply
+    comes after the client gave up), ``trickle`` (send every reply of the transaction one byte
+    every ``seconds``).
+    """
+
+    stage: str
+    kind: str
+    reply: str = ""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -19,6 +43,7 @@ class Received:
     data: bytes
     xforward: dict[str, str]
     mail_params: list[str]
+    fault: Fault | None = None  # the fault injected into the transaction that delivered it
 
 
 @dataclass
@@ -35,6 +60,10 @@ class Behaviour:
                                  "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
     trickle: float = 0.0  # seconds between bytes of each reply
     delay: dict[str, float] = field(default_factory=dict)  # stage -> seconds before answering
+    shutdown_at: str | None = None  # same stages: answer 421 and close the connection
+    # Random faults: called with "connect" for each new connection and with "transaction" at
+    # each MAIL; a returned Fault applies to that connection / transaction (see Fault).
+    faults: Callable[[str], Fault | None] | None = None
 
 
 class NextHop:
@@ -49,6 +78,9 @@ class NextHop:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._lock = threading.Lock()
+        self.injected: list[Fault] = []  # every Fault that ``behaviour.faults`` handed out
+        self.commands: deque[bytes] = deque(maxlen=20000)  # raw command lines, newest last
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def __enter__(self) -> NextHop:
         self._thread.start()
@@ -60,18 +92,45 @@ class NextHop:
         self.stop()
 
     def stop(self) -> None:
-        if self._server is not None:
+        if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", self.port,
+                                                  reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    def refuse_connections(self) -> None:
+        """Stop listening (connects get ECONNREFUSED); open sessions are left alone."""
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+
+    def accept_connections(self) -> None:
+        """Listen again on the same port after ``refuse_connections``."""
+        if self._server is None:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+
+    def drop_connections(self) -> int:
+        """Close every open session (as a restarting next hop would); returns how many."""
+        async def drop() -> int:
+            writers = list(self._writers)
+            for writer in writers:
+                writer.close()
+            return len(writers)
+        return asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.messages)
+
     async def _stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
         # End stalled sessions too, so the loop can stop cleanly.
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
@@ -80,8 +139,6 @@ class NextHop:
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         """Block until at least ``count`` messages arrived; return them."""
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -93,11 +150,13 @@ class NextHop:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        b = self.behaviour
+        self._writers.add(writer)
+        fault = self._draw("connect")
         try:
-            if await self._misbehave("greeting", writer):
+            if await self._misbehave("greeting", writer, fault):
                 return
-            await self._reply(writer, "220 nexthop.test ESMTP")
+            greeting = self._replacement("greeting", fault) or "220 nexthop.test ESMTP"
+            await self._reply(writer, greeting, fault)
             sender: str | None = None
             rcpts: list[str] = []
             xforward: dict[str, str] = {}
@@ -106,46 +165,51 @@ class NextHop:
                 line = await reader.readline()
                 if not line:
                     return
+                self.commands.append(line)
                 text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
                 verb = text.split(" ", 1)[0].upper()
                 if verb == "EHLO":
                     lines = ["nexthop.test", *self.behaviour.announce]
                     await self._reply(writer, "\r\n".join(
-                        f"250{'-' if i < len(lines) - 1 else ' '}{item}" for i, item in enumerate(lines)))
+                        f"250{'-' if i < len(lines) - 1 else ' '}{item}"
+                        for i, item in enumerate(lines)), fault)
                 elif verb == "HELO":
-                    await self._reply(writer, "250 nexthop.test")
+                    await self._reply(writer, "250 nexthop.test", fault)
                 elif verb == "XFORWARD":
                     for item in text.split()[1:]:
                         name, _, value = item.partition("=")
                         xforward[name.upper()] = value
-                    await self._reply(writer, "250 2.0.0 Ok")
+                    await self._reply(writer, "250 2.0.0 Ok", fault)
                 elif verb == "MAIL":
-                    if await self._misbehave("mail", writer):
+                    fault = self._draw("transaction")
+                    if await self._misbehave("mail", writer, fault):
                         return
-                    reply = self.behaviour.mail_reply
+                    reply = self._replacement("mail", fault) or self.behaviour.mail_reply
                     if reply.startswith("250"):
                         sender = text[text.index("<") + 1 : text.index(">")]
                         params = text[text.index(">") + 1 :].split()
                         rcpts = []
-                    await self._reply(writer, reply)
+                    await self._reply(writer, reply, fault)
                 elif verb == "RCPT":
-                    if await self._misbehave("rcpt", writer):
+                    if await self._misbehave("rcpt", writer, fault):
                         return
                     rcpt = text[text.index("<") + 1 : text.index(">")]
-                    refusal = self.behaviour.refuse_rcpt.get(rcpt)
+                    refusal = (self._replacement("rcpt", fault)
+                               or self.behaviour.refuse_rcpt.get(rcpt))
                     if refusal:
-                        await self._reply(writer, refusal)
+                        await self._reply(writer, refusal, fault)
                     else:
                         rcpts.append(rcpt)
-                        await self._reply(writer, "250 2.1.5 Ok")
+                        await self._reply(writer, "250 2.1.5 Ok", fault)
                 elif verb == "DATA":
-                    if await self._misbehave("data", writer):
+                    if await self._misbehave("data", writer, fault):
                         return
                     if not rcpts:
-                        await self._reply(writer, "554 5.5.1 Error: no valid recipients")
+                        await self._reply(writer, "554 5.5.1 Error: no valid recipients", fault)
                         continue
-                    await self._reply(writer, self.behaviour.data_reply)
-                    if not self.behaviour.data_reply.startswith("354"):
+                    data_reply = self._replacement("data", fault) or self.behaviour.data_reply
+                    await self._reply(writer, data_reply, fault)
+                    if not data_reply.startswith("354"):
                         continue
                     data = bytearray()
                     while True:
@@ -154,22 +218,26 @@ class NextHop:
                             return
                         if chunk == b".\r\n":
                             break
-                        if self.behaviour.close_at == "mid-data" and len(data) > 0:
+                        if len(data) > 0 and (self.behaviour.close_at == "mid-data" or (
+                                fault is not None and fault.stage == "mid-data")):
                             writer.close()
                             return
                         data += chunk[1:] if chunk.startswith(b".") else chunk
-                    if await self._misbehave("dot", writer):
+                    if await self._misbehave("dot", writer, fault):
                         return
-                    final = self.behaviour.final_reply
+                    final = self._replacement("dot", fault) or self.behaviour.final_reply
                     if final is None or final.startswith("250"):
                         with self._lock:
-                            self.messages.append(Received(sender or "", rcpts, bytes(data), dict(xforward), params))
+                            self.messages.append(Received(
+                                sender or "", rcpts, bytes(data), dict(xforward), params, fault))
                             number = len(self.messages)
                         final = final or f"250 2.0.0 Ok: queued as Q{number}"
-                    await self._reply(writer, final)
+                    await self._reply(writer, final, fault)
                     sender, rcpts, xforward = None, [], {}
+                    fault = None
                 elif verb == "RSET":
                     sender, rcpts, xforward = None, [], {}
+                    fault = None
                     await self._reply(writer, "250 2.0.0 Ok")
                 elif verb == "NOOP":
                     await self._reply(writer, "250 2.0.0 Ok")
@@ -181,12 +249,48 @@ class NextHop:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
+            self._writers.discard(writer)
             writer.close()
 
-    async def _misbehave(self, stage: str, writer: asyncio.StreamWriter) -> bool:
+    def _draw(self, point: str) -> Fault | None:
+        """Ask ``behaviour.faults`` for this connection's / transaction's fault, and log it."""
+        if self.behaviour.faults is None:
+            return None
+        fault = self.behaviour.faults(point)
+        if fault is not None:
+            with self._lock:
+                self.injected.append(fault)
+        return fault
+
+    @staticmethod
+    def _replacement(stage: str, fault: Fault | None) -> str | None:
+        if fault is not None and fault.stage == stage and fault.kind == "reply":
+            return fault.reply
+        return None
+
+    async def _misbehave(self, stage: str, writer: asyncio.StreamWriter,
+                         fault: Fault | None = None) -> bool:
         if stage in self.behaviour.delay:
             await asyncio.sleep(self.behaviour.delay[stage])
+        if fault is not None and fault.stage == stage:
+            if fault.kind == "late":
+                await asyncio.sleep(fault.seconds)
+            elif fault.kind == "stall":
+                await asyncio.sleep(fault.seconds)
+                writer.close()
+                return True
+            elif fault.kind == "close":
+                writer.close()
+                return True
+            elif fault.kind == "shutdown":
+                await self._reply(writer, SHUTDOWN_REPLY)
+                writer.close()
+                return True
         if self.behaviour.close_at == stage:
+            writer.close()
+            return True
+        if self.behaviour.shutdown_at == stage:
+            await self._reply(writer, SHUTDOWN_REPLY)
             writer.close()
             return True
         if self.behaviour.stall_at == stage:
@@ -194,13 +298,17 @@ class NextHop:
             return True
         return False
 
-    async def _reply(self, writer: asyncio.StreamWriter, text: str) -> None:
+    async def _reply(self, writer: asyncio.StreamWriter, text: str,
+                     fault: Fault | None = None) -> None:
         payload = (text + "\r\n").encode()
-        if self.behaviour.trickle:
+        trickle = self.behaviour.trickle
+        if fault is not None and fault.kind == "trickle":
+            trickle = fault.seconds
+        if trickle:
             for byte in payload:
                 writer.write(bytes([byte]))
                 await writer.drain()
-                await asyncio.sleep(self.behaviour.trickle)
+                await asyncio.sleep(trickle)
         else:
             writer.write(payload)
             await writer.drain()

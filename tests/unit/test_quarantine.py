@@ -286,23 +286,24 @@ def test_rebuild_index_on_demand(store: QuarantineStore) -> None:
 
 
 def test_stale_rows_are_resynchronised_on_open(tmp_path: Path) -> None:
-    """A crash between a file and its index row: the row is missing or out of date."""
+    """Crashes between a file and its index row: a row missing, one left over, one pending."""
     folder = tmp_path / "q"
     with QuarantineStore(folder) as first:
-        a, b, c = (_store(first, n) for n in range(3))
+        a, b, c, d = (_store(first, n) for n in range(4))
     phantom = json.loads((folder / f"{a}.json").read_text()) | {"id": "20200101T000000Z-00000000"}
     index = QuarantineIndex(folder)
-    index.remove(a)
-    index.upsert(phantom, "1:1")
+    index.remove(a)  # stored, crashed before its row was written
+    index.upsert(phantom)  # deleted, crashed before its row was removed
+    index.set_pending(b)  # released, crashed between the .json rewrite and the row update
     index.close()
     meta_path = folder / f"{b}.json"
-    meta = json.loads(meta_path.read_text())
-    meta["status"] = "released"
-    meta_path.write_text(json.dumps(meta))
-    (folder / f"{c}.json").unlink()  # deleted by hand: an orphan .eml remains
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"status": "released"}))
+    (folder / f"{c}.json").unlink()  # deleted, crashed before the .eml went: an orphan remains
     with QuarantineStore(folder) as second:
         listed = {e.id: e.status for e in second.list()}
-    assert listed == {a: EntryStatus.QUARANTINED, b: EntryStatus.RELEASED}
+    assert listed == {
+        a: EntryStatus.QUARANTINED, b: EntryStatus.RELEASED, d: EntryStatus.QUARANTINED,
+    }
 
 
 def test_unfinished_writes_are_ignored_then_cleaned(tmp_path: Path) -> None:
@@ -358,25 +359,43 @@ def test_unwritable_folder_raises_and_leaves_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "q"
     with QuarantineStore(folder) as opened:
         kept = _store(opened)
-        if os.geteuid() == 0:
-            # Permission bits do not stop root: take the folder away for real instead.
-            moved = tmp_path / "moved"
-            folder.rename(moved)
-            folder.write_text("not a folder any more")
-        else:
-            moved = folder
-            folder.chmod(0o500)
-        try:
-            with pytest.raises(QuarantineError):
-                _store(opened, 2)
-        finally:
-            if os.geteuid() == 0:
-                folder.unlink()
-                moved.rename(folder)
-            else:
-                folder.chmod(0o700)
+        with _unwritable(folder), pytest.raises(QuarantineError):
+            _store(opened, 2)
     assert sorted(p.name for p in folder.glob("*.eml")) == [f"{kept}.eml"]
     assert not list(folder.glob(".*.tmp"))
+
+
+@contextlib.contextmanager
+def _unwritable(folder: Path) -> Iterator[None]:
+    """Make ``folder`` refuse new files for real, for root too (permission bits do not stop
+    root, so the folder is taken away and a regular file put in its place)."""
+    if os.geteuid() == 0:
+        moved = folder.with_name(folder.name + ".moved")
+        folder.rename(moved)
+        folder.write_text("not a folder any more")
+    else:
+        folder.chmod(0o500)
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            folder.unlink()
+            moved.rename(folder)
+        else:
+            folder.chmod(0o700)
+
+
+def test_failed_status_update_leaves_the_row_pending(tmp_path: Path) -> None:
+    folder = tmp_path / "q"
+    with QuarantineStore(folder) as opened:
+        entry_id = _store(opened)
+        with _unwritable(folder), pytest.raises(QuarantineError):
+            opened.mark_released(entry_id, ["x@example.org"])
+        # Until the next open re-reads it, the row says it may not match its file.
+        assert QuarantineIndex(folder).snapshot() == {entry_id: True}
+    with QuarantineStore(folder) as reopened:
+        assert reopened.list()[0].status is EntryStatus.QUARANTINED
+        assert QuarantineIndex(folder).snapshot() == {entry_id: False}
 
 
 def _run_child(script: str, folder: Path, *, prefix: Sequence[str] = (), timeout: float = 60,
@@ -682,6 +701,31 @@ def test_show_prints_metadata_trace_and_headers(store: QuarantineStore) -> None:
     out = io.StringIO()
     assert show_entry(store, "20261130T122643Z-0123abcd", out) == 1
     assert out.getvalue().startswith("error:")
+
+
+def test_terminal_escapes_in_a_message_never_reach_the_terminal(store: QuarantineStore) -> None:
+    raw = (
+        b"Subject: =?utf-8?q?evil_=1B]0;owned=07_=C2=9B31m?=\r\n"
+        b"X-Evil: \x1b[2J\x1b[31mred\r\n\r\nbody\r\n"
+    )
+    message = Message(Envelope("a\x1b[5m@example.org", ("b@example.net",)), raw)
+    entry_id = store.store(message, VERDICT, rule="r", reason="escapes")
+    for command in (
+        lambda out: list_entries(store, as_json=False, out=out),
+        lambda out: list_entries(store, as_json=True, out=out),
+        lambda out: show_entry(store, entry_id, out),
+        lambda out: show_entry(store, entry_id, out, as_json=True),
+    ):
+        out = io.StringIO()
+        assert command(out) == 0
+        text = out.getvalue()
+        assert "\x1b" not in text
+        assert "\x9b" not in text
+        assert "\x07" not in text
+        assert "red" in text or "evil" in text
+    out = io.StringIO()
+    list_entries(store, as_json=True, out=out)
+    assert json.loads(out.getvalue())[0]["subject"] == "evil \x1b]0;owned\x07 \x9b31m"
 
 
 def test_delete_and_purge_commands(store: QuarantineStore) -> None:

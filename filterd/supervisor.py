@@ -1,0 +1,196 @@
+"""Multi-process serving: one supervisor owns the listening sockets, N workers serve them.
+
+Why processes: a Python event loop uses one core; SMTP sessions are independent, so the simplest
+way to use every core is several identical workers accepting on the same inherited sockets (the
+kernel hands each connection to one of them). The supervisor:
+
+- binds the listeners once (a worker that dies loses no queued connection: the socket stays
+  open in the supervisor and the other workers keep accepting);
+- starts ``workers`` copies of ``filterd serve`` with the sockets passed as inherited fds;
+- restarts a worker that dies (and clears its metric files' live gauges);
+- validates a reload once on SIGHUP, then fans the signal out; fans SIGTERM out and exits 0 once
+  every worker has drained; a second SIGTERM kills the workers and exits at once;
+- serves /metrics merged over all workers (prometheus-client's multiprocess mode), runs the
+  quarantine retention purge and speaks the systemd notify protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
+
+from filterd.actions.quarantine import QuarantineStore
+from filterd.config import Config, load_config
+from filterd.errors import ConfigError
+from filterd.observe import Metrics, make_registry, mark_process_dead, start_metrics_server
+from filterd.rules import load_ruleset
+from filterd.sdnotify import Notifier, watchdog_loop
+
+log = structlog.get_logger("filterd.supervisor")
+
+WORKER_FDS_FLAG = "--worker-fds"
+RESTART_BACKOFF_SECONDS = 1.0
+PURGE_INTERVAL_SECONDS = 3600.0
+
+
+def bind_listeners(config: Config) -> list[socket.socket]:
+    sockets = []
+    for address in config.listen:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.create_server((address.host, address.port), family=family, backlog=1024)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str | None, argv: Sequence[str],
+                 overrides: dict[str, object]) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.argv = list(argv)
+        self.sockets = bind_listeners(config)
+        self.registry = make_registry()
+        self.metrics = Metrics(self.registry)
+        self.notifier = Notifier()
+        self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.stopping = False
+        self.signals_seen = 0
+        self.done = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def worker_command(self) -> list[str]:
+        fds = ",".join(str(sock.fileno()) for sock in self.sockets)
+        return [sys.executable, "-m", "filterd", *self.argv, WORKER_FDS_FLAG, fds]
+
+    async def start_worker(self, slot: int) -> None:
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+        env.pop("WATCHDOG_USEC", None)
+        env["FILTERD_WORKER"] = str(slot)
+        proc = await asyncio.create_subprocess_exec(
+            *self.worker_command(), pass_fds=[sock.fileno() for sock in self.sockets], env=env,
+        )
+        self.workers[slot] = proc
+        log.info("worker_started", slot=slot, pid=proc.pid)
+        self.tasks.append(asyncio.get_running_loop().create_task(self.watch(slot, proc)))
+
+    async def watch(self, slot: int, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        mark_process_dead(proc.pid)
+        if self.stopping:
+            log.info("worker_stopped", slot=slot, pid=proc.pid, code=code)
+            self.workers.pop(slot, None)
+            if not self.workers:
+                self.done.set()
+            return
+        log.error("worker_died", slot=slot, pid=proc.pid, code=code)
+        await asyncio.sleep(RESTART_BACKOFF_SECONDS)
+        if not self.stopping:
+            await self.start_worker(slot)
+
+    def fan_out(self, signum: int) -> None:
+        for proc in list(self.workers.values()):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    def on_terminate(self) -> None:
+        self.signals_seen += 1
+        if self.signals_seen > 1:
+            log.warning("shutdown_forced")
+            self.fan_out(signal.SIGKILL)
+            os._exit(1)
+        log.info("shutdown_requested", workers=len(self.workers))
+        self.stopping = True
+        self.notifier.stopping()
+        for sock in self.sockets:
+            sock.close()  # workers keep their own copies until they drain
+        self.fan_out(signal.SIGTERM)
+        if not self.workers:
+            self.done.set()
+
+    def on_reload(self) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(self.reload()))
+
+    async def reload(self) -> None:
+        """Validate once here, so an invalid set is refused (and counted) once; then fan out."""
+        self.notifier.reloading()
+        try:
+            config = (load_config(self.config_path).with_overrides(**self.overrides)
+                      if self.config_path else self.config)
+            ruleset = await asyncio.to_thread(load_ruleset, config.rules,
+                                              max_scan_bytes=config.limits.max_scan_bytes)
+        except ConfigError as exc:
+            self.metrics.reload(success=False)
+            log.error("reload_failed", problems=[str(p) for p in exc.problems])
+        except Exception as exc:  # a reload must never take the daemon down
+            self.metrics.reload(success=False)
+            log.error("reload_failed", error=repr(exc))
+        else:
+            self.metrics.set_rule_names(ruleset.rule_names)
+            self.metrics.reload(success=True)
+            self.fan_out(signal.SIGHUP)
+        self.notifier.ready()
+
+    async def purge_loop(self) -> None:
+        store = QuarantineStore(self.config.quarantine.path)
+        retention = timedelta(seconds=self.config.quarantine.retention_seconds)
+        while True:
+            try:
+                removed = await asyncio.to_thread(store.purge, retention)
+                if removed:
+                    log.info("quarantine_purged", removed=removed)
+                self.metrics.set_quarantine_size(await asyncio.to_thread(store.count))
+            except Exception as exc:  # purge trouble must not stop mail
+                log.error("quarantine_purge_failed", error=repr(exc))
+            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum, callback in ((signal.SIGTERM, self.on_terminate), (signal.SIGINT, self.on_terminate),
+                                 (signal.SIGHUP, self.on_reload)):
+            loop.add_signal_handler(signum, callback)
+        ruleset = load_ruleset(self.config.rules, max_scan_bytes=self.config.limits.max_scan_bytes)
+        self.metrics.set_rule_names(ruleset.rule_names)
+        servers = []
+        if self.config.metrics_listen is not None:
+            servers.append(await start_metrics_server(
+                self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
+        for slot in range(self.config.workers):
+            await self.start_worker(slot)
+        self.tasks.append(loop.create_task(self.purge_loop()))
+        self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
+        log.info("supervisor_started", workers=self.config.workers, pid=os.getpid(),
+                 listen=[str(a) for a in self.config.listen])
+        self.notifier.ready()
+        await self.done.wait()
+        for server in servers:
+            server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        log.info("daemon_stopped")
+        return 0
+
+
+def run_supervisor(config: Config, config_path: str | None, argv: Sequence[str],
+                   overrides: dict[str, object]) -> int:
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    started = time.monotonic()
+    try:
+        return asyncio.run(Supervisor(config, config_path, argv, overrides).run())
+    finally:
+        if metrics_dir and os.environ.get("FILTERD_OWNS_METRICS_DIR") == "1":
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        log.debug("supervisor_exited", seconds=round(time.monotonic() - started, 1))
