@@ -484,6 +484,8 @@ class QuarantineStore:
         self, entry_id: str, to: Sequence[str], *, now: datetime | None = None
     ) -> None:
         """Record a successful release (atomically rewrites the ``.json``)."""
+        self._file(entry_id, "json")  # a valid id before it reaches the index
+        self._index_call("set_pending", entry_id)  # a crash from here on: the row is re-read
         meta = self._load_meta(entry_id)
         moment = now or datetime.now(UTC)
         meta |= {
@@ -491,7 +493,6 @@ class QuarantineStore:
             "released_at": _iso(moment),
             "released_to": list(to),
         }
-        self._index_call("set_pending", entry_id)  # a crash from here on: the row is re-read
         try:
             data = json.dumps(meta, indent=2).encode("ascii")
             _write_atomic(self.path, f"{entry_id}.json", data)

@@ -78,6 +78,7 @@ class NextHop:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._lock = threading.Lock()
+        self.data_ends = 0  # end-of-data markers read (before the final reply is decided)
         self.injected: list[Fault] = []  # every Fault that ``behaviour.faults`` handed out
         self.commands: deque[bytes] = deque(maxlen=20000)  # raw command lines, newest last
         self._writers: set[asyncio.StreamWriter] = set()
@@ -217,6 +218,7 @@ class NextHop:
                         if not chunk:
                             return
                         if chunk == b".\r\n":
+                            self.data_ends += 1
                             break
                         if len(data) > 0 and (self.behaviour.close_at == "mid-data" or (
                                 fault is not None and fault.stage == "mid-data")):
