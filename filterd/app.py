@@ -47,6 +47,8 @@ def ingress_policy(config: Config) -> IngressPolicy:
         max_connections_per_client=limits.max_connections_per_client,
         session_timeout=limits.session_timeout,
         hostname=config.hostname,
+        spool_threshold=limits.spool_threshold,
+        spool_dir=str(Path(config.state_dir) / "spool"),
     )
 
 
@@ -184,14 +186,22 @@ class Daemon:
             await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 
-def prepare_state(config: Config) -> None:
+def prepare_state(config: Config, *, clean_spool: bool = True) -> None:
+    """Create the state folders; the primary process also clears a crashed run's spool files."""
     Path(config.quarantine.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+    spool = Path(config.state_dir) / "spool"
+    spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not clean_spool:
+        return
+    for leftover in spool.glob("msg-*.eml"):
+        # A crash left these behind; their messages were never acknowledged (the MTA retries).
+        leftover.unlink(missing_ok=True)
 
 
 def serve(config: Config, config_path: str | None, overrides: dict[str, object],
           inherited_fds: Sequence[int] = ()) -> int:
     """Run one serving process in the foreground until SIGTERM; returns the exit code."""
-    prepare_state(config)
+    prepare_state(config, clean_spool=not inherited_fds)
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -71,14 +71,20 @@ class Envelope:
 
 @dataclass(frozen=True)
 class Message:
-    """One message: envelope and the raw bytes as received (CRLF line endings)."""
+    """One message: envelope and the raw bytes as received (CRLF line endings).
+
+    A large message lives in a spool file: ``raw`` then holds only its first bytes (what the
+    rules look at) and ``spool_path``/``spooled_size`` say where the whole of it is.
+    """
 
     envelope: Envelope
     raw: bytes
+    spool_path: str | None = None
+    spooled_size: int = 0
 
     @property
     def size(self) -> int:
-        return len(self.raw)
+        return self.spooled_size if self.spool_path is not None else len(self.raw)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from aiosmtpd.smtp import Session as AioSession
 from filterd.actions.relay import RelayClient, RelayTransaction, Xforward
 from filterd.errors import RelayError
 from filterd.model import TEMPFAIL_INTERNAL, Envelope, Message, SmtpReply
+from filterd.spool import SpoolFile, discard, read_prefix
 
 log = structlog.get_logger("filterd.smtp")
 
@@ -63,6 +64,8 @@ class IngressPolicy:
     max_connections_per_client: int
     session_timeout: float
     hostname: str
+    spool_threshold: int
+    spool_dir: str
 
 
 @dataclass(eq=False)  # identity semantics: states live in a set of active sessions
@@ -297,12 +300,19 @@ class FilterdHandler:
             mail_options=tuple(envelope.mail_options),
         )
 
-    async def deliver(self, session: AioSession, envelope: AioEnvelope, raw: bytes) -> str:
+    async def deliver(
+        self, session: AioSession, envelope: AioEnvelope, raw: bytes, spool: SpoolFile | None = None
+    ) -> str:
         state = _state(session)
         txn = state.txn
         if txn is None:
             return "503 5.5.1 Error: need MAIL command"
-        message = Message(self.envelope_of(session, envelope), raw)
+        if spool is None:
+            message = Message(self.envelope_of(session, envelope), raw)
+        else:
+            prefix = await asyncio.to_thread(read_prefix, spool.path, self.policy.spool_threshold)
+            message = Message(self.envelope_of(session, envelope), prefix,
+                              spool_path=spool.path, spooled_size=spool.size)
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
@@ -429,57 +439,89 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         started = time.monotonic()
-        raw, too_big = await self._read_data()
+        raw, spool, too_big = await self._read_data()
         if too_big:
             await self.filterd_handler.handle_RSET(self, self.session, self.envelope)
             self._set_post_data_state()
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
-        self.envelope.original_content = raw
-        self.envelope.content = raw
-        log.debug("data_received", size=len(raw), seconds=round(time.monotonic() - started, 4))
-        status = await self.filterd_handler.deliver(self.session, self.envelope, raw)
+        log.debug("data_received", size=spool.size if spool else len(raw),
+                  seconds=round(time.monotonic() - started, 4))
+        try:
+            status = await self.filterd_handler.deliver(self.session, self.envelope, raw, spool)
+        finally:
+            if spool is not None:
+                discard(spool.path)
         self._set_post_data_state()
         await self.push(status)
 
-    async def _read_data(self) -> tuple[bytes, bool]:
-        """Read up to the ``CRLF.CRLF`` end marker; return the un-dot-stuffed bytes.
+    async def _read_data(self) -> tuple[bytes, SpoolFile | None, bool]:
+        """Read up to the ``CRLF.CRLF`` end marker; return (un-dot-stuffed bytes, spool, too big).
 
         Lines of any length and bare LF pass through untouched; only ``<CRLF>.<CRLF>`` ends the
         data (a bare ``<LF>.<LF>`` is content, and the relay normalises it so it cannot end the
-        message at the next hop). Bytes after the marker (a pipelined command) go back to the
-        reader.
+        message at the next hop). Past ``spool_threshold`` complete lines go to a spool file and
+        only the last partial line stays in memory. Bytes after the marker (a pipelined
+        command) go back to the reader.
         """
+        policy = self.filterd_handler.policy
         limit = self.data_size_limit or 0
-        buf = bytearray(b"\r\n")  # a virtual line start so the marker and stuffing look the same everywhere
+        # A virtual line start, so the end marker and dot-stuffing look the same everywhere.
+        buf = bytearray(b"\r\n")
+        spool: SpoolFile | None = None
+        received = 0  # bytes already moved out of buf (to the spool, or dropped when too big)
         too_big = False
         scanned = 0
-        while True:
-            end = buf.find(b"\r\n.\r\n", max(0, scanned - 4))
-            if end >= 0:
-                break
-            scanned = len(buf)
-            if limit and scanned > limit + 2 + 8192:
-                # Over the limit: keep reading to stay in sync, but keep only the tail.
-                too_big = True
-                del buf[2 : len(buf) - 4]
+        try:
+            while True:
+                end = buf.find(b"\r\n.\r\n", max(0, scanned - 4))
+                if end >= 0:
+                    break
                 scanned = len(buf)
-            chunk = await self._reader.read(_DATA_CHUNK)
-            if not chunk:
-                raise ConnectionResetError("client closed the connection during DATA")
-            self._reset_timeout()
-            buf += chunk
-        leftover = bytes(buf[end + 5 :])
-        if leftover:
-            # StreamReader has no unread(); aiosmtpd itself manipulates this buffer for STARTTLS.
-            self._reader._buffer[:0] = leftover
-        del buf[end + 2 :]
-        if too_big or (limit and len(buf) - 2 > limit):
-            return b"", True
-        # Un-dot-stuff after CRLF and after a bare LF alike: clients that send bare LF stuff
-        # their dots after it too (a lone "." line arrives as "..").
-        body = bytes(buf).replace(b"\n.", b"\n") if b"\n." in buf else bytes(buf)
-        return body[2:], False
+                if limit and received + scanned > limit + 2 + 8192:
+                    too_big = True
+                if (too_big or spool is not None or scanned > policy.spool_threshold) and scanned > 65536:
+                    # Move every complete line out of memory; keep the line ending before the
+                    # last partial line so the marker and the stuffing stay visible in buf.
+                    cut = buf.rfind(b"\n", 0, scanned - 5)
+                    if cut > 2:
+                        cut = cut - 1 if buf[cut - 1] == 0x0D else cut
+                        if not too_big:
+                            if spool is None:
+                                spool = SpoolFile(policy.spool_dir)
+                                block = bytes(buf[2:cut])
+                            else:
+                                block = bytes(buf[:cut])
+                            spool.write(block.replace(b"\n.", b"\n"))
+                        received += cut
+                        del buf[:cut]
+                        scanned = len(buf)
+                chunk = await self._reader.read(_DATA_CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("client closed the connection during DATA")
+                self._reset_timeout()
+                buf += chunk
+            leftover = bytes(buf[end + 5 :])
+            if leftover:
+                # StreamReader has no unread(); aiosmtpd itself manipulates this buffer (STARTTLS).
+                self._reader._buffer[:0] = leftover
+            del buf[end + 2 :]
+            if too_big or (limit and received + len(buf) - 2 > limit):
+                if spool is not None:
+                    spool.discard()
+                return b"", None, True
+            # Un-dot-stuff after CRLF and after a bare LF alike: clients that send bare LF stuff
+            # their dots after it too (a lone "." line arrives as "..").
+            if spool is None:
+                body = bytes(buf).replace(b"\n.", b"\n") if b"\n." in buf else bytes(buf)
+                return body[2:], None, False
+            spool.write(bytes(buf).replace(b"\n.", b"\n"))
+            spool.close()
+            return b"", spool, False
+        except BaseException:
+            if spool is not None:
+                spool.discard()
+            raise
 
 
 def sessions_in_flight(handler: FilterdHandler) -> Sequence[asyncio.Task[Any]]:

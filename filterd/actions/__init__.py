@@ -8,11 +8,13 @@ deliberate exception and is counted and logged by the caller.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from filterd.actions.quarantine import QuarantineStore
 from filterd.actions.relay import RelayTransaction
 from filterd.actions.tag import apply_modifications, spam_headers
 from filterd.model import Action, Message, Outcome, SmtpReply, Verdict
+from filterd.spool import read_all
 
 DEFAULT_REJECT = SmtpReply(554, "5.7.1", "Message rejected by policy")
 DEFAULT_TEMPFAIL = SmtpReply(451, "4.7.1", "Message deferred by policy")
@@ -48,6 +50,11 @@ class Executor:
         if action is Action.DISCARD:
             return Outcome(action, SmtpReply(250, "2.0.0", "Ok: discarded"))
         if action is Action.QUARANTINE:
+            if message.spool_path is not None:
+                # The store keeps whole messages; a spooled one is read back (at most
+                # max_message_size) for the write.
+                whole = await asyncio.to_thread(read_all, message.spool_path)
+                message = dataclasses.replace(message, raw=whole, spool_path=None, spooled_size=0)
             entry_id = await asyncio.to_thread(
                 self.quarantine.store,
                 message,
@@ -71,7 +78,11 @@ class Executor:
         else:
             for rcpt in extra:
                 await txn.add_recipient(rcpt)
-        data_reply = await txn.send_data(rewrite(message, verdict))
+        if message.spool_path is None:
+            data_reply = await txn.send_data(rewrite(message, verdict))
+        else:
+            data_reply = await txn.send_data_stream(
+                rewrite(message, verdict), message.spool_path, offset=len(message.raw))
         return Outcome(
             verdict.action,
             data_reply.as_reply(),

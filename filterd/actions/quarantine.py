@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hashlib
 import json
 import os
@@ -27,8 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
@@ -37,9 +35,15 @@ from typing import Any
 
 import structlog
 
-from filterd.actions.quarantine_index import IndexCorruptError, QuarantineIndex
+from filterd.actions.quarantine_index import (
+    Entry,
+    EntryStatus,
+    IndexCorruptError,
+    QuarantineIndex,
+    iso_utc,
+)
 from filterd.errors import QuarantineError
-from filterd.model import Action, Message, RuleTrace, Verdict
+from filterd.model import Message, Verdict
 
 __all__ = [
     "ENTRY_ID_RE",
@@ -55,130 +59,13 @@ log = structlog.stdlib.get_logger(__name__)
 ENTRY_ID_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_FORMAT = 1
 _ORPHAN_GRACE = timedelta(hours=1)
 _HEADER_SCAN_LIMIT = 65536
 _SUBJECT_LIMIT = 998
 
 
-class EntryStatus(enum.Enum):
-    """Where an entry is in its life."""
-
-    QUARANTINED = "quarantined"
-    RELEASED = "released"
-
-
 class EntryNotFoundError(QuarantineError):
     """No entry has this id (or the id is not a valid entry id)."""
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One quarantined message's metadata. ``trace`` is read from the entry's file: entries
-    that come from ``list`` carry an empty trace (the index does not keep it); ``get`` has it."""
-
-    id: str
-    date: datetime
-    sender: str  # "" for the null sender
-    recipients: tuple[str, ...]
-    subject: str
-    size: int
-    rule: str
-    reason: str
-    action: str
-    score: float
-    status: EntryStatus
-    client_ip: str | None = None
-    client_name: str | None = None
-    helo: str | None = None
-    queue_id: str | None = None
-    message_id: str = ""
-    rules: tuple[str, ...] = ()
-    trace: tuple[RuleTrace, ...] = ()
-    sha256: str = ""
-    released_at: datetime | None = None
-    released_to: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, meta: Mapping[str, Any]) -> Entry:
-        released_at = meta.get("released_at")
-        return cls(
-            id=str(meta["id"]),
-            date=datetime.fromisoformat(str(meta["date"])),
-            sender=str(meta.get("sender", "")),
-            recipients=tuple(str(r) for r in meta.get("recipients", ())),
-            subject=str(meta.get("subject", "")),
-            size=int(meta.get("size", 0)),
-            rule=str(meta.get("rule", "")),
-            reason=str(meta.get("reason", "")),
-            action=str(meta.get("action", "quarantine")),
-            score=float(meta.get("score", 0.0)),
-            status=EntryStatus(meta.get("status", "quarantined")),
-            client_ip=meta.get("client_ip"),
-            client_name=meta.get("client_name"),
-            helo=meta.get("helo"),
-            queue_id=meta.get("queue_id"),
-            message_id=str(meta.get("message_id", "")),
-            rules=tuple(str(r) for r in meta.get("rules", ())),
-            trace=tuple(_trace_from_dict(t) for t in meta.get("trace", ())),
-            sha256=str(meta.get("sha256", "")),
-            released_at=datetime.fromisoformat(released_at) if released_at else None,
-            released_to=tuple(str(r) for r in meta.get("released_to", ())),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form (the ``.json`` file and ``quarantine list --json``)."""
-        return {
-            "format": _FORMAT,
-            "id": self.id,
-            "date": _iso(self.date),
-            "status": self.status.value,
-            "sender": self.sender,
-            "recipients": list(self.recipients),
-            "client_ip": self.client_ip,
-            "client_name": self.client_name,
-            "helo": self.helo,
-            "queue_id": self.queue_id,
-            "message_id": self.message_id,
-            "subject": self.subject,
-            "size": self.size,
-            "sha256": self.sha256,
-            "rule": self.rule,
-            "reason": self.reason,
-            "action": self.action,
-            "score": self.score,
-            "rules": list(self.rules),
-            "trace": [_trace_to_dict(t) for t in self.trace],
-            "released_at": _iso(self.released_at) if self.released_at else None,
-            "released_to": list(self.released_to),
-        }
-
-
-def _trace_to_dict(trace: RuleTrace) -> dict[str, Any]:
-    return {
-        "rule": trace.rule,
-        "matched": trace.matched,
-        "score": trace.score,
-        "shadow": trace.shadow,
-        "detail": trace.detail,
-        "action": trace.action.value if trace.action else None,
-    }
-
-
-def _trace_from_dict(item: Mapping[str, Any]) -> RuleTrace:
-    action = item.get("action")
-    return RuleTrace(
-        rule=str(item.get("rule", "")),
-        matched=bool(item.get("matched", False)),
-        score=float(item.get("score", 0.0)),
-        shadow=bool(item.get("shadow", False)),
-        detail=str(item.get("detail", "")),
-        action=Action(action) if action else None,
-    )
 
 
 def _headers_of(raw: bytes) -> tuple[str, str]:
@@ -490,7 +377,7 @@ class QuarantineStore:
         moment = now or datetime.now(UTC)
         meta |= {
             "status": EntryStatus.RELEASED.value,
-            "released_at": _iso(moment),
+            "released_at": iso_utc(moment),
             "released_to": list(to),
         }
         try:
@@ -531,7 +418,7 @@ class QuarantineStore:
         """
         cutoff = (now or datetime.now(UTC)) - older_than
         purged: list[str] = []
-        for entry_id in self._read("ids_before", _iso(cutoff)):
+        for entry_id in self._read("ids_before", iso_utc(cutoff)):
             with contextlib.suppress(EntryNotFoundError):  # deleted meanwhile by someone else
                 self._unlink_entry(entry_id)
                 purged.append(entry_id)
@@ -541,7 +428,7 @@ class QuarantineStore:
             self._index_call("replace", [], purged)
         log.info(
             "quarantine_purged", count=len(purged), older_than_s=int(older_than.total_seconds()),
-            cutoff=_iso(cutoff),
+            cutoff=iso_utc(cutoff),
         )
         return len(purged)
 

@@ -1,4 +1,5 @@
-"""The quarantine index: an SQLite cache (WAL mode) of the entries' metadata, for fast listing.
+"""Quarantine entries: their metadata (``Entry``, as each entry's ``.json`` holds it) and the
+index, an SQLite cache (WAL mode) of that metadata for fast listing.
 
 The ``.json`` files of the store are the truth; this index only makes ``list``, ``count`` and
 ``purge`` fast with 100,000 entries. Each row keeps the entry's metadata without its trace
@@ -14,19 +15,25 @@ timeout serialise them.
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INDEX_NAME", "IndexCorruptError", "QuarantineIndex"]
+from filterd.model import Action, RuleTrace
+
+__all__ = ["INDEX_NAME", "Entry", "EntryStatus", "IndexCorruptError", "QuarantineIndex", "iso_utc"]
 
 INDEX_NAME = "index.sqlite3"
 _SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 10_000
 _FILE_MODE = 0o600
+_FORMAT = 1  # of the .json files
 
 # Plain columns rather than one JSON document: listing 100,000 rows then costs a row fetch each,
 # not a JSON parse each. List-valued fields (addresses, rule names: no line breaks in either,
@@ -58,6 +65,124 @@ CREATE INDEX IF NOT EXISTS entries_date ON entries(date);
 """
 
 Row = dict[str, Any]
+
+
+class EntryStatus(enum.Enum):
+    """Where an entry is in its life."""
+
+    QUARANTINED = "quarantined"
+    RELEASED = "released"
+
+
+def iso_utc(moment: datetime) -> str:
+    """The one date form of the store: ISO 8601 UTC with a Z, which sorts as time."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One quarantined message's metadata. ``trace`` is read from the entry's file: entries
+    that come from ``list`` carry an empty trace (the index does not keep it); ``get`` has it."""
+
+    id: str
+    date: datetime
+    sender: str  # "" for the null sender
+    recipients: tuple[str, ...]
+    subject: str
+    size: int
+    rule: str
+    reason: str
+    action: str
+    score: float
+    status: EntryStatus
+    client_ip: str | None = None
+    client_name: str | None = None
+    helo: str | None = None
+    queue_id: str | None = None
+    message_id: str = ""
+    rules: tuple[str, ...] = ()
+    trace: tuple[RuleTrace, ...] = ()
+    sha256: str = ""
+    released_at: datetime | None = None
+    released_to: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any]) -> Entry:
+        released_at = meta.get("released_at")
+        return cls(
+            id=str(meta["id"]),
+            date=datetime.fromisoformat(str(meta["date"])),
+            sender=str(meta.get("sender", "")),
+            recipients=tuple(str(r) for r in meta.get("recipients", ())),
+            subject=str(meta.get("subject", "")),
+            size=int(meta.get("size", 0)),
+            rule=str(meta.get("rule", "")),
+            reason=str(meta.get("reason", "")),
+            action=str(meta.get("action", "quarantine")),
+            score=float(meta.get("score", 0.0)),
+            status=EntryStatus(meta.get("status", "quarantined")),
+            client_ip=meta.get("client_ip"),
+            client_name=meta.get("client_name"),
+            helo=meta.get("helo"),
+            queue_id=meta.get("queue_id"),
+            message_id=str(meta.get("message_id", "")),
+            rules=tuple(str(r) for r in meta.get("rules", ())),
+            trace=tuple(_trace_from_dict(t) for t in meta.get("trace", ())),
+            sha256=str(meta.get("sha256", "")),
+            released_at=datetime.fromisoformat(released_at) if released_at else None,
+            released_to=tuple(str(r) for r in meta.get("released_to", ())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the ``.json`` file and ``quarantine list --json``)."""
+        return {
+            "format": _FORMAT,
+            "id": self.id,
+            "date": iso_utc(self.date),
+            "status": self.status.value,
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "client_ip": self.client_ip,
+            "client_name": self.client_name,
+            "helo": self.helo,
+            "queue_id": self.queue_id,
+            "message_id": self.message_id,
+            "subject": self.subject,
+            "size": self.size,
+            "sha256": self.sha256,
+            "rule": self.rule,
+            "reason": self.reason,
+            "action": self.action,
+            "score": self.score,
+            "rules": list(self.rules),
+            "trace": [_trace_to_dict(t) for t in self.trace],
+            "released_at": iso_utc(self.released_at) if self.released_at else None,
+            "released_to": list(self.released_to),
+        }
+
+
+def _trace_to_dict(trace: RuleTrace) -> dict[str, Any]:
+    return {
+        "rule": trace.rule,
+        "matched": trace.matched,
+        "score": trace.score,
+        "shadow": trace.shadow,
+        "detail": trace.detail,
+        "action": trace.action.value if trace.action else None,
+    }
+
+
+def _trace_from_dict(item: Mapping[str, Any]) -> RuleTrace:
+    action = item.get("action")
+    return RuleTrace(
+        rule=str(item.get("rule", "")),
+        matched=bool(item.get("matched", False)),
+        score=float(item.get("score", 0.0)),
+        shadow=bool(item.get("shadow", False)),
+        detail=str(item.get("detail", "")),
+        action=Action(action) if action else None,
+    )
+
 
 
 class IndexCorruptError(Exception):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from filterd.errors import RelayError
 from filterd.model import SmtpReply
+from filterd.spool import iter_lines_blocks
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.DOTALL)
 _BARE_LINE_ENDING = re.compile(rb"\r?\n")
@@ -44,20 +45,28 @@ class NextHopReply:
         return f"{self.code} {self.lines[-1] if self.lines else ''}".strip()
 
 
-def encode_data(raw: bytes) -> bytes:
-    """Wire form of a message for DATA: CRLF line endings, dot-stuffed, with the end marker.
+def stuff_block(block: bytes) -> bytes:
+    """Wire form of a run of whole lines (it must start at a line start): CRLF line endings and
+    dot-stuffing.
 
     Bare LF and CR LF are both normalised to CRLF so that no ``<LF>.<LF>`` sequence can reach the
     next hop and be read there as the end of the message (SMTP smuggling).
     """
-    if b"\n" in raw.replace(b"\r\n", b""):
-        raw = _BARE_LINE_ENDING.sub(b"\r\n", raw)
-    stuffed = raw.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
+    if b"\n" in block.replace(b"\r\n", b""):
+        block = _BARE_LINE_ENDING.sub(b"\r\n", block)
+    stuffed = block.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def end_of_data(last: bytes) -> bytes:
+    """The end marker, with the CRLF the last line needs if it has none."""
+    return b".\r\n" if not last or last.endswith(b"\r\n") else b"\r\n.\r\n"
+
+
+def encode_data(raw: bytes) -> bytes:
+    """Wire form of a whole message for DATA, end marker included."""
+    stuffed = stuff_block(raw)
+    return stuffed + end_of_data(stuffed)
 
 
 def xtext(value: str) -> str:
@@ -340,6 +349,24 @@ class RelayTransaction:
         self.data_sent = True
         reply = await self.conn.read_reply()
         self.completed = True  # after the reply to the data the next hop is between transactions
+        return reply
+
+    async def send_data_stream(self, head: bytes, path: str, offset: int) -> NextHopReply:
+        """DATA from a spooled message: ``head`` (the possibly rewritten start), then the spool
+        file from ``offset`` on, read and sent block by block."""
+        assert self.conn is not None
+        reply = await self.conn.command("DATA")
+        if reply.code != 354:
+            return reply
+        last = stuff_block(head)
+        await self.conn.send(last)
+        for block in iter_lines_blocks(path, offset):
+            last = stuff_block(block)
+            await self.conn.send(last)
+        await self.conn.send(end_of_data(last))
+        self.data_sent = True
+        reply = await self.conn.read_reply()
+        self.completed = True
         return reply
 
     async def finish(self) -> None:

@@ -170,9 +170,9 @@ class PatternMatch:
         return self.index in scan.hits(self.field)[item]
 
     def describe(self, scan: MessageScan, item: int) -> str:
-        value = scan.values(self.field)[item]
+        value = scan.encoded(self.field)[item]
         found = self.regex.search(value)
-        excerpt = _as_text(found.group(0)) if found is not None else _as_text(value)
+        excerpt = _as_text(found.group(0) if found is not None else value[:200])
         return f"{self.label} matched {_quote(excerpt)}"
 
 

@@ -40,8 +40,8 @@ Value = str | bytes
 class MessageScan:
     """Everything the conditions of one evaluation read, computed on first use and cached."""
 
-    __slots__ = ("_archive_index", "_hits", "_items", "_max_scan", "_parsed", "_scanners",
-                 "_values", "message")
+    __slots__ = ("_archive_index", "_encoded", "_hits", "_items", "_max_scan", "_parsed",
+                 "_scanners", "_values", "message")
 
     def __init__(self, message: Message, scanners: Mapping[str, FieldScanner],
                  max_scan_bytes: int) -> None:
@@ -51,6 +51,7 @@ class MessageScan:
         self._parsed: ParsedMessage | None = None
         self._items: dict[str, Sequence[object]] = {}
         self._values: dict[str, Sequence[Value]] = {}
+        self._encoded: dict[str, list[bytes]] = {}
         self._hits: dict[str, list[frozenset[int]]] = {}
         self._archive_index: tuple[list[ArchiveMember], list[tuple[int, int]]] | None = None
 
@@ -111,6 +112,20 @@ class MessageScan:
             return values
         return cached
 
+    def encoded(self, field: str) -> list[bytes]:
+        """The field's values as UTF-8, which RE2 reads natively.
+
+        Encoding once per message serves the field's Set scan and every quote of a match; RE2's
+        Python wrapper would otherwise re-encode a str per call and map byte offsets back to
+        characters, which costs more than the scan itself on a large body.
+        """
+        cached = self._encoded.get(field)
+        if cached is None:
+            cached = [value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+                      for value in self.values(field)]
+            self._encoded[field] = cached
+        return cached
+
     # -- multi-pattern hits -----------------------------------------------------------------
 
     def hits(self, field: str) -> list[frozenset[int]]:
@@ -118,7 +133,7 @@ class MessageScan:
         cached = self._hits.get(field)
         if cached is None:
             scanner = self._scanners[field]
-            cached = [scanner.scan(value) for value in self.values(field)]
+            cached = [scanner.scan(value) for value in self.encoded(field)]
             self._hits[field] = cached
         return cached
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 STAGES = ("greeting", "mail", "rcpt", "data", "mid-data", "dot")
+LINE_LIMIT = 64 * 1024 * 1024
 SHUTDOWN_REPLY = "421 4.3.2 nexthop.test Service shutting down, closing transmission channel"
 
 
@@ -99,8 +100,10 @@ class NextHop:
         self._thread.join(10)
 
     async def _start(self) -> None:
+        # A real MTA takes lines of any length; the default 64 KiB line limit would make this
+        # server, not filterd, fail on a 1 MB header line.
         self._server = await asyncio.start_server(self._session, "127.0.0.1", self.port,
-                                                  reuse_address=True)
+                                                  reuse_address=True, limit=LINE_LIMIT)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def refuse_connections(self) -> None:

@@ -1,0 +1,77 @@
+"""Spooling of large message bodies to disk, so memory stays flat however big DATA gets.
+
+The ingress keeps DATA in memory up to ``limits.spool_threshold``; past it, complete lines are
+un-dot-stuffed and appended to a private file in ``<state_dir>/spool`` while the reader goes on.
+The rules then see the first ``spool_threshold`` bytes of the message (headers and the start of
+the body; the ``size`` condition sees the real size), and the relay streams the rest from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+READ_BLOCK = 1 << 20
+
+
+class SpoolFile:
+    """An open spool file being written; ``close`` keeps it, ``discard`` removes it."""
+
+    def __init__(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, self.path = tempfile.mkstemp(prefix="msg-", suffix=".eml", dir=folder)
+        self.file = os.fdopen(fd, "wb")
+        self.size = 0
+
+    def write(self, block: bytes | bytearray | memoryview) -> None:
+        self.file.write(block)
+        self.size += len(block)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        discard(self.path)
+
+
+def discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_prefix(path: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of a spool file, cut back to a line end when there is one."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit)
+    cut = data.rfind(b"\n")
+    return data[: cut + 1] if 0 <= cut and len(data) == limit else data
+
+
+def read_all(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def iter_lines_blocks(path: str, offset: int, block_size: int = READ_BLOCK) -> Iterator[bytes]:
+    """The file from ``offset`` in blocks that each end at a line end (except maybe the last)."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        carry = b""
+        while True:
+            data = handle.read(block_size)
+            if not data:
+                break
+            data = carry + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                continue
+            carry = data[cut + 1 :]
+            yield data[: cut + 1]
+        if carry:
+            yield carry
