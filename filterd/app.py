@@ -20,8 +20,9 @@ from pathlib import Path
 import structlog
 
 from filterd import __version__
-from filterd.actions import Executor
-from filterd.actions.quarantine import QuarantineStore
+from filterd.actions import Executor, LazyQuarantine
+from filterd.actions.quarantine import run_retention
+from filterd.errors import QuarantineError
 from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
 from filterd.errors import ConfigError
@@ -67,7 +68,7 @@ class Daemon:
         self.registry = make_registry()
         self.metrics = Metrics(self.registry)
         self.metrics.set_rule_names(self.ruleset.rule_names)
-        self.quarantine = QuarantineStore(config.quarantine.path)
+        self.quarantine = LazyQuarantine(config.quarantine.path)
         self.relay = RelayClient(
             config.relay.host, config.relay.port, timeout=config.limits.relay_timeout,
             helo=config.hostname, pool_size=config.relay_pool_size,
@@ -144,7 +145,14 @@ class Daemon:
             if self.config.metrics_listen is not None:
                 self.servers.append(await start_metrics_server(
                     self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
-            self.tasks.append(loop.create_task(self.purge_loop()))
+            try:
+                store = await asyncio.to_thread(self.quarantine.get)
+            except QuarantineError as exc:
+                log.error("quarantine_unavailable", path=self.config.quarantine.path, error=str(exc))
+            else:
+                self.tasks.append(loop.create_task(run_retention(
+                    store, timedelta(seconds=self.config.quarantine.retention_seconds),
+                    interval=PURGE_INTERVAL_SECONDS, on_count=self.metrics.set_quarantine_size)))
             self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
         log.info("daemon_started", version=__version__, listen=[str(a) for a in self.config.listen],
                  relay=str(self.config.relay), rules=len(self.ruleset.rule_names), pid=os.getpid())
@@ -173,22 +181,10 @@ class Daemon:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.relay.close()
 
-    async def purge_loop(self) -> None:
-        retention = self.config.quarantine.retention_seconds
-        while True:
-            try:
-                removed = await asyncio.to_thread(self.quarantine.purge, timedelta(seconds=retention))
-                if removed:
-                    log.info("quarantine_purged", removed=removed, retention_seconds=retention)
-                self.metrics.set_quarantine_size(await asyncio.to_thread(self.quarantine.count))
-            except Exception as exc:  # purge trouble must not stop mail
-                log.error("quarantine_purge_failed", error=repr(exc))
-            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
-
-
 def prepare_state(config: Config, *, clean_spool: bool = True) -> None:
     """Create the state folders; the primary process also clears a crashed run's spool files."""
-    Path(config.quarantine.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):  # an unusable quarantine defers only quarantined mail
+        Path(config.quarantine.path).mkdir(parents=True, exist_ok=True, mode=0o700)
     spool = Path(config.state_dir) / "spool"
     spool.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not clean_spool:

@@ -97,7 +97,7 @@ def parse_address_list(value: str) -> list[Mailbox]:
             result.append(mailbox)
         element = _Element()
 
-    while pos < length:
+    while pos < length and len(result) < _MAX_ADDRESSES:
         special = _SPECIAL_RE.search(value, pos)
         end = special.start() if special else length
         if end > pos and element.angle is None:

@@ -102,9 +102,10 @@ def _rewrite_plain_tags(markup: str) -> str:
     return "".join(pieces)
 
 
-def render_html(markup: str) -> tuple[str, list[Link]]:
-    """Visible text of an HTML document, and its links: those of tags in document order, then
-    the bare URLs of its visible text (never read across the edge of a link)."""
+def render_html(markup: str, max_links: int = 10_000) -> tuple[str, list[Link]]:
+    """Visible text of an HTML document, and its links: those of tags in document order (at
+    most ``max_links``), then the bare URLs of its visible text (never read across the edge of
+    a link)."""
     for marker in (_BREAK, _EDGE):
         if marker in markup:
             markup = markup.replace(marker, "")
@@ -112,6 +113,7 @@ def render_html(markup: str) -> tuple[str, list[Link]]:
     out: list[str] = []
     links: list[Link] = []
     open_link: tuple[str, int] | None = None  # (href, index in out where its text starts)
+    unclosed: set[str] = set()  # hidden tags whose closing tag does not occur
     pos = 0
     length = len(markup)
     search = _TOKEN_RE.search
@@ -153,11 +155,14 @@ def render_html(markup: str) -> tuple[str, list[Link]]:
                     links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
                     open_link = None
         elif kind == _HIDDEN:
-            closer = _CLOSERS[lower].search(markup, pos)
-            if closer is not None:
+            # A closer missing once is missing for every later opener: search only once.
+            closer = None if lower in unclosed else _CLOSERS[lower].search(markup, pos)
+            if closer is None:
+                unclosed.add(lower)
+            else:
                 close = markup.find(">", closer.end() - 1)
                 pos = length if close < 0 else close + 1
-        else:
+        elif len(links) < max_links:
             url = _attribute(attrs, _LINK_ATTRS[lower])
             if lower == "a":
                 out.append(_EDGE)

@@ -34,6 +34,7 @@ class ProcessingMetrics(Protocol):
         self, action: str, duration_s: float, size: int, rules: tuple[str, ...], shadow_rules: tuple[str, ...]
     ) -> None: ...
     def relay_error(self, reason: str) -> None: ...
+    def set_quarantine_size(self, n: int) -> None: ...
 
 
 def message_id_of(raw: bytes) -> str:
@@ -77,6 +78,8 @@ class MessageProcessor:
             error = f"internal: {exc!r}"[:300]
             outcome = Outcome(Action.TEMPFAIL, TEMPFAIL_INTERNAL)
         duration = time.perf_counter() - started
+        if "quarantine_size" in outcome.extra:
+            self.metrics.set_quarantine_size(int(outcome.extra["quarantine_size"]))
         action = _accounted_action(outcome)
         self.metrics.message_processed(action.value, duration, message.size, verdict.rules, verdict.shadow_rules)
         env = message.envelope

@@ -29,9 +29,9 @@ from datetime import timedelta
 
 import structlog
 
-from filterd.actions.quarantine import QuarantineStore
+from filterd.actions.quarantine import QuarantineStore, run_retention
 from filterd.config import Config, load_config
-from filterd.errors import ConfigError
+from filterd.errors import ConfigError, QuarantineError
 from filterd.observe import Metrics, make_registry, mark_process_dead, start_metrics_server
 from filterd.rules import load_ruleset
 from filterd.sdnotify import Notifier, watchdog_loop
@@ -143,19 +143,6 @@ class Supervisor:
             self.fan_out(signal.SIGHUP)
         self.notifier.ready()
 
-    async def purge_loop(self) -> None:
-        store = QuarantineStore(self.config.quarantine.path)
-        retention = timedelta(seconds=self.config.quarantine.retention_seconds)
-        while True:
-            try:
-                removed = await asyncio.to_thread(store.purge, retention)
-                if removed:
-                    log.info("quarantine_purged", removed=removed)
-                self.metrics.set_quarantine_size(await asyncio.to_thread(store.count))
-            except Exception as exc:  # purge trouble must not stop mail
-                log.error("quarantine_purge_failed", error=repr(exc))
-            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
-
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for signum, callback in ((signal.SIGTERM, self.on_terminate), (signal.SIGINT, self.on_terminate),
@@ -169,7 +156,14 @@ class Supervisor:
                 self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
         for slot in range(self.config.workers):
             await self.start_worker(slot)
-        self.tasks.append(loop.create_task(self.purge_loop()))
+        try:
+            store = await asyncio.to_thread(QuarantineStore, self.config.quarantine.path)
+        except QuarantineError as exc:
+            log.error("quarantine_unavailable", path=self.config.quarantine.path, error=str(exc))
+        else:
+            self.tasks.append(loop.create_task(run_retention(
+                store, timedelta(seconds=self.config.quarantine.retention_seconds),
+                interval=PURGE_INTERVAL_SECONDS, on_count=self.metrics.set_quarantine_size)))
         self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
         log.info("supervisor_started", workers=self.config.workers, pid=os.getpid(),
                  listen=[str(a) for a in self.config.listen])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 from filterd.actions.quarantine import QuarantineStore
 from filterd.actions.relay import RelayTransaction
@@ -35,10 +36,36 @@ def rewrite(message: Message, verdict: Verdict) -> bytes:
     )
 
 
+class LazyQuarantine:
+    """The quarantine store, opened on first use and again after a failure.
+
+    An unusable quarantine folder (read-only, full, missing) must not stop clean mail: only the
+    messages a rule quarantines are deferred with 451 until the folder works again.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._store: QuarantineStore | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> QuarantineStore:
+        """The open store (call it off the event loop); raises QuarantineError."""
+        with self._lock:
+            if self._store is None:
+                self._store = QuarantineStore(self.path)
+            return self._store
+
+    def store(self, message: Message, verdict: Verdict) -> tuple[str, int]:
+        """Write one entry; return its id and the number of entries now held."""
+        store = self.get()
+        entry_id = store.store(message, verdict, rule=verdict.deciding_rule or "", reason=verdict.reason)
+        return entry_id, store.count()
+
+
 class Executor:
     """Carries out verdicts for one daemon; holds the quarantine store."""
 
-    def __init__(self, quarantine: QuarantineStore) -> None:
+    def __init__(self, quarantine: LazyQuarantine) -> None:
         self.quarantine = quarantine
 
     async def execute(self, verdict: Verdict, message: Message, txn: RelayTransaction) -> Outcome:
@@ -55,15 +82,9 @@ class Executor:
                 # max_message_size) for the write.
                 whole = await asyncio.to_thread(read_all, message.spool_path)
                 message = dataclasses.replace(message, raw=whole, spool_path=None, spooled_size=0)
-            entry_id = await asyncio.to_thread(
-                self.quarantine.store,
-                message,
-                verdict,
-                rule=verdict.deciding_rule or "",
-                reason=verdict.reason,
-            )
+            entry_id, held = await asyncio.to_thread(self.quarantine.store, message, verdict)
             return Outcome(action, SmtpReply(250, "2.0.0", f"Ok: quarantined as {entry_id}"),
-                           quarantine_id=entry_id)
+                           quarantine_id=entry_id, extra={"quarantine_size": str(held)})
         return await self._deliver(verdict, message, txn)
 
     async def _deliver(self, verdict: Verdict, message: Message, txn: RelayTransaction) -> Outcome:

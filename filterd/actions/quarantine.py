@@ -26,7 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
@@ -434,9 +434,14 @@ class QuarantineStore:
 
 
 async def run_retention(
-    store: QuarantineStore, retention: timedelta, *, interval: float = 3600.0
+    store: QuarantineStore,
+    retention: timedelta,
+    *,
+    interval: float = 3600.0,
+    on_count: Callable[[int], None] | None = None,
 ) -> None:
-    """Purge entries past ``retention`` now and every ``interval`` seconds until cancelled.
+    """Purge entries past ``retention`` now and every ``interval`` seconds until cancelled;
+    after each pass ``on_count`` gets the number of entries left (for the size gauge).
 
     A failing purge is logged and retried at the next interval: retention is housekeeping and
     never stops the daemon.
@@ -444,6 +449,8 @@ async def run_retention(
     while True:
         try:
             await asyncio.to_thread(store.purge, retention)
+            if on_count is not None:
+                on_count(await asyncio.to_thread(store.count))
         except QuarantineError as exc:
             log.error("quarantine_purge_failed", error=str(exc))  # noqa: TRY400 - as above
         await asyncio.sleep(interval)

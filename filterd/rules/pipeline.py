@@ -108,7 +108,7 @@ class RuleTestCase:
     raw: bytes | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compiled matchers have no value equality: compare by identity
 class RuleSet:
     """A complete, immutable rule set; reload builds a new one and swaps the reference."""
 
@@ -157,10 +157,6 @@ class RuleSet:
         put(self, "_skipped", tuple(
             RuleTrace(rule.name, False, 0.0, rule.shadow, "not evaluated (an earlier rule stopped)",
                       None) for rule in self.rules))
-
-    @property
-    def shadow_rules(self) -> tuple[str, ...]:
-        return self.shadow_rule_names
 
 
 class _Decision:

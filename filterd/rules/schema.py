@@ -17,18 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from filterd.errors import ConfigError, Problem
-from filterd.model import Action, Envelope, SmtpReply
+from filterd.model import Action, SmtpReply
 from filterd.rules.condparse import ConditionParser
 from filterd.rules.lists import NamedList, load_list
 from filterd.rules.matchers import PatternTable
-from filterd.rules.pipeline import (
-    DEFAULT_MAX_SCAN_BYTES,
-    Rule,
-    RuleSet,
-    RuleTestCase,
-    TestExpectation,
-    Thresholds,
-)
+from filterd.rules.pipeline import DEFAULT_MAX_SCAN_BYTES, Rule, RuleSet, RuleTestCase, Thresholds
+from filterd.rules.testcases import TestCaseParser
 from filterd.rules.validate import (
     Problems,
     as_bool,
@@ -50,8 +44,6 @@ THEN_KEYS = ("action", "reply", "reason", "score", "stop", "bcc", "redirect", "a
              "remove_header", "subject_prefix")
 SCORE_KEYS = ("tag", "quarantine", "reject")
 TAG_KEYS = ("subject_prefix",)
-TEST_KEYS = ("name", "message", "raw", "sender", "recipients", "client_ip", "helo", "expect")
-EXPECT_KEYS = ("action", "rules", "not_rules", "score_at_least", "score_below", "tag")
 MODES = ("enforce", "shadow")
 ACTIONS = tuple(action.value for action in Action)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -59,8 +51,6 @@ LIST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPLY_RE = re.compile(r"^([245]\d\d)[ -]([245]\.\d{1,3}\.\d{1,3}) +([ -~]+)$")
 ADDRESS_RE = re.compile(r"^[^\s<>@,;]+@[^\s<>@,;]+$")
 MAX_HEADER_VALUE = 900
-DEFAULT_TEST_SENDER = "sender@example.test"
-DEFAULT_TEST_RECIPIENT = "recipient@example.test"
 
 
 def rule_files(path: str | os.PathLike[str]) -> list[str]:
@@ -122,9 +112,10 @@ class _Loader:
                 self._scores(document["scores"], document.at("scores"))
             if "tag" in document:
                 self._tag(document["tag"], document.at("tag"))
+        tests = TestCaseParser(self.problems, self.rule_at)
         for source, document in documents:
             if "tests" in document:
-                self._tests(source, document["tests"], document.at("tests"))
+                self.tests.extend(tests.parse(source, document["tests"], document.at("tests")))
         self._check_thresholds()
         scanners = self.table.compile(self.problems.items)
         if self.problems:
@@ -337,99 +328,6 @@ class _Loader:
             if checked is not None and header_value is not None:
                 out.append((checked, header_value))
         return tuple(out)
-
-    # -- tests ------------------------------------------------------------------------------
-
-    def _tests(self, source: str, value: Any, pos: Pos) -> None:
-        seq = as_seq(value, pos, self.problems, "'tests:'")
-        if seq is None:
-            return
-        for index, item in enumerate(seq):
-            case = self._test(source, item, seq.at(index))
-            if case is not None:
-                self.tests.append(case)
-
-    def _test(self, source: str, value: Any, pos: Pos) -> RuleTestCase | None:
-        mapping = as_map(value, pos, self.problems, "a test case")
-        if mapping is None:
-            return None
-        before = len(self.problems.items)
-        unknown_keys(mapping, TEST_KEYS, self.problems, "a test case")
-        problems = self.problems
-        has = [key for key in ("message", "raw") if key in mapping]
-        message_path: str | None = None
-        raw: bytes | None = None
-        if len(has) != 1:
-            problems.add(pos, "a test case needs exactly one of message: (a file) or raw: (text)")
-        elif has[0] == "message":
-            rel = as_str(mapping["message"], mapping.at("message"), problems, "message")
-            message_path = str(Path(source).parent / rel) if rel else None
-        else:
-            text = as_str(mapping["raw"], mapping.at("raw"), problems, "raw")
-            raw = to_crlf(text.encode("utf-8")) if text else None
-        name = f"{Path(source).name}:{pos.line}"
-        if "name" in mapping:
-            name = as_str(mapping["name"], mapping.at("name"), problems, "test name") or name
-        elif message_path:
-            name += f" ({Path(message_path).name})"
-
-        def text_key(key: str, default: str | None) -> str | None:
-            if key not in mapping:
-                return default
-            return as_str(mapping[key], mapping.at(key), problems, key, allow_empty=key == "sender")
-
-        sender = text_key("sender", DEFAULT_TEST_SENDER) or ""
-        recipients: tuple[str, ...] = (DEFAULT_TEST_RECIPIENT,)
-        if "recipients" in mapping:
-            listed = as_str_list(mapping["recipients"], mapping.at("recipients"), problems,
-                                 "recipients")
-            recipients = tuple(address for address, _ in listed or [])
-        envelope = Envelope(sender=sender, recipients=recipients,
-                            client_ip=text_key("client_ip", None), helo=text_key("helo", None))
-        expect = self._expect(mapping.get("expect"), mapping.at("expect")) \
-            if "expect" in mapping else None
-        if expect is None and "expect" not in mapping:
-            problems.add(pos, "a test case needs expect:")
-        if expect is None or len(problems.items) != before:
-            return None
-        return RuleTestCase(name=name, source=source, line=pos.line, col=pos.col,
-                            envelope=envelope, expect=expect, message_path=message_path, raw=raw)
-
-    def _expect(self, value: Any, pos: Pos) -> TestExpectation | None:
-        mapping = as_map(value, pos, self.problems, "expect")
-        if mapping is None:
-            return None
-        unknown_keys(mapping, EXPECT_KEYS, self.problems, "expect")
-        if not mapping:
-            self.problems.add(pos, "expect: needs at least one of " + ", ".join(EXPECT_KEYS))
-            return None
-        fields: dict[str, Any] = {}
-        if "action" in mapping:
-            text = as_str(mapping["action"], mapping.at("action"), self.problems, "expect action")
-            if text is not None and text not in ACTIONS:
-                self.problems.add(mapping.at("action"), f"unknown action '{text}'"
-                                  f"{suggestion(text, ACTIONS)}")
-            elif text is not None:
-                fields["action"] = Action(text)
-        for key in ("rules", "not_rules"):
-            if key in mapping:
-                names = as_str_list(mapping[key], mapping.at(key), self.problems, key) or []
-                for rule_name, at in names:
-                    if rule_name not in self.rule_at:
-                        self.problems.add(at, f"unknown rule '{rule_name}'"
-                                              f"{suggestion(rule_name, self.rule_at)}")
-                fields[key] = tuple(n for n, _ in names)
-        for key in ("score_at_least", "score_below"):
-            if key in mapping:
-                fields[key] = as_number(mapping[key], mapping.at(key), self.problems, key)
-        if "tag" in mapping:
-            fields["tag"] = as_bool(mapping["tag"], mapping.at("tag"), self.problems, "tag")
-        return TestExpectation(**fields)
-
-
-def to_crlf(data: bytes) -> bytes:
-    """Normalize line endings to CRLF, as a message arrives over SMTP."""
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _header_text(value: Any, pos: Pos, problems: Problems, what: str) -> str | None:

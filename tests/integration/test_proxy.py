@@ -230,8 +230,9 @@ def test_clients_outside_networks_get_554(tmp_path: Path, nexthop: NextHop, empt
     with Daemon(tmp_path, nexthop.port, rules=empty_rules, extra=extra) as daemon:
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
             assert sock.makefile("rb").readline().startswith(b"554 5.7.1")
-        [line] = daemon.wait_event("connection_refused")
-        assert line["reason"] == "acl"
+        lines = daemon.wait_event("connection_refused")  # the launcher's port probe counts too
+        assert lines
+        assert {line["reason"] for line in lines} == {"acl"}
 
 
 def test_max_connections_gives_421(tmp_path: Path, nexthop: NextHop, empty_rules: Path) -> None:

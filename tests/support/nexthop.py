@@ -24,8 +24,8 @@ class Fault:
     """One injected misbehaviour for one connection or transaction: at ``stage``, do ``kind``.
 
     kinds: ``close`` (drop the connection), ``stall`` (stop answering for ``seconds``, then drop),
-    ``reply`` (answer ``reply`` instead: at ``rcpt`` for every recipient, at ``dot`` as the final
-    reply, which records nothing), ``shutdown`` (answer 421 and drop), ``late`` (at ``dot`` only:
+    ``reply`` (answer ``reply`` instead, one byte every ``seconds`` if set: at ``rcpt`` for every
+    recipient, at ``dot`` as the final reply, which records nothing unless it is a 250), ``shutdown`` (answer 421 and drop), ``late`` (at ``dot`` only:
     wait ``seconds``, then record the message and answer 250, as a next hop does whose reply
     comes after the client gave up), ``trickle`` (send every reply of the transaction one byte
     every ``seconds``).
@@ -307,7 +307,8 @@ class NextHop:
                      fault: Fault | None = None) -> None:
         payload = (text + "\r\n").encode()
         trickle = self.behaviour.trickle
-        if fault is not None and fault.kind == "trickle":
+        if fault is not None and fault.seconds and (
+                fault.kind == "trickle" or (fault.kind == "reply" and text == fault.reply)):
             trickle = fault.seconds
         if trickle:
             for byte in payload:

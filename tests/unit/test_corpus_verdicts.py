@@ -39,9 +39,13 @@ def test_corpus_verdict(entry: dict[str, str]) -> None:
     allowed = _allowed(entry["expect"])
     assert verdict.action in allowed, (entry["file"], verdict.action, verdict.rules, verdict.score)
     if entry["expect"] == "relay":
-        assert not verdict.tag and verdict.subject_prefix == ""
-        assert verdict.add_headers == () and verdict.bcc == () and verdict.redirect == ()
-        assert RULESET.thresholds.tag is not None and verdict.score < RULESET.thresholds.tag
+        assert not verdict.tag
+        assert verdict.subject_prefix == ""
+        assert verdict.add_headers == ()
+        assert verdict.bcc == ()
+        assert verdict.redirect == ()
+        assert RULESET.thresholds.tag is not None
+        assert verdict.score < RULESET.thresholds.tag
     if entry["kind"] == "ham":
         assert verdict.rules == (), (entry["file"], verdict.rules)
 

@@ -35,7 +35,8 @@ def test_check_summary(tmp_path: Path) -> None:
           - {name: a, if: {subject: {contains: x}}, then: {score: 1}}
           - {name: b, if: {subject: {contains: y}}, then: {score: 1}, mode: shadow}
         """)
-    _write(tmp_path / "b.yaml", "rules:\n  - {name: c, if: {sender: {in_list: l}}, then: {score: 1}}\n")
+    _write(tmp_path / "b.yaml",
+           "rules:\n  - {name: c, if: {sender: {in_list: l}}, then: {score: 1}}\n")
     out, err = _streams()
     assert check(tmp_path, out, err) == 0
     assert out.getvalue() == "OK: 3 rules in 2 files, 1 list (1 in shadow mode)\n"
@@ -65,7 +66,8 @@ def test_check_passes_on_the_shipped_rules() -> None:
 
 def test_scan_json_one_object_per_message(tmp_path: Path) -> None:
     out, err = _streams()
-    files = [str(CORPUS / "spam-gtube.eml"), str(tmp_path / "missing.eml"), str(CORPUS / "ham-plain.eml")]
+    files = [str(CORPUS / "spam-gtube.eml"), str(tmp_path / "missing.eml"),
+             str(CORPUS / "ham-plain.eml")]
     code = scan(SHIPPED, files, sender="promo@spam.example", recipients=["bob@example.net"],
                 client_ip="192.0.2.1", helo="mx.spam.example", as_json=True, out=out, err=err)
     assert code == 1  # the unreadable file, and the others were still scanned
@@ -80,7 +82,8 @@ def test_scan_json_one_object_per_message(tmp_path: Path) -> None:
     assert [t["rule"] for t in ham["trace"]] == list(ruleset.rule_names)
     assert set(gtube["trace"][0]) >= {"rule", "matched", "score", "shadow", "detail"}
     matched = [t for t in gtube["trace"] if t["matched"]]
-    assert [t["rule"] for t in matched] == ["gtube"] and "GTUBE" in matched[0]["detail"]
+    assert [t["rule"] for t in matched] == ["gtube"]
+    assert "GTUBE" in matched[0]["detail"]
 
 
 def test_scan_human_output(tmp_path: Path) -> None:
@@ -89,9 +92,12 @@ def test_scan_human_output(tmp_path: Path) -> None:
                 recipients=["bob@example.net"], client_ip=None, helo=None, as_json=False,
                 out=out, err=err)
     text = out.getvalue()
-    assert code == 0 and err.getvalue() == ""
-    assert text.splitlines()[0].startswith(f"{CORPUS / 'phish-link-mismatch.eml'}: QUARANTINE score 13")
-    assert "+ link-text-domain-mismatch" in text and '"www.paypal.com"' in text
+    assert code == 0
+    assert err.getvalue() == ""
+    first = text.splitlines()[0]
+    assert first.startswith(f"{CORPUS / 'phish-link-mismatch.eml'}: QUARANTINE score 13")
+    assert "+ link-text-domain-mismatch" in text
+    assert '"www.paypal.com"' in text
     assert "- gtube" in text
 
 
@@ -128,7 +134,12 @@ def test_run_tests_reports_what_differed(tmp_path: Path) -> None:
             expect: {action: reject, rules: [gtube]}
           - name: wrong
             message: gtube.eml
-            expect: {action: accept, rules: [never], not_rules: [gtube], score_at_least: 2, tag: true}
+            expect:
+              action: accept
+              rules: [never]
+              not_rules: [gtube]
+              score_at_least: 2
+              tag: true
           - name: unreadable
             message: nowhere.eml
             expect: {action: accept}
@@ -142,7 +153,8 @@ def test_run_tests_reports_what_differed(tmp_path: Path) -> None:
                  "expected not to match but did: gtube", "score: expected at least 2, got 0",
                  "tag: expected true, got false"):
         assert part in lines[1]
-    assert lines[2].startswith("FAIL unreadable (") and "cannot read message" in lines[2]
+    assert lines[2].startswith("FAIL unreadable (")
+    assert "cannot read message" in lines[2]
     assert lines[3] == "1 passed, 2 failed"
 
 

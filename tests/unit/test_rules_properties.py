@@ -25,18 +25,27 @@ _EVERY_FIELD = textwrap.dedent("""\
       - {name: f4, if: {body: {regex: '(?i)\\bfree\\b'}}, then: {score: 0.1}}
       - {name: f5, if: {raw: {contains: 'MIME'}}, then: {score: 0.1}}
       - {name: f6, if: {url: {text_domain_mismatch: true}}, then: {score: 0.1}}
-      - {name: f7, if: {url: {domain: {in: [example.com]}, link_text: {regex: '.'}}}, then: {score: 0.1}}
-      - {name: f8, if: {attachment: {filename: {glob: '*.*'}, detected_type: {contains: '/'}}}, then: {score: 0.1}}
-      - {name: f9, if: {attachment: {archive: {filename: {regex: '.'}, size: {gt: 0}}}}, then: {score: 0.1}}
+      - name: f7
+        if: {url: {domain: {in: [example.com]}, link_text: {regex: '.'}}}
+        then: {score: 0.1}
+      - name: f8
+        if: {attachment: {filename: {glob: '*.*'}, detected_type: {contains: '/'}}}
+        then: {score: 0.1}
+      - name: f9
+        if: {attachment: {archive: {filename: {regex: '.'}, size: {gt: 0}}}}
+        then: {score: 0.1}
       - {name: f10, if: {not: {header: {name: Date, exists: true}}}, then: {score: 0.1}}
       - {name: f11, if: {any: [{subject: {equals: ''}}, {size: {lt: 10}}]}, then: {score: 0.1}}
-      - {name: f12, if: {helo: {in: ['.example.org']}, client_ip: {in: ['0.0.0.0/0', '::/0']}}, then: {action: tag}}
+      - name: f12
+        if: {helo: {in: ['.example.org']}, client_ip: {in: ['0.0.0.0/0', '::/0']}}
+        then: {action: tag}
     """)
 
 _fragments = st.sampled_from([
     b"From: ", b"To: ", b"Subject: ", b"Content-Type: multipart/mixed; boundary=b\r\n",
     b"Content-Type: text/html\r\n", b"Content-Transfer-Encoding: base64\r\n",
-    b"Content-Transfer-Encoding: quoted-printable\r\n", b"Content-Disposition: attachment; filename*=",
+    b"Content-Transfer-Encoding: quoted-printable\r\n",
+    b"Content-Disposition: attachment; filename*=",
     b"--b\r\n", b"--b--\r\n", b"\r\n", b"\n", b"=?utf-8?b?", b"?=", b"<a href=\"http://", b"\">",
     b"</a>", b"PK\x03\x04", b"PK\x05\x06", b"MZ", b"=E2=80", b"\x00", b"\xff\xfe", b"@", b"<>",
     b"\"", b"(", b")", b";", b":", b",", b"www.example.com", b"\t", b" ",
@@ -64,12 +73,16 @@ def test_random_bytes_never_raise_with_the_shipped_rules(raw: bytes, sender: str
     assert len(verdict.trace) == len(_SHIPPED_SET.rules)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=_messages, helo=st.sampled_from([None, "", "mx.example.org", "\x00"]))
-def test_random_bytes_never_raise_on_any_field(tmp_path: Path, raw: bytes, helo: str | None) -> None:
+def test_random_bytes_never_raise_on_any_field(tmp_path: Path, raw: bytes,
+                                               helo: str | None) -> None:
     ruleset = _every_field(tmp_path)
-    verdict = evaluate(ruleset, Message(Envelope("a@example.org", ("b@example.org",), "192.0.2.1", None, helo), raw))
-    assert verdict.score >= 0 and len(verdict.trace) == 12
+    envelope = Envelope("a@example.org", ("b@example.org",), "192.0.2.1", None, helo)
+    verdict = evaluate(ruleset, Message(envelope, raw))
+    assert verdict.score >= 0
+    assert len(verdict.trace) == 12
     assert set(verdict.rules) <= set(ruleset.rule_names)
 
 

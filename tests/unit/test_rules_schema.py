@@ -23,6 +23,13 @@ def _problems(path: Path) -> list[str]:
     return [str(problem) for problem in caught.value.problems]
 
 
+def _rule_file(*names: str) -> str:
+    """A rules: section with one trivial rule per name."""
+    return "rules:\n" + "".join(
+        f"  - {{name: {name}, if: {{subject: {{contains: x}}}}, then: {{score: 1}}}}\n"
+        for name in names)
+
+
 def _one_rule(tmp_path: Path, body: str) -> tuple[Path, list[str]]:
     """Problems of a file holding one rule named ``r`` whose other keys are ``body``."""
     (tmp_path / "lists").mkdir(exist_ok=True)
@@ -149,7 +156,9 @@ def test_duplicate_yaml_key_is_located(tmp_path: Path) -> None:
 def test_yaml_syntax_error_is_located(tmp_path: Path) -> None:
     path = _write(tmp_path / "rules.yaml", "rules:\n  - name: a\n    if: {subject: [\n")
     problems = _problems(path)
-    assert len(problems) == 1 and problems[0].startswith(f"{path}:") and "invalid YAML" in problems[0]
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}:")
+    assert "invalid YAML" in problems[0]
 
 
 def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
@@ -158,8 +167,8 @@ def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
 
 
 def test_directory_loads_yaml_files_in_name_order(tmp_path: Path) -> None:
-    _write(tmp_path / "20-second.yaml", "rules:\n  - {name: b, if: {subject: {contains: x}}, then: {score: 1}}\n")
-    _write(tmp_path / "10-first.yaml", "rules:\n  - {name: a, if: {subject: {contains: x}}, then: {score: 1}}\n")
+    _write(tmp_path / "20-second.yaml", _rule_file("b"))
+    _write(tmp_path / "10-first.yaml", _rule_file("a"))
     _write(tmp_path / "notes.txt", "not yaml at all: [")
     _write(tmp_path / ".hidden.yaml", "nonsense: [")
     ruleset = load_ruleset(tmp_path)
@@ -168,11 +177,13 @@ def test_directory_loads_yaml_files_in_name_order(tmp_path: Path) -> None:
 
 
 def test_problems_across_files_and_duplicate_names_across_files(tmp_path: Path) -> None:
-    first = _write(tmp_path / "10-a.yaml", "rules:\n  - {name: same, if: {subject: {contains: x}}, then: {score: 1}}\n")
-    second = _write(tmp_path / "20-b.yaml", "rules:\n  - {name: same, if: {subject: {contains: x}}, then: {score: 1}}\nscorez: {}\n")
+    first = _write(tmp_path / "10-a.yaml", _rule_file("same"))
+    second = _write(tmp_path / "20-b.yaml", _rule_file("same") + "scorez: {}\n")
     problems = _problems(tmp_path)
-    assert problems[0].startswith(f"{second}:2:12: duplicate rule name 'same' (first defined at {first}:2:12)")
-    assert problems[1].startswith(f"{second}:3:1: unknown key 'scorez' in a rule file; did you mean 'scores'?")
+    assert problems[0].startswith(
+        f"{second}:2:12: duplicate rule name 'same' (first defined at {first}:2:12)")
+    assert problems[1].startswith(
+        f"{second}:3:1: unknown key 'scorez' in a rule file; did you mean 'scores'?")
 
 
 def test_empty_directory_and_missing_path(tmp_path: Path) -> None:
@@ -182,7 +193,8 @@ def test_empty_directory_and_missing_path(tmp_path: Path) -> None:
 
 def test_lists_load_relative_to_their_rule_file(tmp_path: Path) -> None:
     (tmp_path / "conf" / "lists").mkdir(parents=True)
-    (tmp_path / "conf" / "lists" / "bad.txt").write_text("# header\n\nspam.example\n  evil.example  # trailing comment\n")
+    (tmp_path / "conf" / "lists" / "bad.txt").write_text(
+        "# header\n\nspam.example\n  evil.example  # trailing comment\n")
     _write(tmp_path / "conf" / "rules.yaml", """\
         lists: {bad: lists/bad.txt}
         rules:
@@ -201,8 +213,8 @@ def test_missing_list_file_and_bad_cidr_entry_are_located(tmp_path: Path) -> Non
         """)
     problems = _problems(path)
     assert any(p.startswith(f"{path}:1:31: list 'gone': cannot read") for p in problems), problems
-    assert any(p.startswith(f"{tmp_path / 'nets.txt'}:3:3: list 'nets': not an IP address or CIDR: '300.1.2.3'")
-               for p in problems), problems
+    wanted = f"{tmp_path / 'nets.txt'}:3:3: list 'nets': not an IP address or CIDR: '300.1.2.3'"
+    assert any(p.startswith(wanted) for p in problems), problems
 
 
 def test_thresholds_and_tag_settings(tmp_path: Path) -> None:
@@ -212,7 +224,8 @@ def test_thresholds_and_tag_settings(tmp_path: Path) -> None:
         rules: []
         """)
     ruleset = load_ruleset(path)
-    assert (ruleset.thresholds.tag, ruleset.thresholds.quarantine, ruleset.thresholds.reject) == (4.0, 8.5, None)
+    thresholds = ruleset.thresholds
+    assert (thresholds.tag, thresholds.quarantine, thresholds.reject) == (4.0, 8.5, None)
     assert ruleset.tag_subject_prefix == "[SPAM] "
 
 
@@ -251,10 +264,13 @@ def test_rule_fields_are_compiled(tmp_path: Path) -> None:
               subject_prefix: "[X] "
         """)
     rule = load_ruleset(path).rules[0]
-    assert rule.action is Action.REJECT and rule.reply == SmtpReply(550, "5.7.1", "Go away")
+    assert rule.action is Action.REJECT
+    assert rule.reply == SmtpReply(550, "5.7.1", "Go away")
     assert (rule.reason, rule.score, rule.stop, rule.shadow) == ("testing", 2.5, True, True)
-    assert rule.bcc == ("audit@example.org",) and rule.add_headers == (("X-Checked", "yes"),)
-    assert rule.remove_headers == ("X-Old",) and rule.subject_prefix == "[X] "
+    assert rule.bcc == ("audit@example.org",)
+    assert rule.add_headers == (("X-Checked", "yes"),)
+    assert rule.remove_headers == ("X-Old",)
+    assert rule.subject_prefix == "[X] "
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -263,10 +279,11 @@ def test_rule_fields_are_compiled(tmp_path: Path) -> None:
     ("{expect: {action: accept}}", "exactly one of message: (a file) or raw: (text)"),
     ("{raw: 'Subject: x'}", "a test case needs expect:"),
     ("{raw: 'Subject: x', expect: {}}", "expect: needs at least one of"),
-    ("{raw: 'Subject: x', expect: {action: accept, score_atleast: 1}}", "did you mean 'score_at_least'?"),
+    ("{raw: 'Subject: x', expect: {action: accept, score_atleast: 1}}",
+     "did you mean 'score_at_least'?"),
 ])
 def test_bad_test_cases(tmp_path: Path, case: str, expected: str) -> None:
-    path = _write(tmp_path / "rules.yaml", f"rules:\n  - {{name: a, if: {{subject: {{contains: x}}}}, then: {{score: 1}}}}\ntests:\n  - {case}\n")
+    path = _write(tmp_path / "rules.yaml", _rule_file("a") + f"tests:\n  - {case}\n")
     problems = _problems(path)
     assert any(expected in p and p.startswith(f"{path}:4:") for p in problems), problems
 
@@ -286,18 +303,21 @@ def test_test_case_defaults_and_paths(tmp_path: Path) -> None:
             expect: {action: accept, tag: false}
         """)
     first, second = load_ruleset(path).tests
-    assert first.message_path == str(tmp_path / "mails" / "one.eml") and first.raw is None
+    assert first.message_path == str(tmp_path / "mails" / "one.eml")
+    assert first.raw is None
     assert first.name == "rules.yaml:3 (one.eml)"
     assert first.envelope.sender == "sender@example.test"
     assert second.raw == b"Subject: x\r\n\r\nbody\r\n"
-    assert second.envelope.sender == "" and second.envelope.recipients == ("a@example.org", "b@example.org")
+    assert second.envelope.sender == ""
+    assert second.envelope.recipients == ("a@example.org", "b@example.org")
     assert (second.envelope.client_ip, second.envelope.helo) == ("192.0.2.1", "mx.example.org")
 
 
 def test_reload_builds_independent_objects(tmp_path: Path) -> None:
-    path = _write(tmp_path / "rules.yaml", "rules:\n  - {name: a, if: {subject: {contains: x}}, then: {score: 1}}\n")
+    path = _write(tmp_path / "rules.yaml", _rule_file("a"))
     first = load_ruleset(path)
     _write(path, "rules:\n  - {name: b, if: {subject: {contains: y}}, then: {score: 1}}\n")
     second = load_ruleset(path)
-    assert first.rule_names == ("a",) and second.rule_names == ("b",)
+    assert first.rule_names == ("a",)
+    assert second.rule_names == ("b",)
     assert first.scanners is not second.scanners
