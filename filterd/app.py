@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -23,7 +24,7 @@ from filterd import __version__
 from filterd.actions import Executor, LazyQuarantine
 from filterd.actions.quarantine import run_retention
 from filterd.errors import QuarantineError
-from filterd.actions.relay import RelayClient
+from filterd.actions.relay import NO_TLS, RelayClient, RelayTls
 from filterd.config import Config, load_config
 from filterd.errors import ConfigError
 from filterd.observe import Metrics, make_registry, start_metrics_server
@@ -38,6 +39,36 @@ PURGE_INTERVAL_SECONDS = 3600.0
 EXIT_FORCED = 1
 
 
+def ingress_tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls.cert or not config.tls.key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls.cert, config.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError.single(config.source, 1, 1, f"tls: cannot load certificate/key: {exc}") from exc
+    return context
+
+
+def relay_client(config: Config, *, pool_size: int | None = None) -> RelayClient:
+    """The next-hop client the config describes (TLS included)."""
+    settings = config.relay_tls
+    tls = NO_TLS
+    if settings.mode != "none":
+        try:
+            context = ssl.create_default_context(cafile=settings.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError.single(config.source, 1, 1, f"relay_tls: cannot load ca_file: {exc}") from exc
+        if not settings.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        tls = RelayTls(settings.mode, context, settings.server_name)
+    return RelayClient(
+        config.relay.host, config.relay.port, timeout=config.limits.relay_timeout,
+        helo=config.hostname, pool_size=pool_size or config.relay_pool_size, tls=tls,
+    )
+
+
 def ingress_policy(config: Config) -> IngressPolicy:
     limits = config.limits
     return IngressPolicy(
@@ -50,6 +81,8 @@ def ingress_policy(config: Config) -> IngressPolicy:
         hostname=config.hostname,
         spool_threshold=limits.spool_threshold,
         spool_dir=str(Path(config.state_dir) / "spool"),
+        tls_context=ingress_tls_context(config),
+        require_tls=config.tls.require,
     )
 
 
@@ -69,10 +102,7 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.metrics.set_rule_names(self.ruleset.rule_names)
         self.quarantine = LazyQuarantine(config.quarantine.path)
-        self.relay = RelayClient(
-            config.relay.host, config.relay.port, timeout=config.limits.relay_timeout,
-            helo=config.hostname, pool_size=config.relay_pool_size,
-        )
+        self.relay = relay_client(config)
         self.processor = MessageProcessor(lambda: self.ruleset, Executor(self.quarantine), self.metrics)
         self.handler = FilterdHandler(ingress_policy(config), self.relay, self.processor, self.metrics)
         self.notifier = Notifier()

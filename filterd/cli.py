@@ -170,7 +170,6 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 def _quarantine(args: argparse.Namespace, config: Config) -> int:
     from filterd.actions import quarantine_commands as commands
     from filterd.actions.quarantine import QuarantineStore
-    from filterd.actions.relay import RelayClient
     from filterd.observe import configure_logging
 
     configure_logging(config.log.format, config.log.level)
@@ -185,9 +184,10 @@ def _quarantine(args: argparse.Namespace, config: Config) -> int:
     if args.qcommand == "purge":
         return commands.purge_entries(store, args.older_than, out)
 
+    from filterd.app import relay_client
+
     async def send(sender: str, recipients: Sequence[str], raw: bytes) -> None:
-        client = RelayClient(config.relay.host, config.relay.port, timeout=config.limits.relay_timeout,
-                             helo=config.hostname, pool_size=1)
+        client = relay_client(config, pool_size=1)
         try:
             await client.send(sender, recipients, raw)
         finally:

@@ -66,6 +66,27 @@ class QuarantineConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """STARTTLS on ingress: off unless a certificate and key are given."""
+
+    cert: str | None = None
+    key: str | None = None
+    require: bool = False  # refuse MAIL before STARTTLS
+
+
+@dataclass(frozen=True)
+class RelayTlsConfig:
+    """TLS to the next hop: ``none`` (default: the re-injection port is on loopback),
+    ``opportunistic`` (STARTTLS when offered) or ``required``; certificates verified unless
+    ``verify: false``."""
+
+    mode: str = "none"
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str | None = None  # None: json unless stderr is a TTY
     level: str = "info"
@@ -85,6 +106,8 @@ class Config:
     hostname: str
     workers: int = 1
     relay_pool_size: int = 32
+    tls: TlsConfig = TlsConfig()
+    relay_tls: RelayTlsConfig = RelayTlsConfig()
     source: str = "<built-in defaults>"
 
     def with_overrides(self, **changes: Any) -> Config:
@@ -251,8 +274,20 @@ def _resolve(path: str, base: Path) -> str:
 
 _TOP_KEYS = {
     "listen", "relay", "rules", "quarantine", "metrics", "limits", "networks", "log",
-    "state_dir", "hostname", "workers", "relay_pool_size",
+    "state_dir", "hostname", "workers", "relay_pool_size", "tls", "relay_tls",
 }
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _relay_tls_mode(value: object) -> str:
+    if value not in ("none", "opportunistic", "required"):
+        raise ValueError("expected 'none', 'opportunistic' or 'required'")
+    return str(value)
 _LIMIT_PARSERS: dict[str, Any] = {
     "max_message_size": parse_size,
     "max_recipients": _positive_int,
@@ -307,7 +342,31 @@ def parse_config(data: object, source: str, base: Path) -> Config:
             level=read.convert(lmap, "level", _log_level, "info"),
         )
 
+    tls = TlsConfig()
+    if "tls" in data and (tmap := read.mapping(data["tls"], data.at("tls"), "tls")):
+        read.check_keys(tmap, {"cert", "key", "require"}, "tls")
+        tls = TlsConfig(
+            cert=read.convert(tmap, "cert", lambda v: _resolve(_string(v), base), None),
+            key=read.convert(tmap, "key", lambda v: _resolve(_string(v), base), None),
+            require=read.convert(tmap, "require", _bool, False),
+        )
+        if bool(tls.cert) != bool(tls.key):
+            problems.append(data.at("tls").problem("tls needs both cert and key"))
+        if tls.require and not tls.cert:
+            problems.append(data.at("tls").problem("tls.require needs a cert and key"))
+    relay_tls = RelayTlsConfig()
+    if "relay_tls" in data and (rmap := read.mapping(data["relay_tls"], data.at("relay_tls"), "relay_tls")):
+        read.check_keys(rmap, {"mode", "verify", "ca_file", "server_name"}, "relay_tls")
+        relay_tls = RelayTlsConfig(
+            mode=read.convert(rmap, "mode", _relay_tls_mode, "none"),
+            verify=read.convert(rmap, "verify", _bool, True),
+            ca_file=read.convert(rmap, "ca_file", lambda v: _resolve(_string(v), base), None),
+            server_name=read.convert(rmap, "server_name", _string, None),
+        )
+
     config = Config(
+        tls=tls,
+        relay_tls=relay_tls,
         listen=read.convert(data, "listen", _hostport_list, defaults.listen),
         relay=read.convert(data, "relay", _hostport, defaults.relay),
         rules=read.convert(data, "rules", lambda v: _resolve(_string(v), base), defaults.rules),
@@ -338,6 +397,6 @@ def load_config(path: str | None) -> Config:
 
 
 __all__ = [
-    "Config", "HostPort", "Limits", "LogConfig", "QuarantineConfig",
+    "Config", "HostPort", "Limits", "LogConfig", "QuarantineConfig", "RelayTlsConfig", "TlsConfig",
     "default_config", "load_config", "parse_duration", "parse_size",
 ]

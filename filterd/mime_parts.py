@@ -78,7 +78,7 @@ def _declared(fields: list[HeaderField], default_type: str) -> _Declared:
     return _Declared(
         content_type=ctype,
         charset=params.get("charset"),
-        filename=filename.strip(),
+        filename=filename,
         disposition=disp,
         encoding=(encoding or "").strip().lower().partition(" ")[0],
         boundary=params.get("boundary", ""),

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import itertools
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -66,6 +67,8 @@ class IngressPolicy:
     hostname: str
     spool_threshold: int
     spool_dir: str
+    tls_context: ssl.SSLContext | None = None
+    require_tls: bool = False
 
 
 @dataclass(eq=False)  # identity semantics: states live in a set of active sessions
@@ -342,6 +345,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 handler, data_size_limit=policy.max_message_size, enable_SMTPUTF8=True,
                 decode_data=False, hostname=policy.hostname, ident="filterd ESMTP",
                 timeout=policy.session_timeout, auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                tls_context=policy.tls_context, require_starttls=policy.require_tls,
             )
             FilterdSMTP._shared = {key: (self._handle_hooks, self._auth_methods)}
             FilterdSMTP._smtp_method_names = tuple(self._smtp_methods)
@@ -364,8 +368,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self.enable_SMTPUTF8 = True
         self._decode_data = False
         self.hostname = policy.hostname
-        self.tls_context = None
-        self.require_starttls = False
+        self.tls_context = policy.tls_context
+        self.require_starttls = bool(policy.tls_context and policy.require_tls)
         self._timeout_duration = policy.session_timeout
         self._timeout_handle = None
         self._tls_handshake_okay = True
@@ -396,6 +400,15 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         self.filterd_handler.protocols.add(self)
         await super()._handle_client()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # After STARTTLS aiosmtpd calls this again and creates a new Session: carry our state
+        # over, minus what RFC 3207 says to forget (XFORWARD attributes, like EHLO).
+        state = getattr(self.session, "filterd_state", None) if self.session is not None else None
+        super().connection_made(transport)
+        if state is not None:
+            self.session.filterd_state = state
+            state.xforward.clear()
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session

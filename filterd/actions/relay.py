@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -145,8 +146,55 @@ class NextHopConnection:
             await asyncio.wait_for(self.writer.wait_closed(), 2)
 
 
-async def open_connection(host: str, port: int, *, timeout: float, helo: str) -> NextHopConnection:
-    """Connect, read the greeting and say EHLO (HELO as a fallback)."""
+@dataclass(frozen=True)
+class RelayTls:
+    """STARTTLS to the next hop: ``opportunistic`` when offered, or ``required``."""
+
+    mode: str  # "none" | "opportunistic" | "required"
+    context: ssl.SSLContext | None = None
+    server_name: str | None = None
+
+
+NO_TLS = RelayTls("none")
+
+
+async def _ehlo(conn: NextHopConnection, helo: str) -> None:
+    ehlo = await conn.command(f"EHLO {helo}")
+    conn.extensions = {}
+    if ehlo.code == 250:
+        for entry in ehlo.lines[1:]:
+            name, _, params = entry.partition(" ")
+            conn.extensions[name.upper()] = params
+        return
+    helo_reply = await conn.command(f"HELO {helo}")
+    if helo_reply.code != 250:
+        raise RelayError("protocol", f"HELO refused: {helo_reply}")
+
+
+async def _starttls(conn: NextHopConnection, host: str, helo: str, tls: RelayTls) -> None:
+    if not conn.supports("STARTTLS"):
+        if tls.mode == "required":
+            raise RelayError("protocol", "next hop does not offer STARTTLS (relay_tls.mode: required)")
+        return
+    reply = await conn.command("STARTTLS")
+    if reply.code != 220:
+        if tls.mode == "required":
+            raise RelayError("protocol", f"STARTTLS refused: {reply}")
+        return
+    context = tls.context or ssl.create_default_context()
+    try:
+        async with asyncio.timeout(conn.timeout):
+            await conn.writer.start_tls(context, server_hostname=tls.server_name or host)
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        conn.broken = True
+        raise RelayError("protocol", f"TLS handshake with the next hop failed: {exc}") from exc
+    await _ehlo(conn, helo)
+
+
+async def open_connection(
+    host: str, port: int, *, timeout: float, helo: str, tls: RelayTls = NO_TLS
+) -> NextHopConnection:
+    """Connect, read the greeting, say EHLO (HELO as a fallback), STARTTLS if configured."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     except TimeoutError as exc:
@@ -158,15 +206,9 @@ async def open_connection(host: str, port: int, *, timeout: float, helo: str) ->
         greeting = await conn.read_reply()
         if greeting.code != 220:
             raise RelayError("refused_4xx" if greeting.code < 500 else "refused_5xx", f"greeting: {greeting}")
-        ehlo = await conn.command(f"EHLO {helo}")
-        if ehlo.code == 250:
-            for entry in ehlo.lines[1:]:
-                name, _, params = entry.partition(" ")
-                conn.extensions[name.upper()] = params
-        else:
-            helo_reply = await conn.command(f"HELO {helo}")
-            if helo_reply.code != 250:
-                raise RelayError("protocol", f"HELO refused: {helo_reply}")
+        await _ehlo(conn, helo)
+        if tls.mode != "none":
+            await _starttls(conn, host, helo, tls)
     except BaseException:
         conn.broken = True
         await conn.close()
@@ -199,7 +241,9 @@ class Xforward:
 class RelayClient:
     """A bounded pool of next-hop connections; each transaction borrows one and returns it."""
 
-    def __init__(self, host: str, port: int, *, timeout: float, helo: str, pool_size: int = 32) -> None:
+    def __init__(self, host: str, port: int, *, timeout: float, helo: str, pool_size: int = 32,
+                 tls: RelayTls = NO_TLS) -> None:
+        self.tls = tls
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -214,7 +258,8 @@ class RelayClient:
             if not conn.broken and not conn.reader.at_eof():
                 return conn, True
             await conn.close()
-        return await open_connection(self.host, self.port, timeout=self.timeout, helo=self.helo), False
+        conn = await open_connection(self.host, self.port, timeout=self.timeout, helo=self.helo, tls=self.tls)
+        return conn, False
 
     async def release(self, conn: NextHopConnection, *, clean: bool = False) -> None:
         """Return a connection to the pool; ``clean`` means the last transaction ended (DATA

@@ -17,7 +17,8 @@ from filterd.errors import ConfigError
 from filterd.model import Envelope, Message, Verdict
 from filterd.rules.jsonschema import json_schema
 from filterd.rules.pipeline import DEFAULT_MAX_SCAN_BYTES, RuleSet, RuleTestCase, evaluate
-from filterd.rules.schema import load_ruleset, to_crlf
+from filterd.rules.schema import load_ruleset
+from filterd.rules.testcases import to_crlf
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from filterd.errors import Problem
     from filterd.rules.view import MessageScan
 
-# A Set's DFA memory budget. RE2 only allocates what a message's scan needs; the budget just
-# has to be large enough that a big rule set never fails to build (the default 8 MiB is not).
-SET_MAX_MEM = 64 << 20
+# A Set's memory budget (program plus DFA cache). RE2 allocates DFA states only as scans need
+# them, so typical use stays far below it; it bounds what hostile input can make one field's
+# Set hold. RE2's default (8 MiB) cannot build a set of about 1,000 loose patterns; a set that
+# does not fit is split into chunks (``_compile_chunks``) instead of failing.
+SET_MAX_MEM = 32 << 20
 REGEX_MAX_MEM = 8 << 20
 _EXCERPT = 60
 EMPTY_HITS: frozenset[int] = frozenset()
@@ -42,7 +44,6 @@ def _options(max_mem: int) -> Any:
     return options
 
 
-_SET_OPTIONS = _options(SET_MAX_MEM)
 _REGEX_OPTIONS = _options(REGEX_MAX_MEM)
 
 
@@ -275,20 +276,25 @@ class PatternTable:
         patterns.positions.append(pos)
         return patterns.index_of[source]
 
-    def compile(self, problems: list[Problem]) -> dict[str, FieldScanner]:
+    def compile(self, problems: list[Problem], *,
+                max_mem: int = SET_MAX_MEM) -> dict[str, FieldScanner]:
+        """One scanner per field; a pattern that cannot be built is a located problem."""
+        options = _options(max_mem)
         scanners: dict[str, FieldScanner] = {}
         for name, patterns in self._fields.items():
             chunks: list[tuple[Any, int]] = []
-            _compile_chunks(patterns, 0, len(patterns.sources), chunks, problems)
+            _compile_chunks(patterns, 0, len(patterns.sources), chunks, problems,
+                            options=options)
             scanners[name] = FieldScanner(name, tuple(chunks), len(patterns.sources))
         return scanners
 
 
 def _compile_chunks(patterns: _FieldPatterns, start: int, end: int,
-                    chunks: list[tuple[Any, int]], problems: list[Problem]) -> None:
+                    chunks: list[tuple[Any, int]], problems: list[Problem], *,
+                    options: Any) -> None:
     # Halve the range until RE2 can build each part: a giant rule set still loads, at the cost
     # of one more pass per extra chunk, instead of failing as a whole.
-    compiled = re2.Set.SearchSet(_SET_OPTIONS)
+    compiled = re2.Set.SearchSet(options)
     try:
         for source in patterns.sources[start:end]:
             compiled.Add(source)
@@ -299,8 +305,8 @@ def _compile_chunks(patterns: _FieldPatterns, start: int, end: int,
                 "regex is too large for the matching engine; simplify it"))
             return
         middle = (start + end) // 2
-        _compile_chunks(patterns, start, middle, chunks, problems)
-        _compile_chunks(patterns, middle, end, chunks, problems)
+        _compile_chunks(patterns, start, middle, chunks, problems, options=options)
+        _compile_chunks(patterns, middle, end, chunks, problems, options=options)
         return
     chunks.append((compiled, start))
 

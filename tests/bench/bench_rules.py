@@ -79,7 +79,7 @@ def _rules_yaml(count: int, hits: list[str], one_percent: bool) -> str:
         field = _FIELDS[index % len(_FIELDS)]
         pattern = _pattern(rng).replace("'", "''")
         if index in matching:
-            pattern = hits[index % len(hits)]
+            pattern = hits[(index // 100) % len(hits)]
         condition = _CONDITIONS[field].format(pattern)
         lines.append(f"  - {{name: r{index}, if: {condition}, then: {{score: 0.1}}}}")
     return "\n".join(lines) + "\n"

@@ -95,6 +95,9 @@ def fetch_exim(workdir: Path) -> EximBinary:
     binary = EximBinary(root / "usr/sbin/exim4", root / LIBDIR, workdir)
     if not binary.exim.exists() or not (binary.libdir / "libnss_wrapper.so").exists():
         raise EximUnavailable("the unpacked packages do not contain exim4 and libnss_wrapper.so")
+    # Not setuid: Exim re-executes itself as its own user (bounces, queue runs), and a setuid
+    # exec puts the loader in secure mode, which ignores LD_LIBRARY_PATH and LD_PRELOAD.
+    binary.exim.chmod(0o755)
     return binary
 
 

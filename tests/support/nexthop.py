@@ -8,6 +8,7 @@ real sockets rather than mocks.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections import deque
@@ -61,6 +62,7 @@ class Behaviour:
                                  "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
     trickle: float = 0.0  # seconds between bytes of each reply
     delay: dict[str, float] = field(default_factory=dict)  # stage -> seconds before answering
+    tls_context: ssl.SSLContext | None = None  # set: announce and serve STARTTLS
     shutdown_at: str | None = None  # same stages: answer 421 and close the connection
     # Random faults: called with "connect" for each new connection and with "transaction" at
     # each MAIL; a returned Fault applies to that connection / transaction (see Fault).
@@ -74,6 +76,7 @@ class NextHop:
         self.behaviour = Behaviour()
         self.messages: list[Received] = []
         self.connections = 0
+        self.tls_sessions = 0
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -172,8 +175,14 @@ class NextHop:
                 self.commands.append(line)
                 text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
                 verb = text.split(" ", 1)[0].upper()
-                if verb == "EHLO":
-                    lines = ["nexthop.test", *self.behaviour.announce]
+                if verb == "STARTTLS" and self.behaviour.tls_context is not None:
+                    await self._reply(writer, "220 2.0.0 Ready to start TLS")
+                    await writer.start_tls(self.behaviour.tls_context)
+                    self.tls_sessions += 1
+                    sender, rcpts, xforward = None, [], {}
+                elif verb == "EHLO":
+                    tls = ("STARTTLS",) if self.behaviour.tls_context is not None else ()
+                    lines = ["nexthop.test", *self.behaviour.announce, *tls]
                     await self._reply(writer, "\r\n".join(
                         f"250{'-' if i < len(lines) - 1 else ' '}{item}"
                         for i, item in enumerate(lines)), fault)

@@ -14,7 +14,7 @@ import pytest
 
 from filterd.model import Action, Envelope, Message
 from filterd.rules import evaluate, load_ruleset
-from filterd.rules.schema import to_crlf
+from filterd.rules.testcases import to_crlf
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "corpus"

@@ -31,8 +31,7 @@ def touch_everything(msg: ParsedMessage) -> None:
         assert value in msg.header_values(name)
     for header in ("From", "To", "Cc", "Reply-To", "Sender"):
         for address in msg.addresses(header):
-            assert address.domain == address.domain.lower()
-            assert (address.domain == "") == ("@" not in address.address)
+            assert address.domain == address.address.rpartition("@")[2].lower()
     assert isinstance(msg.subject, str)
     assert isinstance(msg.message_id, str)
     assert isinstance(msg.body_text, str)

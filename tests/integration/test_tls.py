@@ -1,0 +1,92 @@
+"""STARTTLS on ingress (optional or required) and TLS to the next hop, with real handshakes."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import ssl
+from pathlib import Path
+
+import pytest
+
+from tests.support.certs import self_signed
+from tests.support.daemon import Daemon
+from tests.support.nexthop import NextHop
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
+PLAIN = b"From: a@example.org\r\nSubject: tls\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> Path:
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules: []\n")
+    return path
+
+
+def client_context(cert: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cert))
+
+
+def test_starttls_on_ingress(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    extra = {"tls": {"cert": str(cert), "key": str(key)}}
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
+            smtp.ehlo("client.test")
+            assert smtp.has_extn("starttls")
+            smtp.starttls(context=client_context(cert))
+            smtp.ehlo("client.test")
+            assert not smtp.has_extn("starttls")
+            assert smtp.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+    assert nexthop.wait_for(1)[0].data == PLAIN
+
+
+def test_require_tls_refuses_mail_in_the_clear(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    extra = {"tls": {"cert": str(cert), "key": str(key), "require": True}}
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
+            smtp.ehlo("client.test")
+            code, _ = smtp.mail("a@example.org")
+            assert code == 530
+            smtp.starttls(context=client_context(cert))
+            smtp.ehlo("client.test")
+            assert smtp.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+    assert len(nexthop.wait_for(1)) == 1
+
+
+def test_relay_tls_verified(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    nexthop.behaviour.tls_context = server
+    extra = {"relay_tls": {"mode": "required", "ca_file": str(cert), "server_name": "localhost"}}
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
+            assert smtp.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+    assert len(nexthop.wait_for(1)) == 1
+    assert nexthop.tls_sessions == 1
+
+
+def test_relay_tls_with_an_untrusted_certificate_is_a_451(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    nexthop.behaviour.tls_context = server
+    extra = {"relay_tls": {"mode": "required"}}  # system CAs only: the self-signed cert fails
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
+            smtp.ehlo("client.test")
+            code, text = smtp.mail("a@example.org")
+    assert (code, text[:5]) == (451, b"4.3.0")
+    assert nexthop.messages == []
+
+
+def test_relay_tls_required_but_not_offered_is_a_451(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+    extra = {"relay_tls": {"mode": "required"}}
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
+            smtp.ehlo("client.test")
+            code, _ = smtp.mail("a@example.org")
+    assert code == 451
