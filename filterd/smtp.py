@@ -169,7 +169,7 @@ class FilterdHandler:
         """Say ``reply`` to every open session and close it (shutdown); returns how many."""
         protocols, self.protocols = list(self.protocols), set()
         for protocol in protocols:
-            transport = protocol.transport
+            transport: asyncio.WriteTransport | None = protocol.transport
             if transport is not None and not transport.is_closing():
                 with contextlib.suppress(Exception):
                     transport.write(reply.encode() + b"\r\n")
@@ -335,6 +335,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     # aiosmtpd's __init__ introspects the handler and itself with inspect.getmembers() for every
     # connection (a fifth of the CPU of a short session). The results depend only on the class
     # and the shared handler, so they are computed once and reused.
+    session: Any  # aiosmtpd's Session / Envelope (set per connection and transaction)
+    envelope: Any
     _smtp_method_names: tuple[str, ...] = ()
     _shared: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 

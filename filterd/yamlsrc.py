@@ -54,6 +54,11 @@ class YamlSeq(list[Any]):
         return self.item_pos[index] if index < len(self.item_pos) else self.pos
 
 
+# libyaml's composer when PyYAML was built with it: about ten times faster on large rule sets
+# (the node tree and marks are the same).
+_COMPOSER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _pos(source: str, node: yaml.Node) -> Pos:
     return Pos(source, node.start_mark.line + 1, node.start_mark.column + 1)
 
@@ -105,7 +110,7 @@ def load_yaml(text: str, source: str) -> Any:
     An empty document loads as an empty ``YamlMap``.
     """
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_COMPOSER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

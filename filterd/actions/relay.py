@@ -72,7 +72,7 @@ def encode_data(raw: bytes) -> bytes:
 
 def xtext(value: str) -> str:
     """RFC 1891 xtext encoding, as XFORWARD attribute values use it."""
-    out = []
+    out: list[str] = []
     for char in value:
         code = ord(char)
         if char in "+=" or code < 33 or code > 126:

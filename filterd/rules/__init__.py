@@ -1,8 +1,10 @@
 """The rule language: load rule files into an immutable ``RuleSet`` and ``evaluate`` messages.
 
-``load_ruleset`` (schema.py) validates and compiles; ``evaluate`` (pipeline.py) is the pure,
-synchronous verdict function; ``json_schema`` (jsonschema.py) describes the file format for
-editors; commands.py holds the ``check`` / ``scan`` / ``test`` / ``schema`` commands.
+``load_ruleset`` (schema.py: files, rules, actions; condparse.py: conditions; testcases.py:
+``tests:``) validates and compiles; ``evaluate`` (pipeline.py, over view.py's lazy message
+fields and matchers.py's multi-pattern sets) is the pure, synchronous verdict function;
+``json_schema`` (jsonschema.py) describes the file format for editors; commands.py holds the
+``check`` / ``scan`` / ``test`` / ``schema`` commands.
 """
 
 from __future__ import annotations

@@ -157,6 +157,102 @@ def measure_naive(sink: Sink, args: argparse.Namespace) -> Result:
     return Result("naive relay", rate, cpu * 1000 / args.messages, rss)
 
 
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
+    """One session, one message at a time: the added latency per message over the direct path."""
+    count = 500
+    direct, filtered = [], []
+    proc, port = start_filterd(workdir, sink.port, REPO / "rules", 1)
+    try:
+        run_source(port, 50, 1, args.size)
+        for _ in range(args.runs):
+            direct.append(1000 / run_source(sink.port, count, 1, args.size))
+            filtered.append(1000 / run_source(port, count, 1, args.size))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    d, f = statistics.median(direct), statistics.median(filtered)
+    print(f"\nlatency, 1 session, {args.size} B, shipped rules, median of {args.runs}: "
+          f"direct {d:.2f} ms/msg, filterd {f:.2f} ms/msg, added {f - d:.2f} ms")
+
+
+def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
+    """10 clients send a 20 MB message at once while another sends small ones: peak RSS growth
+    of filterd and the small messages' p99 latency."""
+    import smtplib
+    import threading
+
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (20 * 1024 * 1024 // 1000)
+    small = b"Subject: small\r\n\r\n" + b"z" * 2000 + b"\r\n"
+    config_extra = workdir / "large.yaml"
+    port = free_port()
+    config_extra.write_text(
+        f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{sink.port}\nrules: {REPO / 'rules'}\n"
+        f"state_dir: {workdir / 'state-large'}\nmetrics: {{listen: null}}\nlog: {{level: warning}}\n"
+        "workers: 1\nlimits: {max_message_size: 30M, spool_threshold: 1M}\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "filterd", "serve", "-c", str(config_extra)], cwd=REPO)
+    wait_port(port)
+    latencies: list[float] = []
+    peak = [0.0]
+    stop = threading.Event()
+
+    def send_small() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+                smtp.sendmail("a@example.org", ["b@example.net"], small)
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    def send_big() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=300) as smtp:
+            smtp.sendmail("a@example.org", ["b@example.net"], big)
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb([proc.pid]))
+            time.sleep(0.02)
+
+    try:
+        send_small()  # warm up once
+        stop.clear()
+        baseline = rss_mb([proc.pid])
+        sampler = threading.Thread(target=sample)
+        smalls = threading.Thread(target=send_small)
+        bigs = [threading.Thread(target=send_big) for _ in range(10)]
+        latencies.clear()
+        started = time.perf_counter()
+        sampler.start()
+        smalls.start()
+        for thread in bigs:
+            thread.start()
+        for thread in bigs:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        stop.set()
+        smalls.join()
+        sampler.join()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    lat = sorted(latencies)
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
+    print(f"\nlarge: 10 x 20 MB at once in {elapsed:.1f} s; filterd RSS {baseline:.0f} MB before, "
+          f"peak {peak[0]:.0f} MB (+{peak[0] - baseline:.0f} MB); {len(lat)} small messages meanwhile, "
+          f"median {statistics.median(lat) if lat else float('nan'):.0f} ms, p99 {p99:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000)
@@ -164,9 +260,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--only", help="comma-separated subset: direct,naive,empty,shipped,regex1000")
+    parser.add_argument("--only", help="comma-separated subset: direct,naive,empty,shipped,regex1000,latency,large")
     args = parser.parse_args()
-    wanted = set((args.only or "direct,naive,empty,shipped,regex1000").split(","))
+    wanted = set((args.only or "direct,naive,empty,shipped,regex1000,latency,large").split(","))
 
     workdir = Path(tempfile.mkdtemp(prefix="filterd-bench-"))
     empty = workdir / "empty.yaml"
@@ -195,6 +291,10 @@ def main() -> None:
                 runs.setdefault("shipped", []).append(measure_filterd("filterd, shipped rules", workdir, sink, REPO / "rules", args))
             if "regex1000" in wanted:
                 runs.setdefault("regex1000", []).append(measure_filterd("filterd, shipped + 1,000 regex", workdir, sink, many, args))
+        if "latency" in wanted:
+            measure_latency(workdir, sink, args)
+        if "large" in wanted:
+            measure_large(workdir, sink, args)
     finally:
         sink.stop()
 

@@ -236,6 +236,11 @@ class EximDaemon:
         path = self.workdir / "log" / "mainlog"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def exim_id_for(self, message_id: str, *, timeout: float = 30) -> str:
+        """Exim's id for the message whose Message-ID is given (its "<=" arrival line)."""
+        mid = re.escape(message_id.strip("<>"))
+        return self.wait_log(rf"^\S+ \S+ (\S+) <= .* id={mid}$", timeout=timeout).group(1)
+
     def wait_log(self, pattern: str, *, timeout: float = 30) -> re.Match[str]:
         regex = re.compile(pattern, re.MULTILINE)
         deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ tests/e2e/exim.py); the test skips when it cannot be fetched.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import tempfile
@@ -94,6 +95,12 @@ def test_ham_goes_through_filterd_and_back(stack: EximStack) -> None:
     stack.send(raw)
     delivery = stack.sink.wait_for(delivered(mid))
     assert body_of(delivery.data) == body_of(raw)
+    exim_id = stack.exim.exim_id_for(mid)
+    stack.exim.wait_log(rf"{exim_id} Completed$")
+    # Accepted on the first attempt (no deferral, e.g. from a connection filterd closed before
+    # its reply), and delivered exactly once.
+    assert not re.search(rf"{exim_id} == .* defer", stack.exim.mainlog()), stack.exim.mainlog()
+    assert len(stack.sink.matching(delivered(mid))) == 1
     event = stack.filterd.message_event(mid)
     assert event["action"] == "accept"
     # No XFORWARD from Exim: filterd sees Exim on loopback, as docs/exim.md says.
@@ -107,6 +114,10 @@ def test_reject_is_bounced_by_exim(stack: EximStack, name: str) -> None:
     assert stack.filterd.message_event(mid)["action"] == "reject"
     dsn = stack.sink.wait_for(bounce_for(mid))
     assert b"550" in dsn.data or b"554" in dsn.data
+    exim_id = stack.exim.exim_id_for(mid)
+    stack.exim.wait_log(rf"{exim_id} Completed$")
+    # Refused on the first attempt: filterd's 5xx reached Exim, no retry in between.
+    assert not re.search(rf"{exim_id} == .* defer", stack.exim.mainlog()), stack.exim.mainlog()
     assert stack.sink.matching(delivered(mid)) == []
 
 
