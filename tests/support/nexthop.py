@@ -36,6 +36,7 @@ class Fault:
     kind: str
     reply: str = ""
     seconds: float = 0.0
+    nth: int = 1  # at "rcpt": from the nth recipient of the transaction on
 
 
 @dataclass
@@ -204,10 +205,11 @@ class NextHop:
                         rcpts = []
                     await self._reply(writer, reply, fault)
                 elif verb == "RCPT":
-                    if await self._misbehave("rcpt", writer, fault):
+                    rcpt_fault = fault if fault is None or len(rcpts) + 1 >= fault.nth else None
+                    if await self._misbehave("rcpt", writer, rcpt_fault):
                         return
                     rcpt = text[text.index("<") + 1 : text.index(">")]
-                    refusal = (self._replacement("rcpt", fault)
+                    refusal = (self._replacement("rcpt", rcpt_fault)
                                or self.behaviour.refuse_rcpt.get(rcpt))
                     if refusal:
                         await self._reply(writer, refusal, fault)
