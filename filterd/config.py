@@ -115,7 +115,10 @@ class Config:
 
 
 def default_state_dir() -> str:
-    """/var/lib/filterd as root; otherwise a per-user folder so the daemon runs without root."""
+    """systemd's StateDirectory when set; /var/lib/filterd as root; otherwise a per-user folder
+    so the daemon runs without root."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         return "/var/lib/filterd"
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

@@ -36,9 +36,9 @@ _SPACE_ONLY_RE = re.compile(r"[ \t\r\n]*+")
 # Parameter lists: quoted strings (with backslash escapes, possibly unterminated), runs of
 # other characters, and the ';' separators.
 _PARAM_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*+"?|[^;"]++|;')
+# No cap on the number of parameters or sections beyond the three digits RFC 2231 needs: a
+# cap would let junk parameters push "boundary" or a filename's last section out of sight.
 _SECTION_KEY_RE = re.compile(r"([^*]+)\*(\d{1,3})(\*?)\Z")
-_MAX_PARAMS = 64
-_MAX_SECTIONS = 64
 
 # Codecs that are text encodings in Python but are not mail charsets, or whose decoders are
 # superlinear on hostile input (punycode): never use them for message text.
@@ -187,8 +187,6 @@ def parse_params(value: str) -> tuple[str, dict[str, str]]:
     segments: list[list[str]] = [[]]
     for piece in _PARAM_TOKEN_RE.findall(value):
         if piece == ";":
-            if len(segments) > _MAX_PARAMS:
-                break
             segments.append([])
         else:
             segments[-1].append(piece)
@@ -205,15 +203,15 @@ def parse_params(value: str) -> tuple[str, dict[str, str]]:
             continue
         section = _SECTION_KEY_RE.match(key)
         if section:
-            number = int(section.group(2))
-            if number < _MAX_SECTIONS:
-                parts = sections.setdefault(section.group(1), {})
-                parts.setdefault(number, (_unquote(raw), bool(section.group(3))))
+            parts = sections.setdefault(section.group(1), {})
+            parts.setdefault(int(section.group(2)), (_unquote(raw), bool(section.group(3))))
             continue
         plain.setdefault(key, _unquote(raw))
     params = {key: decode_words(text) for key, text in plain.items()}
     for key, parts in sections.items():
-        params[key] = _join_sections(parts)
+        joined = _join_sections(parts)
+        if joined or key not in params:  # broken sections never hide a plain value
+            params[key] = joined
     return main, params
 
 

@@ -37,10 +37,6 @@ class Leaf:
     encoding: str  # lower-cased Content-Transfer-Encoding, '' if not given
     container: bool = False  # a message/rfc822 walked into, or a multipart cut at max_depth
 
-    @property
-    def raw_size(self) -> int:
-        return self.end - self.start
-
 
 @dataclass(frozen=True, slots=True)
 class Structure:

@@ -412,6 +412,26 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             self.session.filterd_state = state
             state.xforward.clear()
 
+    def eof_received(self) -> bool | None:
+        # A client may half-close right after its last commands (Exim writes ".", "QUIT" and
+        # shuts down its side). aiosmtpd would cancel the session at once, dropping the
+        # message it already received; instead the reader sees end-of-input after the buffered
+        # commands are answered, and the transport stays open for the replies.
+        if self.session is not None and self.session.ssl is not None:
+            result: bool | None = super().eof_received()
+            return result
+        self._reader.feed_eof()
+        return True
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError) or self._reader.at_eof():
+            # End of input after a half-close: everything sent was answered; close quietly.
+            if self.transport is not None:
+                self.transport.close()
+            return "421 4.4.2 Connection closed"
+        status: str = await self.filterd_handler.handle_exception(error)
+        return status
+
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
         self.filterd_handler.protocols.discard(self)

@@ -125,11 +125,11 @@ class MailSink:
         return [d for d in self.deliveries if predicate(d)]
 
 
-class _XforwardSMTP(SMTP):
+class _XforwardSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
     """aiosmtpd's SMTP plus XFORWARD (Postfix XFORWARD_README), kept on the session."""
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        self.session.xforward = {}  # type: ignore[attr-defined]
+        self.session.xforward = {}
         await super().smtp_EHLO(hostname)
 
     async def smtp_XFORWARD(self, arg: str) -> None:
@@ -140,11 +140,11 @@ class _XforwardSMTP(SMTP):
                 await self.push("501 5.5.4 Bad XFORWARD attribute name")
                 return
             attrs[name.upper()] = value
-        self.session.xforward = attrs  # type: ignore[attr-defined]
+        self.session.xforward = attrs
         await self.push("250 2.0.0 Ok")
 
 
-class _XforwardController(Controller):
+class _XforwardController(Controller):  # type: ignore[misc]  # aiosmtpd is untyped
     def factory(self) -> SMTP:
         return _XforwardSMTP(self.handler, **self.SMTP_kwargs)
 

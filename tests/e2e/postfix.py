@@ -252,6 +252,10 @@ class PostfixInstance:
         (self.base / "queue").mkdir(exist_ok=True)
         (self.base / "data").mkdir(exist_ok=True)
         shutil.chown(self.base / "data", "postfix", "postfix")
+        # postlogd writes the log; while Postfix is stopped, commands such as postsuper append
+        # to it themselves as the postfix user.
+        self.maillog.touch()
+        shutil.chown(self.maillog, "postfix", "postfix")
         restrictions = "permit_mynetworks,reject"
         if self._reinject_access:
             access = self.config_dir / "reinject_access"
@@ -320,22 +324,36 @@ class PostfixInstance:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def unfilter(self) -> None:
-        """Take the filter out, as docs/postfix.md says: a plain public smtpd, the filter
-        transport and the re-injection listener gone, then ``postfix reload``."""
+    def undo_filter(self, *, timeout: float = 30.0) -> None:
+        """docs/postfix.md's after-queue undo: master.cf without the filter, Postfix stopped,
+        the queued mail requeued (which drops its content_filter record), Postfix started."""
         (self.config_dir / "master.cf").write_text(
             _BASE_MASTER_CF + unfiltered_master_cf(smtp_service=f"127.0.0.1:{self.ports.smtp}")
         )
-        self._postfix("reload")
-
-    def requeue_deferred(self) -> None:
-        """``postsuper -r ALL deferred``: re-queued mail loses its content_filter record."""
-        subprocess.run(
-            ["postsuper", "-c", str(self.config_dir), "-r", "ALL", "deferred"],
+        pid = self.master_pid()
+        self._postfix("stop")
+        if pid is not None:
+            _wait_gone(pid, timeout=timeout)
+        result = subprocess.run(
+            [
+                "postsuper",
+                "-c",
+                str(self.config_dir),
+                "-r",
+                "ALL",
+                "incoming",
+                "active",
+                "deferred",
+            ],
             capture_output=True,
+            text=True,
             timeout=30,
-            check=True,
+            check=False,
         )
+        if result.returncode != 0:
+            raise RuntimeError(f"postsuper -r failed: {result.stderr}")
+        self._postfix("start")
+        wait_for_port(self.ports.smtp, timeout=timeout)
 
     # -- queue and log -------------------------------------------------------------------
 

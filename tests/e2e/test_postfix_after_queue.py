@@ -8,6 +8,7 @@ A message the filter refuses is bounced by Postfix (a DSN to the sender reaches 
 from __future__ import annotations
 
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -173,14 +174,9 @@ def test_undo_releases_mail_queued_for_filterd() -> None:
             client.sendmail(SENDER, [RECIPIENT], simple_message(mid, "queued for filterd"))
         first = postfix.queue_id_for(mid)
         postfix.wait_in_queue(first, "deferred")
-        postfix.unfilter()
-        postfix.flush()
-        # Still bound to the filterd transport: the content_filter is recorded in the queue file.
-        postfix.wait_log(
-            rf"{first}: to=<{RECIPIENT}>.*status=deferred \(mail transport unavailable\)"
-        )
-        postfix.requeue_deferred()
-        postfix.flush()
-        delivery = sink.wait_for(delivered(mid))
+        started = time.monotonic()
+        postfix.undo_filter()
+        delivery = sink.wait_for(delivered(mid), timeout=90)
+        print(f"delivered {time.monotonic() - started:.1f}s after the undo")
         assert delivery.rcpt_tos == (RECIPIENT,)
         assert postfix.queue() == []

@@ -32,7 +32,7 @@ def test_doc_names_the_settings_filterd_relies_on() -> None:
     for needle in (
         "smtp_send_xforward_command=yes",
         "smtpd_authorized_xforward_hosts=127.0.0.0/8",
-        "postsuper -r ALL deferred",
+        "postsuper -r ALL incoming active deferred",
         "max_connections_per_client",
         "smtpd_proxy_timeout",
         "relay_timeout",

@@ -87,6 +87,11 @@ class Ledger:
         with self._lock:
             return any(400 <= a.code < 500 or a.code == 0 for a in self.attempts.get(token, []))
 
+    def vanished_after_data(self, token: str) -> int:
+        """Attempts whose connection died after the data was sent (the outcome is unknown)."""
+        with self._lock:
+            return sum(1 for a in self.attempts.get(token, []) if a.stage == "final" and a.code == 0)
+
     def acknowledged_by_kind(self) -> Counter[str]:
         acked = self.acknowledged()
         with self._lock:
@@ -160,22 +165,28 @@ class Balance:
                 f"unexplained outcomes={list(self.unexplained_outcomes)[:5]}")
 
 
-def balance(ledger: Ledger, seen: Census, tokens: Iterable[str] | None = None) -> Balance:
-    """Check the invariant for ``tokens`` (default: every token in the ledger)."""
+def balance(ledger: Ledger, seen: Census, tokens: Iterable[str] | None = None, *,
+            crash: bool = False) -> Balance:
+    """Check the invariant for ``tokens`` (default: every token in the ledger).
+
+    Extra copies are explained only by a late final reply (the next hop's fault), or, with
+    ``crash``, by an attempt whose connection died after its data was sent (a killed process).
+    """
     acked = ledger.acknowledged()
     lost, dup_bad, dup_ok, unacked, bad = [], [], [], [], []
     for token in sorted(tokens if tokens is not None else ledger.attempts):
         outcomes = seen.outcomes(token)
+        unknown = seen.late[token] + (ledger.vanished_after_data(token) if crash else 0)
         if token in acked:
             if outcomes == 0:
                 lost.append(token)
             elif outcomes > 1:
-                # Only the race of a late final reply may deliver a message twice: a late copy
-                # (the client was told 4xx) plus the copy of the retry.
-                (dup_ok if seen.late[token] >= outcomes - 1 and ledger.tried_after_4xx(token)
+                # Only a copy whose acknowledgement never reached the client, followed by the
+                # client's retry, may deliver a message twice (RFC 1047).
+                (dup_ok if unknown >= outcomes - 1 and ledger.tried_after_4xx(token)
                  else dup_bad).append(token)
         elif outcomes:
-            (unacked if seen.late[token] == outcomes else bad).append(token)
+            (unacked if unknown >= outcomes else bad).append(token)
     return Balance(len(acked), tuple(lost), tuple(dup_bad), tuple(dup_ok), tuple(unacked), tuple(bad))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,8 +44,8 @@ SOAK_TIMEOUT = 1.0  # relay_timeout of the soak daemon: stalls and late replies 
 SLOW = os.environ.get("FILTERD_SLOW") == "1"
 
 
-def _daemon(work: Path, hop: NextHop) -> Daemon:
-    extra = {"limits": {"relay_timeout": SOAK_TIMEOUT, "session_timeout": 60}}
+def _daemon(work: Path, hop: NextHop, workers: int = 1) -> Daemon:
+    extra = {"limits": {"relay_timeout": SOAK_TIMEOUT, "session_timeout": 60}, "workers": workers}
     return Daemon(work, hop.port, rules=write_rules(work), metrics=True, extra=extra)
 
 
@@ -89,7 +90,7 @@ def soak(work: Path, count: int, threads: int, seed: int, rate: float = 0.2) -> 
         "lost": len(books.lost),
         "explained_duplicates": len(books.explained_duplicates),
         "delivered_late_unacknowledged": len(books.unacknowledged_outcomes),
-        "refused_permanently": sum(1 for t in ledger.attempts if t not in ledger.acknowledged()),
+        "refused_permanently": len(ledger.attempts) - books.acknowledged,
         "client_errors": sum(sum(c.errors.values()) for c in clients),
         "seconds": round(elapsed, 1),
         "metrics": dict(counted),
@@ -125,36 +126,57 @@ def test_long_soak_of_fifty_thousand_messages_loses_nothing(tmp_path: Path) -> N
     assert figures["acknowledged"] > count * 0.75
 
 
-def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path) -> None:
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["kill-the-daemon", "kill-a-worker"])
+def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path, workers: int) -> None:
     ledger = Ledger()
     with NextHop() as hop:
-        daemon = _daemon(tmp_path, hop).start()
-        tokens = [f"kill-{i}" for i in range(100_000)]
-        clients = [SoakClient(daemon.port, ledger, tokens[i::4], seed=90 + i) for i in range(4)]
-        workers = [threading.Thread(target=c.run, daemon=True) for c in clients]
-        for worker in workers:
-            worker.start()
-        assert wait_until(lambda: hop.count() >= 300, timeout=60), "no load built up"
+        daemon = _daemon(tmp_path, hop, workers=workers).start()
         assert daemon.proc is not None
-        daemon.proc.kill()  # SIGKILL: no drain, no flush, nothing
+        if workers > 1:
+            assert wait_until(lambda: len(_children(daemon.proc.pid)) == workers  # type: ignore[union-attr]
+                              and len(daemon.events("daemon_started")) >= workers, timeout=20)
+        tokens = [f"kill{workers}-{i}" for i in range(100_000)]
+        clients = [SoakClient(daemon.port, ledger, tokens[i::4], seed=90 + i) for i in range(4)]
+        threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: hop.count() >= 300, timeout=60), "no load built up"
+        if workers == 1:
+            victim = daemon.proc.pid
+        else:
+            victim = _children(daemon.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)  # no drain, no flush, nothing
+        if workers == 1:
+            daemon.proc.wait()
+        else:  # the other worker and the restarted one go on serving the clients
+            at_kill = hop.count()
+            assert wait_until(lambda: hop.count() >= at_kill + 300, timeout=60), "no mail after the kill"
+            assert daemon.wait_event("worker_died")
         for client in clients:
             client.stop.set()
-        daemon.proc.wait()
-        for worker in workers:
-            worker.join(30)
+        for thread in threads:
+            thread.join(30)
+        if workers > 1:
+            assert_still_serving(daemon, hop)
         daemon.stop()
 
         quarantine = tmp_path / "state" / "quarantine"
         seen = census(hop, quarantine, daemon.logs())
-        books = balance(ledger, seen)
-        in_flight = sum(1 for attempts in ledger.attempts.values() if attempts and attempts[-1].code == 0)
-        print(f"\nkill -9 figures: acknowledged={books.acknowledged} lost={len(books.lost)} "  # noqa: T201
-              f"in flight at the kill={in_flight} quarantined={sum(seen.quarantined.values())}")
+        books = balance(ledger, seen, crash=True)
+        in_flight = sum(1 for tries in ledger.attempts.values() if any(a.code == 0 for a in tries))
+        print(f"\nkill -9 figures ({workers} worker(s)): acknowledged={books.acknowledged} "  # noqa: T201
+              f"lost={len(books.lost)} broken by the kill={in_flight} "
+              f"quarantined={sum(seen.quarantined.values())} {books}")
         assert books.acknowledged >= 300
         assert books.lost == (), f"acknowledged but lost: {books.lost[:10]}"
         assert books.unexplained_duplicates == ()
+        assert books.unexplained_outcomes == ()
 
-        # it starts again on the same state, the quarantine index agrees with the files
+        # it starts again on the same state; the quarantine index agrees with the files
         restarted = _daemon(tmp_path, hop).start()
         try:
             assert_still_serving(restarted, hop)

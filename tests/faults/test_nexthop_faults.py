@@ -124,6 +124,36 @@ def test_a_next_hop_fault_gives_the_safe_reply_and_nothing_is_delivered(
         assert grown >= 1, f"{case.id}: relay error {case.relay_error!r} not counted"
 
 
+@pytest.mark.parametrize("nth", [1, 2], ids=["first-recipient", "second-recipient"])
+def test_a_relay_failure_at_a_recipient_never_turns_into_a_5xx_for_the_transaction(
+    filterd: Daemon, hop: NextHop, nth: int
+) -> None:
+    # The next hop drops the connection at the nth RCPT. That recipient gets 451; the ones
+    # after it and the DATA must be 4xx too: a 5xx makes the MTA bounce mail that a retry
+    # would have delivered (an MTA pipelines its RCPTs and DATA and reads the replies later).
+    hop.behaviour.faults = always(Fault("rcpt", "close", nth=nth))
+    with RawClient(filterd.port) as client:
+        client.ehlo()
+        assert client.command("MAIL FROM:<sender@example.org>").code == 250
+        replies = [client.command(f"RCPT TO:<r{i}@example.net>") for i in range(1, 4)]
+        data = client.command("DATA")
+        accepted = [r.code for r in replies[: nth - 1]]
+        failed, after = replies[nth - 1], replies[nth:]
+        assert accepted == [250] * (nth - 1)
+        assert (failed.code, failed.last[:5]) == (451, "4.3.0"), str(failed)
+        assert [r.code for r in after if not 400 <= r.code < 500] == [], (
+            f"recipients after the relay failure got {[str(r) for r in after]}")
+        if accepted:
+            assert 400 <= data.code < 500, f"DATA after an accepted recipient got {data}"
+        else:
+            assert data.code == 554 or 400 <= data.code < 500, str(data)
+        if data.code == 354:
+            client.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+            client.read_reply()
+        hop.behaviour.faults = None
+        assert_still_serving(filterd, hop, client)
+
+
 def test_a_next_hop_that_refuses_connections_gives_451_and_is_used_again_when_back(
     filterd: Daemon, hop: NextHop
 ) -> None:

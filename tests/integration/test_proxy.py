@@ -293,3 +293,24 @@ def test_sigterm_answers_421_to_idle_sessions(tmp_path: Path, nexthop: NextHop, 
     assert reader.readline().startswith(b"421")
     sock.close()
     assert daemon.wait() == 0
+
+
+def test_a_client_that_half_closes_after_quit_still_gets_its_replies(daemon: Daemon, nexthop: NextHop) -> None:
+    """Exim writes the end of data and QUIT, then shuts down its sending side."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO exim.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        replies = [reader.readline() for _ in range(3)]
+        assert [r[:3] for r in replies] == [b"250", b"250", b"354"]
+        sock.sendall(PLAIN + b".\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert reader.readline().startswith(b"250")
+        assert reader.readline().startswith(b"221")
+        assert reader.readline() == b""
+    assert len(nexthop.wait_for(1)) == 1
+    time.sleep(0.3)
+    assert len(nexthop.messages) == 1

@@ -88,11 +88,13 @@ def test_header_block_and_body_split_at_the_blank_line(path: Path) -> None:
     assert msg.body_bytes == body
 
 
-@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.name)
+# The deep-nesting sample is deeper than max_depth on purpose; test_deep_nesting_is_cut_at_max_depth
+# covers it, so it is left out here rather than skipped.
+@pytest.mark.parametrize(
+    "path", [p for p in CORPUS_FILES if p.name != "malformed-deep-nesting.eml"], ids=lambda p: p.name
+)
 def test_attachments_match_the_stdlib_payloads(path: Path) -> None:
     raw = path.read_bytes()
-    if b"malformed-deep" in path.name.encode():
-        pytest.skip("deeper than max_depth on purpose")
     # The stdlib walks into every message/* type (delivery-status blocks too): compare the rest.
     oracle = email.message_from_bytes(raw, policy=email.policy.default)
     expected = [

@@ -165,7 +165,7 @@ def test_watchdog_loop_pings_a_real_socket(listener: tuple[socket.socket, str]) 
         notifier = Notifier({"NOTIFY_SOCKET": env_value, "WATCHDOG_USEC": "20000"})
         task = asyncio.create_task(watchdog_loop(notifier))
         loop = asyncio.get_running_loop()
-        received = []
+        received: list[dict[str, str]] = []
         try:
             async with asyncio.timeout(10):
                 while len(received) < 3:

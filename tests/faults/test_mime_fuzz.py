@@ -1,0 +1,98 @@
+"""Fuzzing the content path in-process: MIME trees (nesting, message/rfc822, encodings,
+charsets, broken boundaries, forged X-Spam-* headers) and mutated corpus messages, through the
+real parser, the shipped rules and the tag rewrite that the daemon applies before relaying.
+
+tests/unit/test_mime_fuzz.py covers ParsedMessage on its own; here the whole decision chain runs,
+with the properties that matter on the wire: nothing raises or stalls, a tagged message carries
+only filterd's X-Spam-* verdict (a sender cannot forge one), and the rewrite leaves the body as
+it was.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from email import message_from_bytes
+from email.policy import compat32
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+
+from tests.faults.strategies import ANY_MESSAGE, corpus_bytes
+from tests.support.daemon import REPO
+
+rules = pytest.importorskip("filterd.rules", reason="the rule engine is not importable yet")
+mime = pytest.importorskip("filterd.mime", reason="filterd.mime is not importable yet")
+actions = pytest.importorskip("filterd.actions", reason="filterd.actions is not importable yet")
+from filterd.model import Action, Envelope, Message, Verdict  # noqa: E402
+
+STALL_BOUND = 10.0  # seconds: far above any real message, far below a session timeout
+FIGURES: Counter[str] = Counter()
+# more with FILTERD_FUZZ_EXAMPLES=N (the long run uses thousands)
+EXAMPLES = int(os.environ.get("FILTERD_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.large_base_example])
+TAG = Verdict(action=Action.TAG, score=7.5, rules=("fuzz-a", "fuzz-b"), tag=True, required_score=5.0,
+              subject_prefix="[SPAM] ", add_headers=(("X-Fuzz", "1"),))
+
+
+@pytest.fixture(scope="module")
+def shipped():  # noqa: ANN201 - a RuleSet
+    try:
+        ruleset = rules.load_ruleset(REPO / "rules")
+    except Exception as exc:  # the shipped rules are still being written
+        pytest.skip(f"the shipped rules do not load: {exc}")
+    yield ruleset
+    print(f"\nmime fuzz figures: {dict(FIGURES)}")  # noqa: T201 - the report
+
+
+def _touch(parsed: object) -> None:
+    for view in ("headers", "subject", "message_id", "body_text", "urls", "attachments", "truncated"):
+        getattr(parsed, view)
+    for header in ("From", "To", "Reply-To"):
+        parsed.addresses(header)  # type: ignore[attr-defined]
+
+
+def _spam_headers_of(raw: bytes) -> dict[str, list[str]]:
+    """X-Spam-* fields as Python's email parser (what many downstream tools use) sees them."""
+    parsed = message_from_bytes(raw, policy=compat32)
+    found: dict[str, list[str]] = {}
+    for name, value in parsed.items():
+        if name.strip().lower().startswith("x-spam-"):
+            found.setdefault(name.strip().lower(), []).append(" ".join(str(value).split()))
+    return found
+
+
+@FUZZ
+@example(raw=b"X-Spam-Flag : NO\r\nSubject: forged\r\n\r\nbody\r\n")
+@example(raw=b"Subject: x\r\nX-Spam-Status:\r\n No, score=-5\r\n\r\nbody\r\n")
+@given(raw=ANY_MESSAGE)
+def test_any_message_is_parsed_decided_and_tagged_without_raising_or_stalling(shipped, raw: bytes) -> None:  # noqa: ANN001
+    FIGURES["messages"] += 1
+    started = time.monotonic()
+    parsed = mime.ParsedMessage(raw)
+    _touch(parsed)
+    message = Message(Envelope("sender@example.org", ("rcpt@example.net",), "192.0.2.7", None, "mx.test"), raw)
+    verdict = rules.evaluate(shipped, message)
+    assert isinstance(verdict.action, Action)
+    FIGURES[f"verdict_{verdict.action.value}"] += 1
+    tagged = actions.rewrite(message, TAG)
+    elapsed = time.monotonic() - started
+    assert elapsed < STALL_BOUND, f"one message took {elapsed:.1f}s to parse, decide and tag"
+
+    # the body is untouched by the header edits
+    assert tagged.endswith(parsed.body_bytes), "the tag rewrite changed the body"
+    # only filterd's verdict is in the X-Spam-* fields, however the sender spelled a forgery
+    spam = _spam_headers_of(tagged)
+    assert spam.get("x-spam-flag") == ["YES"], f"X-Spam-Flag after tagging: {spam}"
+    assert len(spam.get("x-spam-status", [])) == 1, f"X-Spam-Status after tagging: {spam}"
+    assert spam["x-spam-status"][0].startswith("Yes, score=7.5")
+    assert mime.ParsedMessage(tagged).header_values("X-Spam-Flag") == ["YES"]
+
+
+def test_the_corpus_seeds_are_decided(shipped) -> None:  # noqa: ANN001
+    for raw in corpus_bytes():
+        message = Message(Envelope("sender@example.org", ("rcpt@example.net",), "192.0.2.7"), raw)
+        assert isinstance(rules.evaluate(shipped, message).action, Action)
