@@ -14,7 +14,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import structlog
 
 from filterd import __version__
 from filterd.actions import Executor, LazyQuarantine
-from filterd.actions.quarantine import run_retention
+from filterd.actions.quarantine import QuarantineStore, run_retention
 from filterd.errors import QuarantineError
 from filterd.actions.relay import NO_TLS, RelayClient, RelayTls
 from filterd.config import Config, load_config
@@ -175,14 +175,9 @@ class Daemon:
             if self.config.metrics_listen is not None:
                 self.servers.append(await start_metrics_server(
                     self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
-            try:
-                store = await asyncio.to_thread(self.quarantine.get)
-            except QuarantineError as exc:
-                log.error("quarantine_unavailable", path=self.config.quarantine.path, error=str(exc))
-            else:
-                self.tasks.append(loop.create_task(run_retention(
-                    store, timedelta(seconds=self.config.quarantine.retention_seconds),
-                    interval=PURGE_INTERVAL_SECONDS, on_count=self.metrics.set_quarantine_size)))
+            retention = await start_retention(self.quarantine.get, self.config, self.metrics)
+            if retention is not None:
+                self.tasks.append(retention)
             self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
         log.info("daemon_started", version=__version__, listen=[str(a) for a in self.config.listen],
                  relay=str(self.config.relay), rules=len(self.ruleset.rule_names), pid=os.getpid())
@@ -210,6 +205,21 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.relay.close()
+
+async def start_retention(
+    open_store: Callable[[], QuarantineStore], config: Config, metrics: Metrics
+) -> asyncio.Task[None] | None:
+    """Start the quarantine retention purge (it also keeps the size gauge current); with an
+    unusable quarantine log it and go on: only quarantined mail is affected."""
+    try:
+        store = await asyncio.to_thread(open_store)
+    except QuarantineError as exc:
+        log.error("quarantine_unavailable", path=config.quarantine.path, error=str(exc))
+        return None
+    return asyncio.get_running_loop().create_task(run_retention(
+        store, timedelta(seconds=config.quarantine.retention_seconds),
+        interval=PURGE_INTERVAL_SECONDS, on_count=metrics.set_quarantine_size))
+
 
 def prepare_state(config: Config, *, clean_spool: bool = True) -> None:
     """Create the state folders; the primary process also clears a crashed run's spool files."""

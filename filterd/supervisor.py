@@ -25,13 +25,13 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 
 import structlog
 
-from filterd.actions.quarantine import QuarantineStore, run_retention
+from filterd.actions.quarantine import QuarantineStore
+from filterd.app import start_retention
 from filterd.config import Config, load_config
-from filterd.errors import ConfigError, QuarantineError
+from filterd.errors import ConfigError
 from filterd.observe import Metrics, make_registry, mark_process_dead, start_metrics_server
 from filterd.rules import load_ruleset
 from filterd.sdnotify import Notifier, watchdog_loop
@@ -40,7 +40,6 @@ log = structlog.get_logger("filterd.supervisor")
 
 WORKER_FDS_FLAG = "--worker-fds"
 RESTART_BACKOFF_SECONDS = 1.0
-PURGE_INTERVAL_SECONDS = 3600.0
 
 
 def bind_listeners(config: Config) -> list[socket.socket]:
@@ -156,14 +155,10 @@ class Supervisor:
                 self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
         for slot in range(self.config.workers):
             await self.start_worker(slot)
-        try:
-            store = await asyncio.to_thread(QuarantineStore, self.config.quarantine.path)
-        except QuarantineError as exc:
-            log.error("quarantine_unavailable", path=self.config.quarantine.path, error=str(exc))
-        else:
-            self.tasks.append(loop.create_task(run_retention(
-                store, timedelta(seconds=self.config.quarantine.retention_seconds),
-                interval=PURGE_INTERVAL_SECONDS, on_count=self.metrics.set_quarantine_size)))
+        path = self.config.quarantine.path
+        retention = await start_retention(lambda: QuarantineStore(path), self.config, self.metrics)
+        if retention is not None:
+            self.tasks.append(retention)
         self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
         log.info("supervisor_started", workers=self.config.workers, pid=os.getpid(),
                  listen=[str(a) for a in self.config.listen])
