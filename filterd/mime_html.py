@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import re
+from itertools import repeat
 from urllib.parse import unquote
 
 # One token at a '<': a tag (closing slash, name, attributes up to an optional '>'; quotes only
@@ -40,25 +41,39 @@ _TAG_KINDS.update(dict.fromkeys(("a", "area", "img", "iframe"), _LINK))
 # token loop, which then only sees links, hidden blocks, comments and odd markup. "[^<>]*+"
 # keeps this linear: a failed attempt stops at the next '<', where the next attempt begins.
 # Quoted values may hold '>' but not '<'; a tag with an unbalanced quote is left to the loop.
+# Tags the token loop must see (links, hidden blocks, and <form>, a block that carries a URL)
+# are excluded by name in the pattern itself, so what the split yields needs no per-tag Python:
+# the names map to their replacements through C-level ``map``. The names are spelled with
+# explicit ASCII case classes: ``name.lower()`` is the comparison, and re.IGNORECASE would also
+# fold characters such as U+0130 or U+017F that ``str.lower`` does not turn into these names.
+_LOOP_TAGS = ("a", "area", "form", "iframe", "img", "script", "style", "template", "title", "xml")
+_LOOP_NAME = "|".join("".join(f"[{c}{c.upper()}]" for c in name) for name in _LOOP_TAGS)
 _PLAIN_TAG_RE = re.compile(
-    r"""(</?([a-zA-Z][^\s/<>]*+)(?:[^<>"']++|"[^"<]*+"|'[^'<]*+')*+>)""")
-# What a plain tag becomes; None: left in place for the token loop; not listed: removed.
-_PLAIN_REPLACEMENT: dict[str, str | None] = {
-    name: _BREAK if kind == _BLOCK else " " if kind == _CELL else None
-    for name, kind in _TAG_KINDS.items()
-}
-_PLAIN_REPLACEMENT["form"] = None  # a block that also carries a URL
+    rf"""</?(?!(?:{_LOOP_NAME})(?![^\s/<>]))([a-zA-Z][^\s/<>]*+)"""
+    r"""(?:[^<>"']++|"[^"<]*+"|'[^'<]*+')*+>""")
+# What a plain tag becomes; not listed: removed.
+_PLAIN_REPLACEMENT = {name: _BREAK if kind == _BLOCK else " "
+                      for name, kind in _TAG_KINDS.items()
+                      if kind in (_BLOCK, _CELL) and name not in _LOOP_TAGS}
 _SKIPPED_SCHEMES = ("mailto:", "cid:", "tel:", "sms:", "callto:", "#")
 _CLOSERS = {name: re.compile(rf"</{name}[\s/>]", re.I)
             for name, kind in _TAG_KINDS.items() if kind == _HIDDEN}
+_SPACE_RUN_RE = re.compile(r"\s+")  # \s is str.split's white space (both use Py_UNICODE_ISSPACE)
+_BREAK_RUN_RE = re.compile(" ?(?:\ue000 ?)++")  # after _SPACE_RUN_RE no two spaces are adjacent
 # Removed from visible text: zero-width characters and soft hyphens that split words.
 _INVISIBLE = ("\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff")
 
 # No look-behind for a word boundary: checked in Python for the rare hit, it would otherwise
 # run at every position of the text.
-_TEXT_URL_RE = re.compile(
-    r"(?:[hH][tT][tT][pP][sS]?://|[fF][tT][pP]://|[wW][wW][wW]\.)[^\s<>\"'`\x00-\x1f\x7f]++"
-)
+_URL_PREFIX = r"(?:[hH][tT][tT][pP][sS]?://|[fF][tT][pP]://|[wW][wW][wW]\.)"
+_URL_CHAR = r"[^\s<>\"'`\x00-\x1f\x7f]"
+_TEXT_URL_RE = re.compile(_URL_PREFIX + _URL_CHAR + "++")
+# Where a match of _TEXT_URL_RE can start (bounded length: no scan to the end of the word).
+_URL_START_RE = re.compile(_URL_PREFIX + _URL_CHAR)
+# Trying _TEXT_URL_RE at every position costs ~45 ns a character (no literal prefix for re to
+# skip ahead with). Every match holds "://" or a "www." whose "." a literal-prefix search finds
+# at memchr speed, so the possible starts are found from those and only they are tried.
+_WWW_DOT_RE = re.compile(r"\.(?<=[wW][wW][wW]\.)")
 _URL_GLUE = frozenset(".-_")
 _URL_TRAIL = ".,;:!?'\")]}>*"
 _SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+:")
@@ -82,8 +97,13 @@ def _finish_text(raw: str) -> str:
     text = _strip_invisible(html.unescape(raw) if "&" in raw else raw)
     if _EDGE in text:
         text = text.replace(_EDGE, "")
-    lines = [" ".join(segment.split()) for segment in text.split(_BREAK)]
-    return "\n".join([line for line in lines if line])
+    # Whole-text passes instead of a split and join per line: once every white-space run is a
+    # single space, a run of spaces and break markers holding at least one marker is one line
+    # break (empty lines vanish), and what is left at the ends is white space.
+    text = _SPACE_RUN_RE.sub(" ", text)
+    if _BREAK in text:
+        text = _BREAK_RUN_RE.sub("\n", text)
+    return text.strip(" \n")
 
 
 def _link_text(raw: str) -> str:
@@ -92,13 +112,9 @@ def _link_text(raw: str) -> str:
 
 
 def _rewrite_plain_tags(markup: str) -> str:
-    pieces = _PLAIN_TAG_RE.split(markup)  # text, (tag, name, text)...
-    get = _PLAIN_REPLACEMENT.get
-    pieces[1::3] = [
-        tag if (new := get(name.lower(), "")) is None else new
-        for tag, name in zip(pieces[1::3], pieces[2::3], strict=True)
-    ]
-    pieces[2::3] = [""] * (len(pieces) // 3)
+    pieces = _PLAIN_TAG_RE.split(markup)  # text, (name, text)...
+    if len(pieces) > 1:
+        pieces[1::2] = map(_PLAIN_REPLACEMENT.get, map(str.lower, pieces[1::2]), repeat(""))
     return "".join(pieces)
 
 
@@ -196,7 +212,7 @@ def _attribute(attrs: str, wanted: str) -> str | None:
 def find_text_urls(text: str) -> list[str]:
     """Bare http(s)/ftp/www. URLs in plain text, trailing punctuation trimmed."""
     urls = []
-    for match in _TEXT_URL_RE.finditer(text):
+    for match in _text_url_matches(text):
         start = match.start()
         if start and (text[start - 1].isalnum() or text[start - 1] in _URL_GLUE):
             continue  # inside a word: "xwww.example.com" is not a URL to report
@@ -215,6 +231,32 @@ def find_text_urls(text: str) -> list[str]:
         if url[:end].rstrip("/:.").lower() not in ("", "http", "https", "ftp", "www"):
             urls.append(url[:end])
     return urls
+
+
+def _text_url_matches(text: str) -> list[re.Match[str]]:
+    """What ``_TEXT_URL_RE.finditer(text)`` yields, found from the few possible starts."""
+    starts: list[int] = []
+    at_start = _URL_START_RE.match
+    mark = text.find("://")
+    while mark >= 0:
+        # https:// http:// ftp:// end in this "://" ("www." starts are found below).
+        starts.extend(start for start in (mark - 5, mark - 4, mark - 3)
+                      if start >= 0 and at_start(text, start))
+        mark = text.find("://", mark + 3)
+    for dot in _WWW_DOT_RE.finditer(text):
+        if at_start(text, dot.start() - 3):
+            starts.append(dot.start() - 3)
+    matches: list[re.Match[str]] = []
+    end = 0
+    # Like finditer: the next match is the first possible start at or after the last match's
+    # end, and it runs to the end of its word (so every character is matched at most once).
+    for start in sorted(starts):
+        if start >= end:
+            match = _TEXT_URL_RE.match(text, start)
+            if match is not None:
+                matches.append(match)
+                end = match.end()
+    return matches
 
 
 def url_domain(url: str) -> str:
