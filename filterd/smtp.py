@@ -41,6 +41,27 @@ _DATA_CHUNK = 65536
 _session_ids = itertools.count(1)
 
 
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+_ANY_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+
+
+def unstuff(block: bytes) -> bytes:
+    """CRLF for every line ending, then remove the dot-stuffing (``block`` starts at a line
+    ending). Clients that send bare LF stuff their dots after it too."""
+    if block.count(b"\r") != block.count(b"\n") or block.count(b"\r\n") != block.count(b"\n"):
+        block = _ANY_LINE_ENDING.sub(b"\r\n", block)
+    return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
+
+
+@dataclass(frozen=True)
+class DataResult:
+    """What DATA produced: the message (in memory or spooled), or the reply refusing it."""
+
+    raw: bytes
+    spool: SpoolFile | None
+    refusal: str | None
+
+
 class MessageSink(Protocol):
     """Decides and executes what happens to one received message; returns the client's reply."""
 
@@ -81,6 +102,10 @@ class SessionState:
     txn: RelayTransaction | None = None
     recipients_tried: int = 0
     admitted: bool = False
+    # The next hop failed mid-transaction: RCPT and DATA answer 451 until RSET/MAIL/EHLO.
+    relay_failed: bool = False
+    # A delivery owns the transaction: a lost connection must not close it under it.
+    delivering: bool = False
 
 
 def _xtext_decode(value: str) -> str:
@@ -161,7 +186,7 @@ class FilterdHandler:
         if self.per_client[state.client_ip] <= 0:
             del self.per_client[state.client_ip]
         self.metrics.session_closed()
-        if state.txn is not None:
+        if state.txn is not None and not state.delivering:
             txn, state.txn = state.txn, None
             await txn.abandon()
 
@@ -216,6 +241,8 @@ class FilterdHandler:
         self, server: SMTP, session: AioSession, envelope: AioEnvelope, address: str, options: list[str]
     ) -> str:
         state = _state(session)
+        if state.relay_failed:
+            return TEMPFAIL_INTERNAL.render()
         if state.txn is None:
             return "503 5.5.1 Error: need MAIL command"
         state.recipients_tried += 1
@@ -228,8 +255,9 @@ class FilterdHandler:
             log.warning("relay_failed", stage="rcpt", reason=exc.reason, detail=exc.detail,
                         session=state.session_id)
             await self._end_transaction(session, broken=True)
-            envelope.mail_from = None
-            envelope.rcpt_tos.clear()
+            # Keep the client's transaction open but failed: every later RCPT and the DATA get
+            # 451 too (never a 5xx that would bounce mail a retry would deliver).
+            state.relay_failed = True
             return TEMPFAIL_INTERNAL.render()
         if reply.code in (250, 251):
             envelope.rcpt_tos.append(address)
@@ -283,6 +311,7 @@ class FilterdHandler:
             return
         state.xforward.clear()
         state.recipients_tried = 0
+        state.relay_failed = False
         if state.txn is not None:
             txn, state.txn = state.txn, None
             await (txn.abandon() if broken else txn.finish())
@@ -309,23 +338,34 @@ class FilterdHandler:
         state = _state(session)
         txn = state.txn
         if txn is None:
-            return "503 5.5.1 Error: need MAIL command"
+            return TEMPFAIL_INTERNAL.render()
         if spool is None:
             message = Message(self.envelope_of(session, envelope), raw)
         else:
             prefix = await asyncio.to_thread(read_prefix, spool.path, self.policy.spool_threshold)
             message = Message(self.envelope_of(session, envelope), prefix,
                               spool_path=spool.path, spooled_size=spool.size)
-        task = asyncio.current_task()
-        if task is not None:
-            self.in_flight.add(task)
+        # Once the whole message is here, its delivery runs to the end even if the client
+        # vanishes meanwhile: the next hop may already have it, so it must be logged and
+        # counted, and the next-hop connection must not be closed under it.
+        state.delivering = True
+        task = asyncio.get_running_loop().create_task(self._deliver(message, txn, state, session))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
+
+    async def _deliver(self, message: Message, txn: RelayTransaction, state: SessionState,
+                       session: AioSession) -> str:
         try:
             reply = await self.sink.process(message, txn, state.session_id)
         finally:
-            if task is not None:
-                self.in_flight.discard(task)
-        # A connection that failed is marked broken by the relay client and closed, not pooled.
-        await self._end_transaction(session)
+            state.delivering = False
+            # A connection that failed is marked broken by the relay client and closed, not pooled.
+            await self._end_transaction(session)
         return reply.render()
 
 
@@ -335,8 +375,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     # aiosmtpd's __init__ introspects the handler and itself with inspect.getmembers() for every
     # connection (a fifth of the CPU of a short session). The results depend only on the class
     # and the shared handler, so they are computed once and reused.
-    session: Any  # aiosmtpd's Session / Envelope (set per connection and transaction)
+    session: Any  # aiosmtpd's Session / Envelope / transport (set per connection and transaction)
     envelope: Any
+    transport: Any
     _smtp_method_names: tuple[str, ...] = ()
     _shared: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 
@@ -442,6 +483,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             task.add_done_callback(self.filterd_handler.in_flight.discard)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        if "\x00" in arg:
+            return None, None  # aiosmtpd answers 553 malformed address
         match = _SIMPLE_PATH.fullmatch(arg)
         if match:
             return match.group(1) or "<>", match.group(2)
@@ -466,6 +509,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
+        if _state(self.session).relay_failed:
+            await self.push(TEMPFAIL_INTERNAL.render())
+            return
         if not self.envelope.rcpt_tos:
             await self.push("554 5.5.1 Error: no valid recipients")
             return
@@ -474,38 +520,52 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         started = time.monotonic()
-        raw, spool, too_big = await self._read_data()
-        if too_big:
+        try:
+            result = await self._read_data()
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:
+            # After 354 the client's bytes are message data until the end marker: if we cannot
+            # tell where that is any more, the connection must go, or data would run as commands.
+            log.error("data_failed", error=repr(exc), session=_state(self.session).session_id)
+            await self.filterd_handler.handle_RSET(self, self.session, self.envelope)
+            await self.push("421 4.3.0 Temporary internal error, closing connection")
+            self.transport.close()
+            return
+        if result.refusal is not None:
             await self.filterd_handler.handle_RSET(self, self.session, self.envelope)
             self._set_post_data_state()
-            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            await self.push(result.refusal)
             return
-        log.debug("data_received", size=spool.size if spool else len(raw),
+        spool = result.spool
+        log.debug("data_received", size=spool.size if spool else len(result.raw),
                   seconds=round(time.monotonic() - started, 4))
         try:
-            status = await self.filterd_handler.deliver(self.session, self.envelope, raw, spool)
+            status = await self.filterd_handler.deliver(self.session, self.envelope, result.raw, spool)
         finally:
             if spool is not None:
                 discard(spool.path)
         self._set_post_data_state()
         await self.push(status)
 
-    async def _read_data(self) -> tuple[bytes, SpoolFile | None, bool]:
-        """Read up to the ``CRLF.CRLF`` end marker; return (un-dot-stuffed bytes, spool, too big).
+    async def _read_data(self) -> DataResult:
+        """Read up to the ``CRLF.CRLF`` end marker and return the un-dot-stuffed message.
 
-        Lines of any length and bare LF pass through untouched; only ``<CRLF>.<CRLF>`` ends the
-        data (a bare ``<LF>.<LF>`` is content, and the relay normalises it so it cannot end the
-        message at the next hop). Past ``spool_threshold`` complete lines go to a spool file and
-        only the last partial line stays in memory. Bytes after the marker (a pipelined
-        command) go back to the reader.
+        Lines of any length pass; only ``<CRLF>.<CRLF>`` ends the data, and every line ending
+        (CRLF, bare LF, bare CR) becomes CRLF, so no ``<LF>.<LF>`` or ``<CR>.<CR>`` can end the
+        message at a lenient next hop, and the rules, the header edits and the next hop all see
+        the same lines. Past ``spool_threshold`` complete lines go to a spool file and only the
+        last partial line stays in memory. Too big, or a spool that cannot be written: the rest
+        is read and dropped up to the end marker, and the message is refused. Bytes after the
+        marker (a pipelined command) go back to the reader.
         """
         policy = self.filterd_handler.policy
         limit = self.data_size_limit or 0
         # A virtual line start, so the end marker and dot-stuffing look the same everywhere.
         buf = bytearray(b"\r\n")
         spool: SpoolFile | None = None
-        received = 0  # bytes already moved out of buf (to the spool, or dropped when too big)
-        too_big = False
+        received = 0  # bytes already moved out of buf (to the spool, or dropped)
+        refusal: str | None = None
         scanned = 0
         try:
             while True:
@@ -513,21 +573,24 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 if end >= 0:
                     break
                 scanned = len(buf)
-                if limit and received + scanned > limit + 2 + 8192:
-                    too_big = True
-                if (too_big or spool is not None or scanned > policy.spool_threshold) and scanned > 65536:
+                if refusal is None and limit and received + scanned > limit + 2 + 8192:
+                    refusal = REPLY_TOO_BIG
+                if (refusal or spool is not None or scanned > policy.spool_threshold) and scanned > 65536:
                     # Move every complete line out of memory; keep the line ending before the
                     # last partial line so the marker and the stuffing stay visible in buf.
                     cut = buf.rfind(b"\n", 0, scanned - 5)
                     if cut > 2:
                         cut = cut - 1 if buf[cut - 1] == 0x0D else cut
-                        if not too_big:
-                            if spool is None:
-                                spool = SpoolFile(policy.spool_dir)
-                                block = bytes(buf[2:cut])
-                            else:
-                                block = bytes(buf[:cut])
-                            spool.write(block.replace(b"\n.", b"\n"))
+                        if refusal is None:
+                            try:
+                                if spool is None:
+                                    spool = SpoolFile(policy.spool_dir)
+                                    spool.write(unstuff(bytes(buf[:cut]))[2:])
+                                else:
+                                    spool.write(unstuff(bytes(buf[:cut])))
+                            except OSError as exc:
+                                log.error("spool_failed", error=str(exc))
+                                refusal = TEMPFAIL_INTERNAL.render()
                         received += cut
                         del buf[:cut]
                         scanned = len(buf)
@@ -541,18 +604,22 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 # StreamReader has no unread(); aiosmtpd itself manipulates this buffer (STARTTLS).
                 self._reader._buffer[:0] = leftover
             del buf[end + 2 :]
-            if too_big or (limit and received + len(buf) - 2 > limit):
+            if refusal is None and limit and received + len(buf) - 2 > limit:
+                refusal = REPLY_TOO_BIG
+            if refusal is not None:
                 if spool is not None:
                     spool.discard()
-                return b"", None, True
-            # Un-dot-stuff after CRLF and after a bare LF alike: clients that send bare LF stuff
-            # their dots after it too (a lone "." line arrives as "..").
+                return DataResult(b"", None, refusal)
             if spool is None:
-                body = bytes(buf).replace(b"\n.", b"\n") if b"\n." in buf else bytes(buf)
-                return body[2:], None, False
-            spool.write(bytes(buf).replace(b"\n.", b"\n"))
-            spool.close()
-            return b"", spool, False
+                return DataResult(unstuff(bytes(buf))[2:], None, None)
+            try:
+                spool.write(unstuff(bytes(buf)))
+                spool.close()
+            except OSError as exc:
+                log.error("spool_failed", error=str(exc))
+                spool.discard()
+                return DataResult(b"", None, TEMPFAIL_INTERNAL.render())
+            return DataResult(b"", spool, None)
         except BaseException:
             if spool is not None:
                 spool.discard()

@@ -45,11 +45,23 @@ def discard(path: str) -> None:
 
 
 def read_prefix(path: str, limit: int) -> bytes:
-    """The first ``limit`` bytes of a spool file, cut back to a line end when there is one."""
+    """The first ``limit`` bytes of a spool file, cut back to a line end — and at least the whole
+    header block, however long, so header rules and header edits (the removal of forged
+    ``X-Spam-*`` fields) see every field."""
     with open(path, "rb") as handle:
         data = handle.read(limit)
+        searched = 0
+        while b"\r\n\r\n" not in data[searched:] and not data.startswith(b"\r\n"):
+            more = handle.read(READ_BLOCK)
+            if not more:
+                return data
+            searched = max(0, len(data) - 3)
+            data += more
+        complete = not handle.read(1)
+    if complete:
+        return data
     cut = data.rfind(b"\n")
-    return data[: cut + 1] if 0 <= cut and len(data) == limit else data
+    return data[: cut + 1] if cut >= 0 else data
 
 
 def read_all(path: str) -> bytes:

@@ -88,16 +88,22 @@ class Supervisor:
     async def watch(self, slot: int, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         mark_process_dead(proc.pid)
+        if self.workers.get(slot) is proc:
+            del self.workers[slot]
         if self.stopping:
             log.info("worker_stopped", slot=slot, pid=proc.pid, code=code)
-            self.workers.pop(slot, None)
-            if not self.workers:
-                self.done.set()
+            self._stopped_when_idle()
             return
         log.error("worker_died", slot=slot, pid=proc.pid, code=code)
         await asyncio.sleep(RESTART_BACKOFF_SECONDS)
-        if not self.stopping:
+        if self.stopping:
+            self._stopped_when_idle()  # SIGTERM came during the backoff: do not restart
+        else:
             await self.start_worker(slot)
+
+    def _stopped_when_idle(self) -> None:
+        if not self.workers:
+            self.done.set()
 
     def fan_out(self, signum: int) -> None:
         for proc in list(self.workers.values()):

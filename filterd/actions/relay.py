@@ -21,7 +21,7 @@ from filterd.model import SmtpReply
 from filterd.spool import iter_lines_blocks
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.DOTALL)
-_BARE_LINE_ENDING = re.compile(rb"\r?\n")
+_ANY_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,12 @@ def stuff_block(block: bytes) -> bytes:
     """Wire form of a run of whole lines (it must start at a line start): CRLF line endings and
     dot-stuffing.
 
-    Bare LF and CR LF are both normalised to CRLF so that no ``<LF>.<LF>`` sequence can reach the
-    next hop and be read there as the end of the message (SMTP smuggling).
+    Bare LF and bare CR are normalised to CRLF so that no ``<LF>.<LF>`` or ``<CR>.<CR>``
+    sequence can reach the next hop and be read there as the end of the message (SMTP
+    smuggling). (The ingress normalises already; this keeps the client safe on its own.)
     """
-    if b"\n" in block.replace(b"\r\n", b""):
-        block = _BARE_LINE_ENDING.sub(b"\r\n", block)
+    if block.count(b"\r") != block.count(b"\n") or block.count(b"\r\n") != block.count(b"\n"):
+        block = _ANY_LINE_ENDING.sub(b"\r\n", block)
     stuffed = block.replace(b"\r\n.", b"\r\n..")
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
@@ -95,19 +96,10 @@ class NextHopConnection:
     async def read_reply(self) -> NextHopReply:
         lines: list[str] = []
         try:
-            while True:
-                async with asyncio.timeout(self.timeout):
-                    line = await self.reader.readline()
-                if not line.endswith(b"\n"):
-                    raise RelayError("closed", "next hop closed the connection")
-                text = line.decode("utf-8", "replace").rstrip("\r\n")
-                if len(text) < 3 or not text[:3].isdigit():
-                    raise RelayError("protocol", f"malformed reply line {text[:80]!r}")
-                lines.append(text[4:])
-                if len(text) == 3 or text[3] != "-":
-                    return NextHopReply(int(text[:3]), tuple(lines))
-                if len(lines) > 100:
-                    raise RelayError("protocol", "reply with too many lines")
+            # One bound for the whole reply: a next hop trickling a long multi-line reply must
+            # not hold the client longer than relay_timeout.
+            async with asyncio.timeout(self.timeout):
+                return await self._read_lines(lines)
         except TimeoutError as exc:
             self.broken = True
             raise RelayError("timeout", "next hop did not answer in time") from exc
@@ -117,6 +109,20 @@ class NextHopConnection:
         except RelayError:
             self.broken = True
             raise
+
+    async def _read_lines(self, lines: list[str]) -> NextHopReply:
+        while True:
+            line = await self.reader.readline()
+            if not line.endswith(b"\n"):
+                raise RelayError("closed", "next hop closed the connection")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if len(text) < 3 or not text[:3].isdigit():
+                raise RelayError("protocol", f"malformed reply line {text[:80]!r}")
+            lines.append(text[4:])
+            if len(text) == 3 or text[3] != "-":
+                return NextHopReply(int(text[:3]), tuple(lines))
+            if len(lines) > 100:
+                raise RelayError("protocol", "reply with too many lines")
 
     async def send(self, payload: bytes) -> None:
         try:
@@ -357,12 +363,13 @@ class RelayTransaction:
                         if reply.code != 250:
                             break
                 return await conn.command(self._mail_command(sender, options))
-            except RelayError:
+            except RelayError as exc:
                 self.conn = None
                 await conn.close()
                 # A pooled connection may have been closed by the next hop while idle: retry
-                # once on a fresh one. A fresh connection that fails is a real failure.
-                if not pooled or attempt == 1:
+                # once on a fresh one. A fresh connection that fails, or a next hop that is
+                # merely slow (a timeout), is a real failure.
+                if not pooled or attempt == 1 or exc.reason == "timeout":
                     raise
         raise AssertionError("unreachable")
 
