@@ -5,12 +5,15 @@ serves after each fault."""
 from __future__ import annotations
 
 import itertools
+import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.faults.accounting import message, token_of
+from tests.faults.figures import FIGURES
 from tests.support.daemon import Daemon
 from tests.support.faultclient import RawClient
 from tests.support.nexthop import Behaviour, NextHop
@@ -27,6 +30,34 @@ rules:
 """
 RELAY_TIMEOUT = 2.0
 _tokens = itertools.count(1)
+
+
+FAULT_MODULES = (
+    "test_nexthop_faults",
+    "test_client_faults",
+    "test_quarantine_faults",
+    "test_worker_faults",
+)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the suite's figures: fault scenarios run, messages soaked and lost, fuzz cases."""
+    scenarios: Counter[str] = Counter()
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "") == "call" and any(
+                m in report.nodeid for m in FAULT_MODULES
+            ):
+                scenarios[outcome] += 1
+    if not scenarios and not FIGURES:
+        return
+    terminalreporter.section("fault suite figures")
+    if scenarios:
+        terminalreporter.write_line(
+            f"fault scenarios: {sum(scenarios.values())} ({dict(scenarios)})"
+        )
+    for section, values in sorted(FIGURES.items()):
+        terminalreporter.write_line(f"{section}: {json.dumps(values, sort_keys=True)}")
 
 
 def new_token(prefix: str = "t") -> str:

@@ -27,10 +27,12 @@ def transaction_faults(timeout: float) -> list[tuple[float, Fault]]:
     for stage in ("mail", "rcpt", "data", "dot"):
         faults.append((2, Fault(stage, "shutdown")))
         faults.append((0.25, Fault(stage, "stall", seconds=slow)))
-    for stage, temp, perm in (("mail", "451 4.3.0 busy", "550 5.7.1 sender refused"),
-                              ("rcpt", "450 4.2.1 busy", "550 5.1.1 unknown user"),
-                              ("data", "451 4.3.0 later", "554 5.5.1 no"),
-                              ("dot", "451 4.3.0 queue trouble", "554 5.7.1 refused")):
+    for stage, temp, perm in (
+        ("mail", "451 4.3.0 busy", "550 5.7.1 sender refused"),
+        ("rcpt", "450 4.2.1 busy", "550 5.1.1 unknown user"),
+        ("data", "451 4.3.0 later", "554 5.5.1 no"),
+        ("dot", "451 4.3.0 queue trouble", "554 5.7.1 refused"),
+    ):
         faults.append((3, Fault(stage, "reply", temp)))
         faults.append((0.5, Fault(stage, "reply", perm)))
     faults.append((2, Fault("mail", "trickle", seconds=0.0005)))
@@ -53,17 +55,21 @@ class FaultPlan:
     """A ``Behaviour.faults`` callable: a fault for ``rate`` of connections and transactions."""
 
     def __init__(self, seed: int, rate: float, timeout: float) -> None:
-        self.rng = random.Random(seed)  # noqa: S311 - test data, not crypto
+        self.rng = random.Random(seed)
         self.rate = rate
-        self.table = {"transaction": transaction_faults(timeout), "connect": connection_faults(timeout)}
+        self.table = {
+            "transaction": transaction_faults(timeout),
+            "connect": connection_faults(timeout),
+        }
         self.lock = threading.Lock()
 
     def __call__(self, point: str) -> Fault | None:
         with self.lock:
             if self.rng.random() >= self.rate:
                 return None
-            weights, faults = zip(*((w, f) for w, f in self.table[point]), strict=True)
-            return self.rng.choices(faults, weights)[0]
+            table = self.table[point]
+            fault: Fault = self.rng.choices([f for _, f in table], [w for w, _ in table])[0]
+            return fault
 
 
 @dataclass
@@ -92,7 +98,11 @@ class SoakClient:
             self._client = None
 
     def send(self, token: str, kind: str, rng: random.Random) -> None:
-        subject = {"relay": "soak", "quarantine": "soak quarantine-me", "discard": "soak discard-me"}[kind]
+        subject = {
+            "relay": "soak",
+            "quarantine": "soak quarantine-me",
+            "discard": "soak discard-me",
+        }[kind]
         recipients = ["rcpt@example.net", "other@example.net"][: rng.choice((1, 1, 2))]
         body = message(token, subject, body=b"soak line\r\n" * rng.randint(1, 40))
         for _ in range(MAX_TRIES):
@@ -131,7 +141,7 @@ class SoakClient:
                 self.drop()
 
     def run(self) -> None:
-        rng = random.Random(self.seed)  # noqa: S311 - test data
+        rng = random.Random(self.seed)
         try:
             for token in self.tokens:
                 if self.stop.is_set():
@@ -149,8 +159,9 @@ def _stuffed(body: bytes) -> bytes:
     return stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n"
 
 
-def run_clients(port: int, ledger: Ledger, count: int, threads: int, prefix: str,
-                seed: int) -> list[SoakClient]:
+def run_clients(
+    port: int, ledger: Ledger, count: int, threads: int, prefix: str, seed: int
+) -> list[SoakClient]:
     """Send ``count`` messages over ``threads`` sessions; returns the finished clients."""
     tokens = [f"{prefix}-{i}" for i in range(count)]
     clients = [SoakClient(port, ledger, tokens[i::threads], seed + i) for i in range(threads)]

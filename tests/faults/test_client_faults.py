@@ -12,6 +12,8 @@ import re
 import socket
 import time
 from collections import Counter
+from email import message_from_bytes
+from email.policy import compat32
 
 import pytest
 
@@ -31,7 +33,11 @@ def _delivered(hop: NextHop, token: str) -> list[bytes]:
 
 
 def _processed(daemon: Daemon, token: str) -> list[dict[str, object]]:
-    return [e for e in daemon.events("message_processed") if e.get("message_id") == f"<{token}@faults.test>"]
+    return [
+        e
+        for e in daemon.events("message_processed")
+        if e.get("message_id") == f"<{token}@faults.test>"
+    ]
 
 
 def _sessions(daemon: Daemon) -> float:
@@ -48,12 +54,15 @@ def _open_transaction(client: RawClient) -> None:
 
 # --- vanishing clients ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["reset", "close"])
 @pytest.mark.parametrize("where", ["after-354", "mid-data", "mid-line"])
 def test_a_client_vanishing_during_data_leaves_nothing_behind(
     filterd: Daemon, hop: NextHop, where: str, how: str
 ) -> None:
-    idle = _sessions(filterd)
+    # no other session is open in this module between tests (the daemon's start-up probe and
+    # the previous test's sessions may take a moment to be counted out)
+    assert wait_until(lambda: _sessions(filterd) == 0, timeout=5)
     token = new_token("vanish")
     client = RawClient(filterd.port)
     _open_transaction(client)
@@ -63,14 +72,16 @@ def test_a_client_vanishing_during_data_leaves_nothing_behind(
     time.sleep(0.2)
     client.abort() if how == "reset" else client.close()
 
-    assert wait_until(lambda: _sessions(filterd) == idle, timeout=5), "the session was not closed"
+    assert wait_until(lambda: _sessions(filterd) == 0, timeout=5), "the session was not closed"
     time.sleep(0.3)
     assert _delivered(hop, token) == []
     assert _processed(filterd, token) == []  # nothing was decided: the client was told nothing
     assert_still_serving(filterd, hop)
 
 
-def test_a_client_vanishing_after_the_final_dot_is_still_accounted(filterd: Daemon, hop: NextHop) -> None:
+def test_a_client_vanishing_after_the_final_dot_is_still_accounted(
+    filterd: Daemon, hop: NextHop
+) -> None:
     # The client gives up while filterd waits for the next hop's final reply. Whatever happens
     # to the message then, the books must agree: if the next hop has it, filterd must have
     # logged and counted it (an MTA retries, and the operator must be able to see why the
@@ -83,7 +94,9 @@ def test_a_client_vanishing_after_the_final_dot_is_still_accounted(filterd: Daem
     client = RawClient(filterd.port)
     _open_transaction(client)
     client.send(stuff(message(token)))
-    assert wait_until(lambda: hop.data_ends > ends, timeout=5), "the message never reached the next hop"
+    assert wait_until(lambda: hop.data_ends > ends, timeout=5), (
+        "the message never reached the next hop"
+    )
     client.abort()  # the next hop has the whole message and is about to say 250
     time.sleep(2.0)
 
@@ -92,13 +105,19 @@ def test_a_client_vanishing_after_the_final_dot_is_still_accounted(filterd: Daem
     logged = _processed(filterd, token)
     assert delivered == 1, "the next hop should have queued it"
     assert [line.get("action") for line in logged] == ["accept"], (
-        "the next hop delivered a message that filterd never logged")
-    assert dict(counted) == {"accept": 1}, f"metrics counted {dict(counted)} for a delivered message"
+        "the next hop delivered a message that filterd never logged"
+    )
+    assert dict(counted) == {"accept": 1}, (
+        f"metrics counted {dict(counted)} for a delivered message"
+    )
 
 
 # --- protocol abuse -------------------------------------------------------------------------------
 
-def test_commands_out_of_order_are_refused_and_the_session_goes_on(filterd: Daemon, hop: NextHop) -> None:
+
+def test_commands_out_of_order_are_refused_and_the_session_goes_on(
+    filterd: Daemon, hop: NextHop
+) -> None:
     before = hop.count()
     with RawClient(filterd.port) as client:
         replies = {
@@ -134,7 +153,8 @@ def test_pipelining_without_being_offered_gives_one_reply_per_command_and_one_me
 ) -> None:
     tokens = [new_token("pipe"), new_token("pipe")]
     transactions = b"".join(
-        b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\n" + stuff(message(t))
+        b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\n"
+        + stuff(message(t))
         for t in tokens
     )
     with socket.create_connection(("127.0.0.1", filterd.port), timeout=15) as sock:
@@ -179,9 +199,13 @@ def _smuggle(filterd: Daemon, sequence: bytes) -> tuple[str, str]:
     """Send one message with ``sequence`` and a whole second transaction inside its data."""
     token = new_token("smuggle")
     evil = new_token("smuggled")
-    payload = (message(token, body=b"before") + sequence
-               + b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
-               + message(evil, subject="smuggled") + b".\r\n")
+    payload = (
+        message(token, body=b"before")
+        + sequence
+        + b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+        + message(evil, subject="smuggled")
+        + b".\r\n"
+    )
     with RawClient(filterd.port) as client:
         _open_transaction(client)
         client.send(payload)
@@ -216,7 +240,8 @@ def test_no_end_of_data_a_lenient_next_hop_would_see_is_forwarded(
     lenient = _LENIENT_END.search(_wire(data))
     assert lenient is None, (
         f"filterd forwarded {lenient.group()!r}: a next hop that accepts bare CR/LF line endings "
-        "would end the message there and read the rest as SMTP commands")
+        "would end the message there and read the rest as SMTP commands"
+    )
 
 
 def test_ten_thousand_recipients_are_capped_and_one_message_goes_through(
@@ -242,7 +267,9 @@ def test_ten_thousand_recipients_are_capped_and_one_message_goes_through(
 
 
 @pytest.mark.parametrize("subject", ["plain", "quarantine-me"])
-def test_a_one_megabyte_header_line_is_kept_intact(filterd: Daemon, hop: NextHop, subject: str) -> None:
+def test_a_one_megabyte_header_line_is_kept_intact(
+    filterd: Daemon, hop: NextHop, subject: str
+) -> None:
     token = new_token("bighdr")
     body = message(token, subject=subject, extra_headers=b"X-Huge: " + b"h" * (1 << 20) + b"\r\n")
     with RawClient(filterd.port, timeout=60) as client:
@@ -252,12 +279,70 @@ def test_a_one_megabyte_header_line_is_kept_intact(filterd: Daemon, hop: NextHop
     if subject == "plain":
         assert _delivered(hop, token) == [body]
     else:
-        [entry] = [p for p in (filterd.workdir / "state" / "quarantine").glob("*.eml")
-                   if token_of(p.read_bytes()) == token]
+        [entry] = [
+            p
+            for p in (filterd.workdir / "state" / "quarantine").glob("*.eml")
+            if token_of(p.read_bytes()) == token
+        ]
         assert entry.read_bytes() == body
 
 
-def test_a_one_megabyte_command_line_is_refused_and_the_session_goes_on(filterd: Daemon, hop: NextHop) -> None:
+@pytest.mark.parametrize(
+    "padding", [1000, 1100 * 1024], ids=["small-header", "header-past-spool-threshold"]
+)
+def test_forged_spam_headers_are_removed_wherever_they_sit_in_the_header(
+    filterd: Daemon, hop: NextHop, padding: int
+) -> None:
+    # "Incoming X-Spam-* headers are removed first so senders cannot forge them": also when the
+    # header block is longer than limits.spool_threshold (1 MiB), where the message is spooled.
+    token = new_token("forged")
+    forged = (
+        b"X-Spam-Flag: NO\r\nX-Pad: "
+        + b"p" * padding
+        + b"\r\n"
+        + b"X-Spam-Flag: NO\r\nX-Spam-Status: No, score=-50\r\nx-spam-score:-50\r\n"
+    )
+    with RawClient(filterd.port, timeout=60) as client:
+        client.ehlo()
+        reply = client.sendmail(
+            "sender@example.org", ["rcpt@example.net"], message(token, extra_headers=forged)
+        )
+    assert reply.code == 250, str(reply)
+    [data] = _delivered(hop, token)
+    survivors = [
+        line[:60]
+        for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        if line.lower().startswith(b"x-spam-")
+    ]
+    assert survivors == [], f"forged verdict headers reached the next hop: {survivors}"
+
+
+def test_a_forged_spam_header_behind_a_bare_cr_does_not_reach_the_next_hop(
+    filterd: Daemon, hop: NextHop
+) -> None:
+    # filterd's header editor splits lines at LF only, so "MIME-Version: 1.0<CR>X-Spam-Flag: NO"
+    # is one field to it and survives; a reader that ends lines at a bare CR (Python's email
+    # package, and whatever a next hop in "clean" mode turns bare CRs into) sees the forgery.
+    token = new_token("cr-forged")
+    forged = b"MIME-Version: 1.0\rX-Spam-Flag: NO\rX-Spam-Status: No, score=-50\r\n"
+    with RawClient(filterd.port) as client:
+        client.ehlo()
+        reply = client.sendmail(
+            "sender@example.org", ["rcpt@example.net"], message(token, extra_headers=forged)
+        )
+    assert reply.code == 250, str(reply)
+    [data] = _delivered(hop, token)
+    seen = [
+        name
+        for name in message_from_bytes(data, policy=compat32)
+        if name.lower().startswith("x-spam")
+    ]
+    assert seen == [], f"a reader that ends lines at a bare CR sees forged {seen}"
+
+
+def test_a_one_megabyte_command_line_is_refused_and_the_session_goes_on(
+    filterd: Daemon, hop: NextHop
+) -> None:
     with RawClient(filterd.port) as client:
         client.ehlo()
         assert client.command(b"MAIL FROM:<" + b"a" * (1 << 20) + b"@example.org>").code == 500
@@ -265,9 +350,13 @@ def test_a_one_megabyte_command_line_is_refused_and_the_session_goes_on(filterd:
         assert_still_serving(filterd, hop, client)
 
 
-def test_nul_bytes_pass_in_content_and_are_refused_in_commands(filterd: Daemon, hop: NextHop) -> None:
+def test_nul_bytes_pass_in_content_and_are_refused_in_commands(
+    filterd: Daemon, hop: NextHop
+) -> None:
     token = new_token("nul")
-    body = message(token, subject="n\x00l", extra_headers=b"X-N\x00l: a\x00b\r\n", body=b"b\x00dy\r\n\x00\r\n")
+    body = message(
+        token, subject="n\x00l", extra_headers=b"X-N\x00l: a\x00b\r\n", body=b"b\x00dy\r\n\x00\r\n"
+    )
     with RawClient(filterd.port) as client:
         client.ehlo()
         for line in (b"\x00", b"MA\x00IL FROM:<a@example.org>", b"\x00\x00\x00\x00 \x00"):
@@ -291,5 +380,6 @@ def test_a_client_flooding_unknown_commands_is_disconnected_and_others_are_serve
                 last = client.read_reply()
         except ServerClosed:
             pass
-    assert last is not None and last.code in (421, 502), f"last reply before the close: {last}"
+    assert last is not None
+    assert last.code in (421, 502), f"last reply before the close: {last}"
     assert_still_serving(filterd, hop)

@@ -13,14 +13,20 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from email import message_from_bytes
 from email.policy import compat32
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
+from tests.faults.figures import count
 from tests.faults.strategies import ANY_MESSAGE, corpus_bytes
 from tests.support.daemon import REPO
+
+if TYPE_CHECKING:
+    from filterd.rules import RuleSet
 
 rules = pytest.importorskip("filterd.rules", reason="the rule engine is not importable yet")
 mime = pytest.importorskip("filterd.mime", reason="filterd.mime is not importable yet")
@@ -28,35 +34,63 @@ actions = pytest.importorskip("filterd.actions", reason="filterd.actions is not 
 from filterd.model import Action, Envelope, Message, Verdict  # noqa: E402
 
 STALL_BOUND = 10.0  # seconds: far above any real message, far below a session timeout
-FIGURES: Counter[str] = Counter()
+CASES: Counter[str] = Counter()
 # more with FILTERD_FUZZ_EXAMPLES=N (the long run uses thousands)
 EXAMPLES = int(os.environ.get("FILTERD_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.large_base_example])
-TAG = Verdict(action=Action.TAG, score=7.5, rules=("fuzz-a", "fuzz-b"), tag=True, required_score=5.0,
-              subject_prefix="[SPAM] ", add_headers=(("X-Fuzz", "1"),))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
+TAG = Verdict(
+    action=Action.TAG,
+    score=7.5,
+    rules=("fuzz-a", "fuzz-b"),
+    tag=True,
+    required_score=5.0,
+    subject_prefix="[SPAM] ",
+    add_headers=(("X-Fuzz", "1"),),
+)
 
 
 @pytest.fixture(scope="module")
-def shipped():  # noqa: ANN201 - a RuleSet
+def shipped() -> Iterator[RuleSet]:
     try:
         ruleset = rules.load_ruleset(REPO / "rules")
     except Exception as exc:  # the shipped rules are still being written
         pytest.skip(f"the shipped rules do not load: {exc}")
     yield ruleset
-    print(f"\nmime fuzz figures: {dict(FIGURES)}")  # noqa: T201 - the report
+    count("mime fuzz (in process)", CASES)
 
 
 def _touch(parsed: object) -> None:
-    for view in ("headers", "subject", "message_id", "body_text", "urls", "attachments", "truncated"):
+    for view in (
+        "headers",
+        "subject",
+        "message_id",
+        "body_text",
+        "urls",
+        "attachments",
+        "truncated",
+    ):
         getattr(parsed, view)
     for header in ("From", "To", "Reply-To"):
         parsed.addresses(header)  # type: ignore[attr-defined]
 
 
 def _spam_headers_of(raw: bytes) -> dict[str, list[str]]:
-    """X-Spam-* fields as Python's email parser (what many downstream tools use) sees them."""
+    """X-Spam-* fields as Python's email parser (what many downstream tools use) sees them.
+
+    That parser also ends a line at a bare CR, which filterd passes on as it is; a forgery
+    hidden behind one is a finding of its own, with a deterministic test in
+    test_client_faults.py, so it is neutralised here to keep this property about the rest.
+    """
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b" ")
     parsed = message_from_bytes(raw, policy=compat32)
     found: dict[str, list[str]] = {}
     for name, value in parsed.items():
@@ -69,15 +103,19 @@ def _spam_headers_of(raw: bytes) -> dict[str, list[str]]:
 @example(raw=b"X-Spam-Flag : NO\r\nSubject: forged\r\n\r\nbody\r\n")
 @example(raw=b"Subject: x\r\nX-Spam-Status:\r\n No, score=-5\r\n\r\nbody\r\n")
 @given(raw=ANY_MESSAGE)
-def test_any_message_is_parsed_decided_and_tagged_without_raising_or_stalling(shipped, raw: bytes) -> None:  # noqa: ANN001
-    FIGURES["messages"] += 1
+def test_any_message_is_parsed_decided_and_tagged_without_raising_or_stalling(
+    shipped: RuleSet, raw: bytes
+) -> None:
+    CASES["messages"] += 1
     started = time.monotonic()
     parsed = mime.ParsedMessage(raw)
     _touch(parsed)
-    message = Message(Envelope("sender@example.org", ("rcpt@example.net",), "192.0.2.7", None, "mx.test"), raw)
+    message = Message(
+        Envelope("sender@example.org", ("rcpt@example.net",), "192.0.2.7", None, "mx.test"), raw
+    )
     verdict = rules.evaluate(shipped, message)
     assert isinstance(verdict.action, Action)
-    FIGURES[f"verdict_{verdict.action.value}"] += 1
+    CASES[f"verdict_{verdict.action.value}"] += 1
     tagged = actions.rewrite(message, TAG)
     elapsed = time.monotonic() - started
     assert elapsed < STALL_BOUND, f"one message took {elapsed:.1f}s to parse, decide and tag"
@@ -90,9 +128,13 @@ def test_any_message_is_parsed_decided_and_tagged_without_raising_or_stalling(sh
     assert len(spam.get("x-spam-status", [])) == 1, f"X-Spam-Status after tagging: {spam}"
     assert spam["x-spam-status"][0].startswith("Yes, score=7.5")
     assert mime.ParsedMessage(tagged).header_values("X-Spam-Flag") == ["YES"]
+    # and on a plain delivery no incoming verdict survives at all
+    plain = actions.rewrite(message, Verdict())
+    assert _spam_headers_of(plain) == {}, f"forged X-Spam-* survived: {_spam_headers_of(plain)}"
+    assert plain.endswith(parsed.body_bytes)
 
 
-def test_the_corpus_seeds_are_decided(shipped) -> None:  # noqa: ANN001
+def test_the_corpus_seeds_are_decided(shipped: RuleSet) -> None:
     for raw in corpus_bytes():
         message = Message(Envelope("sender@example.org", ("rcpt@example.net",), "192.0.2.7"), raw)
         assert isinstance(rules.evaluate(shipped, message).action, Action)

@@ -10,6 +10,7 @@ message right after the fault is healed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -41,7 +42,10 @@ def _cases() -> list[Case]:
         Case(Fault("greeting", "close"), relay_error="closed"),
         Case(Fault("greeting", "stall", seconds=STALL), relay_error="timeout"),
         Case(Fault("greeting", "reply", "421 4.3.2 nexthop.test busy"), relay_error="refused_4xx"),
-        Case(Fault("greeting", "reply", "554 5.3.2 nexthop.test no service"), relay_error="refused_5xx"),
+        Case(
+            Fault("greeting", "reply", "554 5.3.2 nexthop.test no service"),
+            relay_error="refused_5xx",
+        ),
     ]
     for stage in ("mail", "rcpt", "data", "mid-data", "dot"):
         cases.append(Case(Fault(stage, "close"), relay_error="closed"))
@@ -50,10 +54,12 @@ def _cases() -> list[Case]:
         if stage != "dot":  # a stall after the dot is covered by tests/integration
             cases.append(Case(Fault(stage, "stall", seconds=STALL), relay_error="timeout"))
         cases.append(Case(Fault(stage, "shutdown"), next_hop_code=421))
-    for stage, temp, perm in (("mail", "451 4.3.0 try later", "550 5.7.1 sender refused"),
-                              ("rcpt", "450 4.2.0 mailbox busy", "550 5.1.1 no such user"),
-                              ("data", "451 4.3.0 no data now", "554 5.5.1 no data ever"),
-                              ("dot", "451 4.3.0 queue trouble", "552 5.3.4 too big for me")):
+    for stage, temp, perm in (
+        ("mail", "451 4.3.0 try later", "550 5.7.1 sender refused"),
+        ("rcpt", "450 4.2.0 mailbox busy", "550 5.1.1 no such user"),
+        ("data", "451 4.3.0 no data now", "554 5.5.1 no data ever"),
+        ("dot", "451 4.3.0 queue trouble", "552 5.3.4 too big for me"),
+    ):
         cases.append(Case(Fault(stage, "reply", temp), next_hop_code=int(temp[:3])))
         cases.append(Case(Fault(stage, "reply", perm), next_hop_code=int(perm[:3])))
     return cases
@@ -62,7 +68,7 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
-def always(fault: Fault):  # noqa: ANN201 - a Behaviour.faults callable
+def always(fault: Fault) -> Callable[[str], Fault | None]:
     """Inject ``fault`` into every connection (greeting faults) or every transaction."""
     point = "connect" if fault.stage == "greeting" else "transaction"
     return lambda where: fault if where == point else None
@@ -96,13 +102,23 @@ def test_a_next_hop_fault_gives_the_safe_reply_and_nothing_is_delivered(
         stage, reply = attempt(client, token)
 
         assert reply.code != 250, f"{case.id}: the client was told 250 for an undelivered message"
-        if case.next_hop_code is not None and case.next_hop_code >= 500 and case.fault.stage != "greeting":
-            assert reply.code == case.next_hop_code, f"{case.id}: next hop's {case.next_hop_code} became {reply}"
+        if (
+            case.next_hop_code is not None
+            and case.next_hop_code >= 500
+            and case.fault.stage != "greeting"
+        ):
+            assert reply.code == case.next_hop_code, (
+                f"{case.id}: next hop's {case.next_hop_code} became {reply}"
+            )
         else:
             assert 400 <= reply.code < 500, f"{case.id}: expected a 4xx, got {reply}"
             if case.next_hop_code is None or case.fault.stage == "greeting":
-                assert reply.last.startswith("4.3.0"), f"{case.id}: filterd's own tempfail expected, got {reply}"
-        expected_stage = {"greeting": "mail", "mail": "mail", "rcpt": "rcpt"}.get(case.fault.stage, "final")
+                assert reply.last.startswith("4.3.0"), (
+                    f"{case.id}: filterd's own tempfail expected, got {reply}"
+                )
+        expected_stage = {"greeting": "mail", "mail": "mail", "rcpt": "rcpt"}.get(
+            case.fault.stage, "final"
+        )
         assert stage == expected_stage, f"{case.id}: failed at {stage}: {reply}"
         assert [token_of(m.data) for m in hop.messages[delivered_before:]] == []
 
@@ -114,13 +130,17 @@ def test_a_next_hop_fault_gives_the_safe_reply_and_nothing_is_delivered(
     expected = {"accept": 1}  # the clean message after the fault
     if stage == "final":  # the message reached the end of data: filterd decided and counted it
         expected["reject" if reply.code >= 500 else "tempfail"] = 1
-        [line] = [e for e in filterd.events("message_processed")
-                  if e.get("message_id") == f"<{token}@faults.test>"]
+        [line] = [
+            e
+            for e in filterd.events("message_processed")
+            if e.get("message_id") == f"<{token}@faults.test>"
+        ]
         assert line["reply"].startswith(str(reply.code))
     assert dict(counted) == expected
     if case.relay_error:
-        grown = (value(after, "filterd_relay_errors_total", reason=case.relay_error)
-                 - value(before, "filterd_relay_errors_total", reason=case.relay_error))
+        grown = value(after, "filterd_relay_errors_total", reason=case.relay_error) - value(
+            before, "filterd_relay_errors_total", reason=case.relay_error
+        )
         assert grown >= 1, f"{case.id}: relay error {case.relay_error!r} not counted"
 
 
@@ -142,7 +162,8 @@ def test_a_relay_failure_at_a_recipient_never_turns_into_a_5xx_for_the_transacti
         assert accepted == [250] * (nth - 1)
         assert (failed.code, failed.last[:5]) == (451, "4.3.0"), str(failed)
         assert [r.code for r in after if not 400 <= r.code < 500] == [], (
-            f"recipients after the relay failure got {[str(r) for r in after]}")
+            f"recipients after the relay failure got {[str(r) for r in after]}"
+        )
         if accepted:
             assert 400 <= data.code < 500, f"DATA after an accepted recipient got {data}"
         else:
@@ -229,4 +250,5 @@ def test_a_trickled_multiline_final_reply_cannot_hold_the_client_past_the_relay_
     bound = 3 * RELAY_TIMEOUT
     assert elapsed < bound + 2.0, (
         f"the client waited {elapsed:.1f}s for the end-of-data reply; the documented bound is "
-        f"3 x relay_timeout = {bound:.0f}s")
+        f"3 x relay_timeout = {bound:.0f}s"
+    )

@@ -1,5 +1,6 @@
 """A quarantine folder that cannot take the message: full, too small for it, read-only, replaced
-by a file, deleted under the running daemon.
+by a file, deleted under the running daemon; and a full spool (where large messages are kept
+while they are read).
 
 A quarantined message is acknowledged only once its copy is on disk, so each of these must
 answer ``451 4.3.0`` (the MTA keeps the message and retries), leave no half-written entry, keep
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,23 +27,32 @@ import pytest
 from tests.faults.accounting import delta, message, messages_by_action, quarantined_tokens, token_of
 from tests.faults.conftest import RELAY_TIMEOUT, assert_still_serving, new_token, write_rules
 from tests.support.daemon import REPO, Daemon
-from tests.support.faultclient import RawClient, Reply, scrape
+from tests.support.faultclient import RawClient, Reply, scrape, stuff
 from tests.support.nexthop import NextHop
 
 TMPFS_SIZE = 512 * 1024
+SPOOLFS_SIZE = 2 * 1024 * 1024
+SPOOL_THRESHOLD = 64 * 1024  # messages above this are spooled to <state_dir>/spool
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, check=False)
 
 
+def _mount_tmpfs(folder: Path, size: int) -> None:
+    done = _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder))
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); "
+            "the full/read-only quarantine and spool cases need one"
+        )
+
+
 @pytest.fixture(scope="module")
 def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A small file system for the quarantine."""
     mount_point = tmp_path_factory.mktemp("qfs")
-    done = _run("mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(mount_point))
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); "
-                    "the full/read-only quarantine cases need one")
+    _mount_tmpfs(mount_point, TMPFS_SIZE)
     try:
         yield mount_point
     finally:
@@ -49,10 +60,27 @@ def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def qd(tmp_path_factory: pytest.TempPathFactory, hop: NextHop, tmpfs: Path) -> Iterator[Daemon]:
-    """filterd whose quarantine lives on the small tmpfs."""
+def spoolfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Another one for the state directory, where large messages are spooled."""
+    mount_point = tmp_path_factory.mktemp("spoolfs")
+    _mount_tmpfs(mount_point, SPOOLFS_SIZE)
+    try:
+        yield mount_point
+    finally:
+        _run("umount", "-l", str(mount_point))
+
+
+@pytest.fixture(scope="module")
+def qd(
+    tmp_path_factory: pytest.TempPathFactory, hop: NextHop, tmpfs: Path, spoolfs: Path
+) -> Iterator[Daemon]:
+    """filterd whose quarantine and spool live on the small file systems."""
     work = tmp_path_factory.mktemp("filterd-q")
-    extra = {"limits": {"relay_timeout": RELAY_TIMEOUT}, "quarantine": {"path": str(tmpfs / "q")}}
+    extra = {
+        "limits": {"relay_timeout": RELAY_TIMEOUT, "spool_threshold": SPOOL_THRESHOLD},
+        "quarantine": {"path": str(tmpfs / "q")},
+        "state_dir": str(spoolfs / "state"),
+    }
     with Daemon(work, hop.port, rules=write_rules(work), metrics=True, extra=extra) as daemon:
         yield daemon
 
@@ -66,11 +94,19 @@ def _folder(daemon: Daemon) -> Path:
 
 
 def _send(daemon: Daemon, token: str, subject: str, size: int = 0) -> Reply:
-    body = b"".join(b"%07d padding padding padding padding padding padding padding\r\n" % i
-                    for i in range(size // 64)) if size else b""
+    body = (
+        b"".join(
+            b"%07d padding padding padding padding padding padding padding\r\n" % i
+            for i in range(size // 64)
+        )
+        if size
+        else b""
+    )
     with RawClient(daemon.port) as client:
         client.ehlo()
-        reply = client.sendmail("sender@example.org", ["rcpt@example.net"], message(token, subject, body))
+        reply = client.sendmail(
+            "sender@example.org", ["rcpt@example.net"], message(token, subject, body)
+        )
         client.quit()
     return reply
 
@@ -89,10 +125,18 @@ def _fill(folder: Path) -> Path:
 
 
 def _assert_refused_safely(daemon: Daemon, hop: NextHop, token: str, reply: Reply) -> None:
-    assert (reply.code, reply.last[:5]) == (451, "4.3.0"), f"quarantine write failed but the client got {reply}"
+    assert (reply.code, reply.last[:5]) == (451, "4.3.0"), (
+        f"quarantine write failed but the client got {reply}"
+    )
     assert token not in quarantined_tokens(_folder(daemon))
-    assert all(token_of(m.data) != token for m in hop.messages), "a message to quarantine was relayed"
-    [line] = [e for e in daemon.events("message_processed") if e.get("message_id") == f"<{token}@faults.test>"]
+    assert all(token_of(m.data) != token for m in hop.messages), (
+        "a message to quarantine was relayed"
+    )
+    [line] = [
+        e
+        for e in daemon.events("message_processed")
+        if e.get("message_id") == f"<{token}@faults.test>"
+    ]
     assert line["action"] == "tempfail"
     assert "quarantine" in str(line.get("error"))
     folder = _folder(daemon)
@@ -109,7 +153,9 @@ def _assert_stores_again(daemon: Daemon, hop: NextHop) -> None:
     assert_still_serving(daemon, hop)
 
 
-def test_a_full_quarantine_file_system_gives_451_and_mail_keeps_flowing(qd: Daemon, hop: NextHop) -> None:
+def test_a_full_quarantine_file_system_gives_451_and_mail_keeps_flowing(
+    qd: Daemon, hop: NextHop
+) -> None:
     assert qd.metrics_port is not None
     before = messages_by_action(scrape(qd.metrics_port))
     filler = _fill(_folder(qd))
@@ -179,11 +225,75 @@ def test_a_quarantine_folder_replaced_under_the_daemon_gives_451(
     _assert_stores_again(qd, hop)
 
 
-def test_after_all_faults_the_quarantine_index_agrees_with_the_files(qd: Daemon, hop: NextHop) -> None:
+def test_a_full_spool_gives_451_and_the_rest_of_the_data_is_never_read_as_commands(
+    qd: Daemon, hop: NextHop, spoolfs: Path
+) -> None:
+    # A message larger than spool_threshold goes to <state_dir>/spool while it is read. If that
+    # write fails, the rest of the data must still be read (and dropped) up to the end marker:
+    # read as commands, a body of NOOP lines followed by RCPT and DATA would deliver a message
+    # built from the body, to recipients from the body.
+    token = new_token("spool")
+    smuggled = new_token("spool-smuggled")
+    body = (
+        b"NOOP\r\n" * ((SPOOL_THRESHOLD * 3) // 6)
+        + b"RCPT TO:<victim@example.net>\r\nDATA\r\n"
+        + message(smuggled, "smuggled")
+    )
+    filler = _fill(spoolfs / "state")
+    try:
+        with RawClient(qd.port) as client:
+            client.ehlo()
+            assert client.command("MAIL FROM:<sender@example.org>").code == 250
+            assert client.command("RCPT TO:<rcpt@example.net>").code == 250
+            assert client.command("DATA").code == 354
+            client.send(stuff(message(token, "big", body)))
+            reply = client.read_reply()
+            unasked = client.unasked_replies(quiet=1.5)  # the session may also just be closed
+        time.sleep(0.3)
+        delivered = [m.recipients for m in hop.messages if token_of(m.data) in (token, smuggled)]
+        assert 400 <= reply.code < 500, f"the spool write failed, yet the client got {reply}"
+        assert delivered == [], f"a message built from the body was delivered to {delivered}"
+        assert unasked == [], (
+            f"the rest of the data was read as {len(unasked)} commands: "
+            f"{sorted({str(r) for r in unasked})}"
+        )
+    finally:
+        filler.unlink()
+    assert_still_serving(qd, hop)
+    with RawClient(qd.port) as client:  # large messages go through again once there is room
+        client.ehlo()
+        big = new_token("spool-ok")
+        reply = client.sendmail(
+            "sender@example.org",
+            ["rcpt@example.net"],
+            message(big, "big", b"x" * 100 + b"\r\n" * (SPOOL_THRESHOLD // 2)),
+        )
+        assert reply.code == 250, str(reply)
+    assert [len(m.data) > SPOOL_THRESHOLD for m in hop.messages if token_of(m.data) == big] == [
+        True
+    ]
+
+
+def test_after_all_faults_the_quarantine_index_agrees_with_the_files(
+    qd: Daemon, hop: NextHop
+) -> None:
     _assert_stores_again(qd, hop)
     listed = subprocess.run(
-        [sys.executable, "-m", "filterd", "quarantine", "list", "-c", str(qd.config_path), "--json"],
-        capture_output=True, text=True, cwd=REPO, check=False, env=dict(os.environ),
+        [
+            sys.executable,
+            "-m",
+            "filterd",
+            "quarantine",
+            "list",
+            "-c",
+            str(qd.config_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        env=dict(os.environ),
     )
     assert listed.returncode == 0, listed.stderr
     ids = sorted(entry["id"] for entry in json.loads(listed.stdout))

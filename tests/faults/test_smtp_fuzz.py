@@ -19,8 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.faults.accounting import Ledger, balance, census
+from tests.conftest import corpus_manifest
+from tests.faults.accounting import CensusWatch, Ledger, balance
 from tests.faults.conftest import new_token
+from tests.faults.figures import count
 from tests.faults.strategies import ANY_MESSAGE, SESSIONS, Step
 from tests.support.daemon import REPO, Daemon
 from tests.support.faultclient import RawClient, Reply, ServerClosed, answers
@@ -28,13 +30,19 @@ from tests.support.nexthop import NextHop
 
 SESSION_TIMEOUT = 5  # filterd's idle limit; with a healthy next hop replies come at once
 READ_TIMEOUT = 4.0
-FIGURES: Counter[str] = Counter()
+CASES: Counter[str] = Counter()
 # more with FILTERD_FUZZ_EXAMPLES=N (the long run uses thousands)
 EXAMPLES = int(os.environ.get("FILTERD_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
-    max_examples=EXAMPLES, deadline=None, database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.data_too_large, HealthCheck.large_base_example],
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 
 
@@ -44,11 +52,12 @@ def fuzzd(tmp_path_factory: pytest.TempPathFactory, hop: NextHop) -> Iterator[Da
     extra = {"limits": {"relay_timeout": 5, "session_timeout": SESSION_TIMEOUT}}
     with Daemon(work, hop.port, rules=REPO / "rules", metrics=True, extra=extra) as daemon:
         yield daemon
-    print(f"\nsmtp fuzz figures: {dict(FIGURES)}")  # noqa: T201 - the report
+    count("smtp fuzz (through the daemon)", CASES)
 
 
-def _internal_errors(daemon: Daemon) -> list[str]:
-    return [str(e)[:300] for e in daemon.logs() if e.get("event") in ("session_error", "message_failed")]
+@pytest.fixture(scope="module")
+def watch(fuzzd: Daemon, hop: NextHop) -> CensusWatch:
+    return CensusWatch(hop, fuzzd.workdir / "state" / "quarantine", fuzzd.log_path)
 
 
 def _stuffed(body: bytes) -> bytes:
@@ -71,8 +80,8 @@ def _send_body(client: RawClient, body: bytes, ledger: Ledger) -> Reply:
     client.send(_stuffed(f"Message-ID: <{token}@faults.test>\r\n".encode() + body))
     reply = client.read_reply()
     ledger.record(token, "final", reply.code)
-    FIGURES["messages"] += 1
-    FIGURES[f"final_{reply.code}"] += 1
+    CASES["messages"] += 1
+    CASES[f"final_{reply.code}"] += 1
     return reply
 
 
@@ -85,7 +94,9 @@ def _lock_step(client: RawClient, session: list[Step], ledger: Ledger) -> bool:
             return False
         _check(reply, step.line)
         if reply.code == 354:
-            reply = _send_body(client, step.body or b"Subject: DATA with no body drawn\r\n\r\nx\r\n", ledger)
+            reply = _send_body(
+                client, step.body or b"Subject: DATA with no body drawn\r\n\r\nx\r\n", ledger
+            )
             _check(reply, b"end of data")
         if reply.code in (221, 421):
             return False
@@ -119,37 +130,40 @@ def _assert_in_sync(client: RawClient) -> None:
     assert extra == b"", f"unasked-for replies: {extra[:200]!r}"
 
 
-def _settle(daemon: Daemon, hop: NextHop, ledger: Ledger) -> None:
-    seen = census(hop, daemon.workdir / "state" / "quarantine", daemon.events("message_processed"))
-    books = balance(ledger, seen)
-    assert books.ok and not books.unacknowledged_outcomes, str(books)
-    assert _internal_errors(daemon) == []
+def _settle(daemon: Daemon, watch: CensusWatch, ledger: Ledger) -> None:
+    books = balance(ledger, watch.update())
+    assert books.ok, str(books)
+    assert not books.unacknowledged_outcomes, str(books)
+    assert [str(e)[:300] for e in watch.internal_errors] == []
     assert answers(daemon.port, timeout=5), "the daemon no longer answers a fresh session"
 
 
 @FUZZ
 @given(session=SESSIONS, pipelined=st.booleans())
 def test_any_command_sequence_gets_one_reply_each_and_leaves_the_daemon_serving(
-    fuzzd: Daemon, hop: NextHop, session: list[Step], pipelined: bool
+    fuzzd: Daemon, watch: CensusWatch, session: list[Step], pipelined: bool
 ) -> None:
-    FIGURES["sessions"] += 1
-    FIGURES["commands"] += len(session)
+    CASES["sessions"] += 1
+    CASES["commands"] += len(session)
     ledger = Ledger()
     with RawClient(fuzzd.port, timeout=READ_TIMEOUT) as client:
-        client.ehlo() if session[0].line[:4].upper() not in (b"EHLO", b"HELO") else None
+        if session[0].line[:4].upper() not in (b"EHLO", b"HELO"):
+            client.ehlo()  # most sequences start inside a session; some greet themselves
         try:
-            open_ = _pipelined(client, session) if pipelined else _lock_step(client, session, ledger)
+            open_ = (
+                _pipelined(client, session) if pipelined else _lock_step(client, session, ledger)
+            )
         except TimeoutError:
             pytest.fail(f"a command was not answered within {READ_TIMEOUT}s: {session!r:.500}")
         if open_:
             _assert_in_sync(client)
-    _settle(fuzzd, hop, ledger)
+    _settle(fuzzd, watch, ledger)
 
 
 @FUZZ
 @given(raw=ANY_MESSAGE, xforward_addr=st.sampled_from([None, "192.0.2.7", "203.0.113.9"]))
 def test_any_message_through_the_daemon_is_decided_and_accounted(
-    fuzzd: Daemon, hop: NextHop, raw: bytes, xforward_addr: str | None
+    fuzzd: Daemon, watch: CensusWatch, raw: bytes, xforward_addr: str | None
 ) -> None:
     # The real parser and the shipped rules, on the real path (ingress, evaluate, tag rewrite,
     # quarantine, relay): the answer is a decision (250 or the rule's 5xx), never a 451.
@@ -166,13 +180,11 @@ def test_any_message_through_the_daemon_is_decided_and_accounted(
         assert reply.code == 250 or 500 <= reply.code < 600, str(reply)
         _assert_in_sync(client)
         client.quit()
-    _settle(fuzzd, hop, ledger)
+    _settle(fuzzd, watch, ledger)
 
 
-def test_the_corpus_passes_through_the_fuzz_daemon_as_its_manifest_says(fuzzd: Daemon, hop: NextHop) -> None:
+def test_the_corpus_seeds_pass_through_the_fuzz_daemon(fuzzd: Daemon, watch: CensusWatch) -> None:
     # The seeds themselves: with the shipped rules each corpus message gets a decision.
-    from tests.conftest import corpus_manifest
-
     ledger = Ledger()
     codes: dict[str, int] = {}
     for entry in corpus_manifest():
@@ -180,14 +192,16 @@ def test_the_corpus_passes_through_the_fuzz_daemon_as_its_manifest_says(fuzzd: D
         with RawClient(fuzzd.port, timeout=READ_TIMEOUT) as client:
             client.ehlo()
             client.command("XFORWARD ADDR=192.0.2.7")
-            assert client.command("MAIL FROM:<sender@example.org> BODY=8BITMIME SMTPUTF8").code == 250
+            assert (
+                client.command("MAIL FROM:<sender@example.org> BODY=8BITMIME SMTPUTF8").code == 250
+            )
             assert client.command("RCPT TO:<rcpt@example.net>").code == 250
             assert client.command("DATA").code == 354
             reply = _send_body(client, raw, ledger)
             codes[str(entry["file"])] = reply.code
             client.quit()
     assert all(code == 250 or 500 <= code < 600 for code in codes.values()), codes
-    _settle(fuzzd, hop, ledger)
+    _settle(fuzzd, watch, ledger)
 
 
 def test_fuzz_sessions_are_closed_by_the_session_timeout_when_abandoned(fuzzd: Daemon) -> None:

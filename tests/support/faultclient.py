@@ -8,7 +8,9 @@ timeout on every read so a stalled server fails the test instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ class ServerClosed(ConnectionError):
 
 
 class RawClient:
-    """One SMTP connection driven byte by byte: ``with RawClient(port) as c: c.command("EHLO x")``."""
+    """One SMTP connection driven byte by byte: ``with RawClient(port) as c: c.ehlo()``."""
 
     def __init__(self, port: int, *, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -55,22 +57,21 @@ class RawClient:
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def abort(self) -> None:
         """Vanish without QUIT (a reset, so no FIN-then-wait games)."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            # linger on with a zero timeout: close() sends a RST
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close()
 
     # --- low level -------------------------------------------------------------------------
     def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
+        self.sock.sendall(
+            data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+        )
 
     def _readline(self) -> bytes:
         while True:
@@ -84,7 +85,9 @@ class RawClient:
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
-                raise ServerClosed(f"server closed the connection (pending {bytes(self._buf)[:80]!r})")
+                raise ServerClosed(
+                    f"server closed the connection (pending {bytes(self._buf)[:80]!r})"
+                )
             self._buf += chunk
 
     def read_reply(self) -> Reply:
@@ -100,8 +103,34 @@ class RawClient:
     def read_replies(self, count: int) -> list[Reply]:
         return [self.read_reply() for _ in range(count)]
 
+    def is_pending(self, wait: float = 0.5) -> bool:
+        """Does the server send something (or close) within ``wait`` seconds, unasked?"""
+        if self._buf:
+            return True
+        self.sock.settimeout(wait)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
+        if not chunk:
+            raise ServerClosed("server closed the connection")
+        self._buf += chunk
+        return True
+
+    def unasked_replies(self, quiet: float = 1.0) -> list[Reply]:
+        """Replies that arrive without a command, until ``quiet`` seconds pass or the close."""
+        replies: list[Reply] = []
+        try:
+            while self.is_pending(quiet):
+                replies.append(self.read_reply())
+        except ServerClosed:
+            pass
+        return replies
+
     def is_closed(self, wait: float = 5.0) -> bool:
-        """True when the server closes the connection within ``wait`` seconds (data is discarded)."""
+        """True when the server closes the connection within ``wait`` seconds (data dropped)."""
         self.sock.settimeout(wait)
         try:
             while True:
@@ -117,7 +146,9 @@ class RawClient:
 
     # --- commands --------------------------------------------------------------------------
     def command(self, line: bytes | str) -> Reply:
-        self.send((line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape")) + b"\r\n")
+        self.send(
+            (line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape")) + b"\r\n"
+        )
         return self.read_reply()
 
     def ehlo(self, name: str = "client.faults.test") -> Reply:
@@ -149,10 +180,8 @@ class RawClient:
         return self.data(body)
 
     def quit(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ServerClosed):
             self.command("QUIT")
-        except (OSError, ServerClosed):
-            pass
         self.close()
 
 
@@ -204,7 +233,9 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for (sample_name, labels), sample_value in samples.items():
         if sample_name == name:
-            out[dict(labels).get(label, "")] = out.get(dict(labels).get(label, ""), 0.0) + sample_value
+            out[dict(labels).get(label, "")] = (
+                out.get(dict(labels).get(label, ""), 0.0) + sample_value
+            )
     return out
 
 

@@ -26,10 +26,10 @@ class Fault:
 
     kinds: ``close`` (drop the connection), ``stall`` (stop answering for ``seconds``, then drop),
     ``reply`` (answer ``reply`` instead, one byte every ``seconds`` if set: at ``rcpt`` for every
-    recipient, at ``dot`` as the final reply, which records nothing unless it is a 250), ``shutdown`` (answer 421 and drop), ``late`` (at ``dot`` only:
-    wait ``seconds``, then record the message and answer 250, as a next hop does whose reply
-    comes after the client gave up), ``trickle`` (send every reply of the transaction one byte
-    every ``seconds``).
+    recipient, at ``dot`` as the final reply, which records nothing unless it is a 250),
+    ``shutdown`` (answer 421 and drop), ``late`` (at ``dot`` only: wait ``seconds``, then record
+    the message and answer 250, as a next hop does whose reply comes after the client gave up),
+    ``trickle`` (send every reply of the transaction one byte every ``seconds``).
     """
 
     stage: str
