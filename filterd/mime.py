@@ -187,7 +187,19 @@ class ParsedMessage:
     @cached_property
     def urls(self) -> tuple[Url, ...]:
         """URLs of all text parts and HTML links, deduplicated, in order of appearance."""
+        return self._collect_urls(MAX_URLS)
+
+    def first_urls(self, limit: int) -> tuple[Url, ...]:
+        """``urls[:limit]``; when ``urls`` was not computed, only as many URLs are resolved
+        (host parsed, deduplicated) as the first ``limit`` need."""
+        if limit >= MAX_URLS or "urls" in self.__dict__:
+            return self.urls[: max(0, limit)]
+        return self._collect_urls(max(0, limit))
+
+    def _collect_urls(self, limit: int) -> tuple[Url, ...]:
         found: dict[tuple[str, str | None], Url] = {}
+        if limit <= 0:
+            return ()
         domains: dict[str, str] = {}
         for _, links in self._text_parts:
             for link in links:
@@ -198,7 +210,7 @@ class ParsedMessage:
                 if domain is None:
                     domain = domains[url] = url_domain(url)
                 found[link] = Url(url, domain, link[1])
-                if len(found) >= MAX_URLS:
+                if len(found) >= limit:
                     return tuple(found.values())
         return tuple(found.values())
 

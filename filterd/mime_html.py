@@ -6,13 +6,20 @@ hidden blocks and comments, so hostile markup (unterminated comments, quotes or 
 linear time, and only the few tags that carry links have their attributes read. Script, style
 and similar invisible blocks are dropped; block elements become line breaks; character
 references are decoded; zero-width characters that spammers use to split words are removed.
+
+Work per character or per tag is kept in C (``re``, ``str`` methods, ``map``) wherever the
+result is provably the same as the straightforward Python: markup whose only remaining tags
+are <a> and </a> skips the token loop, texts are collapsed in whole-text passes, and bare
+URLs are looked for only where "://" or "www." occurs.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import re
-from itertools import repeat
+from itertools import compress, repeat
+from operator import not_
 from urllib.parse import unquote
 
 # One token at a '<': a tag (closing slash, name, attributes up to an optional '>'; quotes only
@@ -21,6 +28,8 @@ _TOKEN_RE = re.compile(
     r"""<(?:(/?)([a-zA-Z][^\s/>]*+)((?:[^>"'=]++|=\s*+"[^"]*+"?|=\s*+'[^']*+'?|=|["'])*+)(>?)"""
     r"""|(!--)|[!?])"""
 )
+# What ``_attribute(attrs, "href")`` reads when href, quoted, is the first attribute.
+_SIMPLE_HREF_RE = re.compile(r"""[\s/]*+[hH][rR][eE][fF]\s*+=\s*+(?:"([^"]*+)"|'([^']*+)')""")
 _ATTR_RE = re.compile(r"""([^\s"'>/=]++)(?:\s*+=\s*+(?:"([^"]*+)"?|'([^']*+)'?|([^\s>]*+)))?""")
 _BREAK = "\ue000"  # a private-use character marking a line break while text is assembled
 _EDGE = "\ue001"  # marks where a link starts or ends: no bare URL is read across it
@@ -41,9 +50,10 @@ _TAG_KINDS.update(dict.fromkeys(("a", "area", "img", "iframe"), _LINK))
 # token loop, which then only sees links, hidden blocks, comments and odd markup. "[^<>]*+"
 # keeps this linear: a failed attempt stops at the next '<', where the next attempt begins.
 # Quoted values may hold '>' but not '<'; a tag with an unbalanced quote is left to the loop.
-# Tags the token loop must see (links, hidden blocks, and <form>, a block that carries a URL)
-# are excluded by name in the pattern itself, so what the split yields needs no per-tag Python:
-# the names map to their replacements through C-level ``map``. The names are spelled with
+# Whether a '<' starts a plain tag depends only on the text up to its '>', so each tag is
+# judged on its own. Tags the loop must see (links, hidden blocks, and <form>, a block that
+# carries a URL) are excluded by name in the pattern itself, so the split's names map to their
+# replacements through C-level ``map`` with no per-tag Python. The names are spelled with
 # explicit ASCII case classes: ``name.lower()`` is the comparison, and re.IGNORECASE would also
 # fold characters such as U+0130 or U+017F that ``str.lower`` does not turn into these names.
 _LOOP_TAGS = ("a", "area", "form", "iframe", "img", "script", "style", "template", "title", "xml")
@@ -58,8 +68,6 @@ _PLAIN_REPLACEMENT = {name: _BREAK if kind == _BLOCK else " "
 _SKIPPED_SCHEMES = ("mailto:", "cid:", "tel:", "sms:", "callto:", "#")
 _CLOSERS = {name: re.compile(rf"</{name}[\s/>]", re.I)
             for name, kind in _TAG_KINDS.items() if kind == _HIDDEN}
-_SPACE_RUN_RE = re.compile(r"\s+")  # \s is str.split's white space (both use Py_UNICODE_ISSPACE)
-_BREAK_RUN_RE = re.compile(" ?(?:\ue000 ?)++")  # after _SPACE_RUN_RE no two spaces are adjacent
 # Removed from visible text: zero-width characters and soft hyphens that split words.
 _INVISIBLE = ("\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff")
 
@@ -76,6 +84,11 @@ _URL_START_RE = re.compile(_URL_PREFIX + _URL_CHAR)
 _WWW_DOT_RE = re.compile(r"\.(?<=[wW][wW][wW]\.)")
 _URL_GLUE = frozenset(".-_")
 _URL_TRAIL = ".,;:!?'\")]}>*"
+# The usual URL, scheme://host/...: ``url_domain`` would take the host as it stands (no
+# white space, userinfo, port, brackets or percent-escapes), so the general path is skipped.
+_PLAIN_URL_RE = re.compile(
+    r"(?:[hH][tT][tT][pP][sS]?|[fF][tT][pP][sS]?|[wW][sS][sS]?)://"
+    r"([^/?#\\\s%@\[:]++)(?=[/?#\\]|\Z)")
 _SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+:")
 _AUTHORITY_RE = re.compile(r"[^/?#\\]*+")
 _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
@@ -97,13 +110,16 @@ def _finish_text(raw: str) -> str:
     text = _strip_invisible(html.unescape(raw) if "&" in raw else raw)
     if _EDGE in text:
         text = text.replace(_EDGE, "")
-    # Whole-text passes instead of a split and join per line: once every white-space run is a
-    # single space, a run of spaces and break markers holding at least one marker is one line
-    # break (empty lines vanish), and what is left at the ends is white space.
-    text = _SPACE_RUN_RE.sub(" ", text)
-    if _BREAK in text:
-        text = _BREAK_RUN_RE.sub("\n", text)
-    return text.strip(" \n")
+    return "\n".join(filter(None, _collapse_pieces(text, _BREAK)))
+
+
+def _collapse_pieces(text: str, separator: str) -> list[str]:
+    """``[" ".join(piece.split()) for piece in text.split(separator)]`` by C-level passes over
+    the whole text: once white space is collapsed, the spaces next to a separator are exactly
+    those that would have been stripped from the ends of the pieces."""
+    text = " ".join(text.split())
+    return text.replace(" " + separator, separator).replace(separator + " ", separator).split(
+        separator)
 
 
 def _link_text(raw: str) -> str:
@@ -126,6 +142,82 @@ def render_html(markup: str, max_links: int = 10_000) -> tuple[str, list[Link]]:
         if marker in markup:
             markup = markup.replace(marker, "")
     markup = _rewrite_plain_tags(markup)
+    fast = _render_anchors_only(markup, max_links)
+    if fast is not None:
+        text, links = fast
+    else:
+        text, links = _render_tokens(markup, max_links)
+    links.extend((url, None) for url in find_text_urls(text.replace(_EDGE, " ")))
+    return _finish_text(text), links
+
+
+def _render_anchors_only(markup: str, max_links: int) -> tuple[str, list[Link]] | None:
+    """``_render_tokens`` at C speed for markup whose only tokens (after the plain tags went)
+    are complete <a> and </a> tags, the usual shape of a text-like HTML mail; None for any
+    other markup.
+
+    With no comment, hidden block or unterminated tag, nothing makes the token loop jump, so
+    its tokens are those of one ``split``; each becomes a link edge, and a link's text is the
+    text between its tag and the next one. The count check keeps every <a> under
+    ``max_links``, as the loop would see it.
+    """
+    pieces = _TOKEN_RE.split(markup)  # text, (slash, name, attrs, gt, comment, text)...
+    if len(pieces) == 1:
+        return markup, []
+    names = pieces[2::6]
+    if None in names or "" in pieces[4::6] or set(map(str.lower, names)) != {"a"}:
+        return None
+    slashes = pieces[1::6]
+    if slashes.count("") > max_links:
+        return None
+    texts = pieces[0::6]
+    opening = list(map(not_, slashes))
+    links = _anchor_links(list(compress(pieces[3::6], opening)),
+                          list(compress(texts[1:], opening)))
+    return _EDGE.join(texts), links
+
+
+def _anchor_links(attrs: list[str], shown: list[str]) -> list[Link]:
+    """The links of <a> tags with attribute strings ``attrs`` followed by texts ``shown``:
+    ``_attribute(attrs, "href")`` and ``_link_text`` of each, by whole-list passes where the
+    values allow (an href quoted as the first attribute: the usual case)."""
+    if not attrs:
+        return []
+    found = list(map(_SIMPLE_HREF_RE.match, attrs))
+    simple = [m[1] if m[1] is not None else m[2] for m in found if m is not None]
+    decoded = _decode_joined(simple) if simple else None
+    values = decoded.split(_EDGE) if decoded is not None else []
+    if len(values) != len(simple):  # a numeric reference: decode each on its own
+        values = [_strip_invisible(html.unescape(v) if "&" in v else v) for v in simple]
+    hrefs = iter(map(str.strip, values))
+    decoded = _decode_joined(shown)
+    texts = [] if decoded is None else _collapse_pieces(decoded.replace(_BREAK, " "), _EDGE)
+    if len(texts) != len(shown):
+        texts = list(map(_link_text, shown))
+    links: list[Link] = []
+    for match, attr, text in zip(found, attrs, texts, strict=True):
+        url = _attribute(attr, "href") if match is None else _usable_url(next(hrefs))
+        if url is not None:
+            links.append((url, text))
+    return links
+
+
+def _decode_joined(values: list[str]) -> str | None:
+    """The values joined by link edges, character references decoded and invisible
+    characters dropped; None when a numeric reference (which could decode to a marker)
+    forbids decoding them together. Decoding the joined text gives each value's own result:
+    a reference cannot start inside another one, and named ones never decode to a marker."""
+    joined = _EDGE.join(values)
+    if "&" in joined:
+        if "&#" in joined:
+            return None
+        joined = html.unescape(joined)
+    return _strip_invisible(joined)
+
+
+def _render_tokens(markup: str, max_links: int) -> tuple[str, list[Link]]:
+    """Text with break and link-edge markers, and the links of tags, by one forward pass over
+    the tokens of ``markup``."""
     out: list[str] = []
     links: list[Link] = []
     open_link: tuple[str, int] | None = None  # (href, index in out where its text starts)
@@ -191,9 +283,7 @@ def render_html(markup: str, max_links: int = 10_000) -> tuple[str, list[Link]]:
                 links.append((url, None))
     if open_link is not None:
         links.append((open_link[0], _link_text("".join(out[open_link[1] :]))))
-    text = "".join(out)
-    links.extend((url, None) for url in find_text_urls(text.replace(_EDGE, " ")))
-    return _finish_text(text), links
+    return "".join(out), links
 
 
 def _attribute(attrs: str, wanted: str) -> str | None:
@@ -202,11 +292,13 @@ def _attribute(attrs: str, wanted: str) -> str | None:
         if match.group(1).lower() != wanted:
             continue
         value = match.group(2) or match.group(3) or match.group(4) or ""
-        value = _strip_invisible(html.unescape(value)).strip()
-        if not value or value.lower().startswith(_SKIPPED_SCHEMES):
-            return None
-        return value
+        return _usable_url(_strip_invisible(html.unescape(value) if "&" in value else value)
+                           .strip())
     return None
+
+
+def _usable_url(value: str) -> str | None:
+    return None if not value or value.lower().startswith(_SKIPPED_SCHEMES) else value
 
 
 def find_text_urls(text: str) -> list[str]:
@@ -235,6 +327,11 @@ def find_text_urls(text: str) -> list[str]:
 
 def _text_url_matches(text: str) -> list[re.Match[str]]:
     """What ``_TEXT_URL_RE.finditer(text)`` yields, found from the few possible starts."""
+    # Each possible start costs some Python; where they are dense (hostile or link-list text)
+    # the plain scan is cheaper, and the budget keeps the cost at most a fraction above it.
+    budget = len(text) // 64 + 16
+    if text.count("://") > budget:
+        return list(_TEXT_URL_RE.finditer(text))
     starts: list[int] = []
     at_start = _URL_START_RE.match
     mark = text.find("://")
@@ -243,7 +340,9 @@ def _text_url_matches(text: str) -> list[re.Match[str]]:
         starts.extend(start for start in (mark - 5, mark - 4, mark - 3)
                       if start >= 0 and at_start(text, start))
         mark = text.find("://", mark + 3)
-    for dot in _WWW_DOT_RE.finditer(text):
+    for seen, dot in enumerate(_WWW_DOT_RE.finditer(text)):
+        if seen > budget:
+            return list(_TEXT_URL_RE.finditer(text))
         if at_start(text, dot.start() - 3):
             starts.append(dot.start() - 3)
     matches: list[re.Match[str]] = []
@@ -265,6 +364,9 @@ def url_domain(url: str) -> str:
     Browsers' leniency is followed where phishers use it: backslashes and extra slashes after
     the scheme, the last '@' ending the userinfo, percent-encoded and full-width-dot hosts.
     """
+    plain = _PLAIN_URL_RE.match(url)
+    if plain is not None:
+        return _normal_host(plain.group(1))
     rest = url.strip()
     scheme = _SCHEME_RE.match(rest)
     if scheme is not None and not rest.lower().startswith("www."):
@@ -287,6 +389,12 @@ def url_domain(url: str) -> str:
         host = host[1:] if close < 0 else host[1:close]
     else:
         host = host.partition(":")[0]
+    return _normal_host(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normal_host(host: str) -> str:
+    """A host as written (no userinfo, port or brackets) lower-cased, IDNA labels decoded."""
     host = host.translate(_DOTS).lower().strip(".")
     if "xn--" in host:
         host = ".".join(_idna_label(label) for label in host.split("."))

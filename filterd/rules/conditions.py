@@ -126,9 +126,19 @@ class ItemCondition(Condition):
         self.predicates = tuple(sorted(predicates, key=lambda p: matcher_atom(p) is None))
 
     def eval(self, scan: MessageScan) -> str | None:
-        for item in range(scan.count(self.group)):
-            if all(predicate.holds(scan, item) for predicate in self.predicates):
-                return "; ".join(predicate.describe(scan, item) for predicate in self.predicates)
+        count = scan.count(self.group)
+        predicates = self.predicates
+        if len(predicates) == 1:
+            # One test per item (the usual rule): ask it for its first item at once, which
+            # the common predicates answer without a Python call per item.
+            item = _first_item(predicates[0], scan, count)
+            return None if item is None else predicates[0].describe(scan, item)
+        for item in range(count):
+            for predicate in predicates:
+                if not predicate.holds(scan, item):
+                    break
+            else:
+                return "; ".join(predicate.describe(scan, item) for predicate in predicates)
         return None
 
     def atoms(self) -> Atoms:
@@ -137,6 +147,17 @@ class ItemCondition(Condition):
             if atom is not None:
                 return frozenset((atom,))
         return None
+
+
+def _first_item(predicate: ItemPredicate, scan: MessageScan, count: int) -> int | None:
+    """The first of items ``0 .. count-1`` that ``predicate`` holds for, or None."""
+    if isinstance(predicate, PatternMatch | LookupMatch | LinkTextMismatch):
+        return predicate.first(scan, count)
+    holds = predicate.holds
+    for item in range(count):
+        if holds(scan, item):
+            return item
+    return None
 
 
 class ArchivePredicate:
@@ -224,7 +245,8 @@ def domains_related(first: str, second: str) -> bool:
 
 def shown_domain(text: str) -> str | None:
     """The host a link's visible text claims, when the text is itself a URL or host name."""
-    found = _SHOWN_URL.search(text) if text and len(text) <= 2048 else None
+    # A host name has a dot: most link text ("Read more") needs no regex search at all.
+    found = _SHOWN_URL.search(text) if text and len(text) <= 2048 and "." in text else None
     return found.group(1).lower() if found else None
 
 
@@ -237,10 +259,22 @@ class LinkTextMismatch:
         url = scan.items("url")[item]
         if not isinstance(url, Url) or not url.link_text or not url.domain:
             return None
-        shown = shown_domain(url.link_text)
-        if shown is None or domains_related(shown, url.domain):
-            return None
-        return shown, url.domain
+        return _mismatch(url.link_text, url.domain)
+
+    def first(self, scan: MessageScan, count: int) -> int | None:
+        """The first of items ``0 .. count-1`` whose text shows another domain, or None; a
+        (text, domain) pair that repeats, as in a newsletter's links, is judged once."""
+        judged: dict[tuple[str, str], bool] = {}
+        for item, url in enumerate(scan.items("url")[:count]):
+            if not isinstance(url, Url) or not url.link_text or not url.domain:
+                continue
+            key = (url.link_text, url.domain)
+            verdict = judged.get(key)
+            if verdict is None:
+                verdict = judged[key] = _mismatch(url.link_text, url.domain) is not None
+            if verdict:
+                return item
+        return None
 
     def holds(self, scan: MessageScan, item: int) -> bool:
         return self._pair(scan, item) is not None
@@ -248,6 +282,13 @@ class LinkTextMismatch:
     def describe(self, scan: MessageScan, item: int) -> str:
         shown, real = self._pair(scan, item) or ("", "")
         return f'link text shows "{shown}" but points to "{real}"'
+
+
+def _mismatch(link_text: str, domain: str) -> tuple[str, str] | None:
+    shown = shown_domain(link_text)
+    if shown is None or domains_related(shown, domain):
+        return None
+    return shown, domain
 
 
 class NameDomainMismatch:

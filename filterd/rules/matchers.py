@@ -170,6 +170,14 @@ class PatternMatch:
     def holds(self, scan: MessageScan, item: int) -> bool:
         return self.index in scan.hits(self.field)[item]
 
+    def first(self, scan: MessageScan, count: int) -> int | None:
+        """The first of items ``0 .. count-1`` whose value holds this pattern, or None."""
+        index = self.index
+        for item, found in enumerate(scan.hits(self.field)[:count]):
+            if index in found:
+                return item
+        return None
+
     def describe(self, scan: MessageScan, item: int) -> str:
         value = scan.encoded(self.field)[item]
         found = self.regex.search(value)
@@ -203,6 +211,15 @@ class LookupMatch:
 
     def holds(self, scan: MessageScan, item: int) -> bool:
         return self.lookup(_as_text(scan.values(self.field)[item])) is not None
+
+    def first(self, scan: MessageScan, count: int) -> int | None:
+        """The first of items ``0 .. count-1`` whose value is covered, or None. Whether an
+        item holds depends on its value alone, so each distinct value is looked up once."""
+        values = scan.values(self.field)[:count]
+        for value in dict.fromkeys(values):
+            if self.lookup(_as_text(value)) is not None:
+                return values.index(value)
+        return None
 
     def lookup(self, value: str) -> str | None:
         """The entry that covers ``value``, or None."""

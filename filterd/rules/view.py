@@ -92,7 +92,7 @@ class MessageScan:
         if group == "raw":
             return [self.message.raw[: self._max_scan]]
         if group == "url":
-            return self.parsed.urls
+            return self.parsed.first_urls(MAX_ITEMS)  # only these are ever looked at
         if group == "attachment":
             return self.parsed.attachments
         if group == "archive":
