@@ -22,26 +22,42 @@ EX_CONFIG = 78
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help="config file (default /etc/filterd/filterd.yaml if present, else built-in defaults)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default /etc/filterd/filterd.yaml if present, else built-in defaults)",
+    )
 
 
 def _rules_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rules", metavar="PATH", help="a rule file or a directory of *.yaml (overrides the config)")
+    parser.add_argument(
+        "--rules",
+        metavar="PATH",
+        help="a rule file or a directory of *.yaml (overrides the config)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="filterd", description="SMTP content filter with YAML rules")
+    parser = argparse.ArgumentParser(
+        prog="filterd", description="SMTP content filter with YAML rules"
+    )
     parser.add_argument("--version", action="version", version=f"filterd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     _config_option(serve)
-    serve.add_argument("--listen", metavar="H:P", action="append", help="listen address (repeatable)")
+    serve.add_argument(
+        "--listen", metavar="H:P", action="append", help="listen address (repeatable)"
+    )
     serve.add_argument("--relay", metavar="H:P", help="next hop")
     _rules_option(serve)
-    serve.add_argument("--metrics-listen", metavar="H:P", help="metrics address ('none' to disable)")
-    serve.add_argument("--workers", type=int, metavar="N", help="serving processes (default: config, else CPUs)")
+    serve.add_argument(
+        "--metrics-listen", metavar="H:P", help="metrics address ('none' to disable)"
+    )
+    serve.add_argument(
+        "--workers", type=int, metavar="N", help="serving processes (default: config, else CPUs)"
+    )
     # Internal: a worker started by the supervisor serves these inherited listening sockets.
     serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
 
@@ -49,11 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(check)
     _rules_option(check)
 
-    scan = commands.add_parser("scan", help="dry-run messages through the rules and print the verdict")
+    scan = commands.add_parser(
+        "scan", help="dry-run messages through the rules and print the verdict"
+    )
     _config_option(scan)
     _rules_option(scan)
     scan.add_argument("--from", dest="sender", default="", metavar="A", help="envelope sender")
-    scan.add_argument("--to", dest="recipients", action="append", default=[], metavar="A", help="envelope recipient")
+    scan.add_argument(
+        "--to",
+        dest="recipients",
+        action="append",
+        default=[],
+        metavar="A",
+        help="envelope recipient",
+    )
     scan.add_argument("--client-ip", metavar="IP")
     scan.add_argument("--helo", metavar="NAME")
     scan.add_argument("--json", action="store_true", help="one JSON object per message")
@@ -78,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     release = qcommands.add_parser("release", help="re-inject an entry through the relay")
     _config_option(release)
     release.add_argument("id")
-    release.add_argument("--to", action="append", metavar="ADDR", help="deliver to this address only (repeatable)")
+    release.add_argument(
+        "--to", action="append", metavar="ADDR", help="deliver to this address only (repeatable)"
+    )
     purge = qcommands.add_parser("purge", help="delete entries older than an age")
     _config_option(purge)
     purge.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
@@ -129,9 +156,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "scan":
         from filterd.rules.commands import scan
 
-        return scan(config.rules, args.files, sender=args.sender, recipients=args.recipients,
-                    client_ip=args.client_ip, helo=args.helo, as_json=args.json,
-                    out=sys.stdout, err=sys.stderr, max_scan_bytes=config.limits.max_scan_bytes)
+        return scan(
+            config.rules,
+            args.files,
+            sender=args.sender,
+            recipients=args.recipients,
+            client_ip=args.client_ip,
+            helo=args.helo,
+            as_json=args.json,
+            out=sys.stdout,
+            err=sys.stderr,
+            max_scan_bytes=config.limits.max_scan_bytes,
+        )
     if args.command == "test":
         from filterd.rules.commands import run_tests
 
@@ -207,5 +243,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return EX_FAILURE
-
-

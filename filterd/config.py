@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from filterd.errors import ConfigError, Problem
-from filterd.yamlsrc import Pos, YamlMap, YamlSeq, load_yaml_file
+from filterd.yamlsrc import Pos, YamlMap, load_yaml_file
 
 DEFAULT_CONFIG_PATH = "/etc/filterd/filterd.yaml"
 
@@ -205,7 +205,9 @@ class _Reader:
             if key not in allowed:
                 hint = difflib.get_close_matches(key, sorted(allowed), n=1)
                 extra = f"; did you mean '{hint[0]}'?" if hint else ""
-                self.problems.append(mapping.key_at(key).problem(f"unknown key '{key}' in {where}{extra}"))
+                self.problems.append(
+                    mapping.key_at(key).problem(f"unknown key '{key}' in {where}{extra}")
+                )
 
     def mapping(self, value: object, pos: Pos, where: str) -> YamlMap | None:
         if isinstance(value, YamlMap):
@@ -276,8 +278,20 @@ def _resolve(path: str, base: Path) -> str:
 
 
 _TOP_KEYS = {
-    "listen", "relay", "rules", "quarantine", "metrics", "limits", "networks", "log",
-    "state_dir", "hostname", "workers", "relay_pool_size", "tls", "relay_tls",
+    "listen",
+    "relay",
+    "rules",
+    "quarantine",
+    "metrics",
+    "limits",
+    "networks",
+    "log",
+    "state_dir",
+    "hostname",
+    "workers",
+    "relay_pool_size",
+    "tls",
+    "relay_tls",
 }
 
 
@@ -291,6 +305,8 @@ def _relay_tls_mode(value: object) -> str:
     if value not in ("none", "opportunistic", "required"):
         raise ValueError("expected 'none', 'opportunistic' or 'required'")
     return str(value)
+
+
 _LIMIT_PARSERS: dict[str, Any] = {
     "max_message_size": parse_size,
     "max_recipients": _positive_int,
@@ -305,7 +321,8 @@ _LIMIT_PARSERS: dict[str, Any] = {
 
 
 def parse_config(data: object, source: str, base: Path) -> Config:
-    """Validate a loaded YAML document into a ``Config``; raise ``ConfigError`` with every problem."""
+    """Validate a loaded YAML document into a ``Config``; raise ``ConfigError`` listing every
+    problem."""
     problems: list[Problem] = []
     read = _Reader(problems)
     defaults = default_config()
@@ -313,8 +330,12 @@ def parse_config(data: object, source: str, base: Path) -> Config:
         raise ConfigError.single(source, 1, 1, "the config file must be a YAML mapping")
     read.check_keys(data, _TOP_KEYS, "config")
 
-    state_dir = read.convert(data, "state_dir", lambda v: _resolve(_string(v), base), defaults.state_dir)
-    limits_map = read.mapping(data["limits"], data.at("limits"), "limits") if "limits" in data else None
+    state_dir = read.convert(
+        data, "state_dir", lambda v: _resolve(_string(v), base), defaults.state_dir
+    )
+    limits_map = (
+        read.mapping(data["limits"], data.at("limits"), "limits") if "limits" in data else None
+    )
     limits = defaults.limits
     if limits_map is not None:
         read.check_keys(limits_map, set(_LIMIT_PARSERS), "limits")
@@ -325,11 +346,15 @@ def parse_config(data: object, source: str, base: Path) -> Config:
         limits = Limits(**values)
 
     quarantine = QuarantineConfig(path=str(Path(state_dir) / "quarantine"))
-    if "quarantine" in data and (qmap := read.mapping(data["quarantine"], data.at("quarantine"), "quarantine")):
+    if "quarantine" in data and (
+        qmap := read.mapping(data["quarantine"], data.at("quarantine"), "quarantine")
+    ):
         read.check_keys(qmap, {"path", "retention"}, "quarantine")
         quarantine = QuarantineConfig(
             path=read.convert(qmap, "path", lambda v: _resolve(_string(v), base), quarantine.path),
-            retention_seconds=read.convert(qmap, "retention", parse_duration, quarantine.retention_seconds),
+            retention_seconds=read.convert(
+                qmap, "retention", parse_duration, quarantine.retention_seconds
+            ),
         )
 
     metrics_listen = defaults.metrics_listen
@@ -358,7 +383,9 @@ def parse_config(data: object, source: str, base: Path) -> Config:
         if tls.require and not tls.cert:
             problems.append(data.at("tls").problem("tls.require needs a cert and key"))
     relay_tls = RelayTlsConfig()
-    if "relay_tls" in data and (rmap := read.mapping(data["relay_tls"], data.at("relay_tls"), "relay_tls")):
+    if "relay_tls" in data and (
+        rmap := read.mapping(data["relay_tls"], data.at("relay_tls"), "relay_tls")
+    ):
         read.check_keys(rmap, {"mode", "verify", "ca_file", "server_name"}, "relay_tls")
         relay_tls = RelayTlsConfig(
             mode=read.convert(rmap, "mode", _relay_tls_mode, "none"),
@@ -381,7 +408,9 @@ def parse_config(data: object, source: str, base: Path) -> Config:
         state_dir=state_dir,
         hostname=read.convert(data, "hostname", _string, defaults.hostname),
         workers=read.convert(data, "workers", _positive_int, defaults.workers),
-        relay_pool_size=read.convert(data, "relay_pool_size", _positive_int, defaults.relay_pool_size),
+        relay_pool_size=read.convert(
+            data, "relay_pool_size", _positive_int, defaults.relay_pool_size
+        ),
         source=source,
     )
     if problems:
@@ -400,6 +429,15 @@ def load_config(path: str | None) -> Config:
 
 
 __all__ = [
-    "Config", "HostPort", "Limits", "LogConfig", "QuarantineConfig", "RelayTlsConfig", "TlsConfig",
-    "default_config", "load_config", "parse_duration", "parse_size",
+    "Config",
+    "HostPort",
+    "Limits",
+    "LogConfig",
+    "QuarantineConfig",
+    "RelayTlsConfig",
+    "TlsConfig",
+    "default_config",
+    "load_config",
+    "parse_duration",
+    "parse_size",
 ]

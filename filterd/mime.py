@@ -154,8 +154,9 @@ class ParsedMessage:
     @cached_property
     def _structure(self) -> Structure:
         fields, _, body_start = self._section
-        return walk(self.raw, list(fields), body_start,
-                    max_parts=self.max_parts, max_depth=self.max_depth)
+        return walk(
+            self.raw, list(fields), body_start, max_parts=self.max_parts, max_depth=self.max_depth
+        )
 
     @cached_property
     def truncated(self) -> bool:
@@ -234,7 +235,6 @@ def _attachment(leaf: Leaf) -> Attachment:
     members: tuple[ArchiveMember, ...] = ()
     if detected == "application/zip":
         members = tuple(
-            ArchiveMember(name, size)
-            for name, size in list_zip_members(data, MAX_ARCHIVE_MEMBERS)
+            ArchiveMember(name, size) for name, size in list_zip_members(data, MAX_ARCHIVE_MEMBERS)
         )
     return Attachment(leaf.filename, leaf.content_type, detected, len(data), members)

@@ -39,8 +39,19 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
 )
 _PDF_WINDOW = 1024  # readers accept a PDF header anywhere in the first KiB
 _TEXT_SAMPLE = 8192
-_MAIL_STARTS = (b"received:", b"return-path:", b"delivered-to:", b"from:", b"message-id:",
-                b"mime-version:", b"date:", b"subject:", b"to:", b"x-mailer:", b"dkim-signature:")
+_MAIL_STARTS = (
+    b"received:",
+    b"return-path:",
+    b"delivered-to:",
+    b"from:",
+    b"message-id:",
+    b"mime-version:",
+    b"date:",
+    b"subject:",
+    b"to:",
+    b"x-mailer:",
+    b"dkim-signature:",
+)
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<script", b"<iframe")
 # Bytes that do not occur in text (libmagic's notion: C0 controls other than BEL..CR and ESC).
 _BINARY_BYTES = bytes([*range(0, 7), *range(14, 27), *range(28, 32), 127])
@@ -117,7 +128,12 @@ def _central_directory(data: bytes, limit: int) -> list[tuple[str, int]] | None:
     while len(members) < limit and data.startswith(_CENTRAL, pos):
         fields = struct.unpack_from("<4s6H3L5H2L", data, pos)
         flags, size, name_len, extra_len, comment_len = (
-            fields[3], fields[9], fields[10], fields[11], fields[12])
+            fields[3],
+            fields[9],
+            fields[10],
+            fields[11],
+            fields[12],
+        )
         name_start = pos + _CENTRAL_SIZE
         raw_name = data[name_start : name_start + name_len]
         if size == 0xFFFFFFFF:
@@ -158,7 +174,12 @@ def _local_headers(data: bytes, limit: int) -> list[tuple[str, int]]:
     while pos >= 0 and len(members) < limit and pos + _LOCAL_SIZE <= len(data):
         fields = struct.unpack_from("<4s5H3L2H", data, pos)
         flags, compressed, size, name_len, extra_len = (
-            fields[2], fields[7], fields[8], fields[9], fields[10])
+            fields[2],
+            fields[7],
+            fields[8],
+            fields[9],
+            fields[10],
+        )
         name_start = pos + _LOCAL_SIZE
         members.append((_decode_name(data[name_start : name_start + name_len], flags), size))
         following = name_start + name_len + extra_len

@@ -46,8 +46,13 @@ _REFUSED_CODECS = frozenset(
     {"punycode", "idna", "raw_unicode_escape", "unicode_escape", "undefined", "mbcs", "oem"}
 )
 # Labels mail clients read as a superset (the WHATWG encoding standard does the same).
-_CHARSET_ALIASES = {"ks_c_5601-1987": "cp949", "gb2312": "gb18030", "gbk": "gb18030",
-                    "x-sjis": "shift_jis", "x-gbk": "gb18030"}
+_CHARSET_ALIASES = {
+    "ks_c_5601-1987": "cp949",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-sjis": "shift_jis",
+    "x-gbk": "gb18030",
+}
 
 HeaderField = tuple[str, str]  # (name as written, value unfolded, not RFC 2047 decoded)
 

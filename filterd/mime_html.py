@@ -37,7 +37,8 @@ _EDGE = "\ue001"  # marks where a link starts or ends: no bare URL is read acros
 _BLOCK, _CELL, _HIDDEN, _LINK = range(4)
 _BLOCK_NAMES = (
     "address article aside blockquote br center dd div dl dt fieldset figure footer form h1 h2 "
-    "h3 h4 h5 h6 header hr li main nav ol option p pre section table tbody tfoot thead tr ul")
+    "h3 h4 h5 h6 header hr li main nav ol option p pre section table tbody tfoot thead tr ul"
+)
 _TAG_KINDS = dict.fromkeys(_BLOCK_NAMES.split(" "), _BLOCK)
 _TAG_KINDS.update(td=_CELL, th=_CELL)
 # Never displayed. When the closing tag is missing the opening tag is ignored instead of hiding
@@ -60,14 +61,20 @@ _LOOP_TAGS = ("a", "area", "form", "iframe", "img", "script", "style", "template
 _LOOP_NAME = "|".join("".join(f"[{c}{c.upper()}]" for c in name) for name in _LOOP_TAGS)
 _PLAIN_TAG_RE = re.compile(
     rf"""</?(?!(?:{_LOOP_NAME})(?![^\s/<>]))([a-zA-Z][^\s/<>]*+)"""
-    r"""(?:[^<>"']++|"[^"<]*+"|'[^'<]*+')*+>""")
+    r"""(?:[^<>"']++|"[^"<]*+"|'[^'<]*+')*+>"""
+)
 # What a plain tag becomes; not listed: removed.
-_PLAIN_REPLACEMENT = {name: _BREAK if kind == _BLOCK else " "
-                      for name, kind in _TAG_KINDS.items()
-                      if kind in (_BLOCK, _CELL) and name not in _LOOP_TAGS}
+_PLAIN_REPLACEMENT = {
+    name: _BREAK if kind == _BLOCK else " "
+    for name, kind in _TAG_KINDS.items()
+    if kind in (_BLOCK, _CELL) and name not in _LOOP_TAGS
+}
 _SKIPPED_SCHEMES = ("mailto:", "cid:", "tel:", "sms:", "callto:", "#")
-_CLOSERS = {name: re.compile(rf"</{name}[\s/>]", re.I)
-            for name, kind in _TAG_KINDS.items() if kind == _HIDDEN}
+_CLOSERS = {
+    name: re.compile(rf"</{name}[\s/>]", re.I)
+    for name, kind in _TAG_KINDS.items()
+    if kind == _HIDDEN
+}
 # Removed from visible text: zero-width characters and soft hyphens that split words.
 _INVISIBLE = ("\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff")
 
@@ -88,7 +95,8 @@ _URL_TRAIL = ".,;:!?'\")]}>*"
 # white space, userinfo, port, brackets or percent-escapes), so the general path is skipped.
 _PLAIN_URL_RE = re.compile(
     r"(?:[hH][tT][tT][pP][sS]?|[fF][tT][pP][sS]?|[wW][sS][sS]?)://"
-    r"([^/?#\\\s%@\[:]++)(?=[/?#\\]|\Z)")
+    r"([^/?#\\\s%@\[:]++)(?=[/?#\\]|\Z)"
+)
 _SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+:")
 _AUTHORITY_RE = re.compile(r"[^/?#\\]*+")
 _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
@@ -118,8 +126,11 @@ def _collapse_pieces(text: str, separator: str) -> list[str]:
     the whole text: once white space is collapsed, the spaces next to a separator are exactly
     those that would have been stripped from the ends of the pieces."""
     text = " ".join(text.split())
-    return text.replace(" " + separator, separator).replace(separator + " ", separator).split(
-        separator)
+    return (
+        text.replace(" " + separator, separator)
+        .replace(separator + " ", separator)
+        .split(separator)
+    )
 
 
 def _link_text(raw: str) -> str:
@@ -172,8 +183,7 @@ def _render_anchors_only(markup: str, max_links: int) -> tuple[str, list[Link]] 
         return None
     texts = pieces[0::6]
     opening = list(map(not_, slashes))
-    links = _anchor_links(list(compress(pieces[3::6], opening)),
-                          list(compress(texts[1:], opening)))
+    links = _anchor_links(list(compress(pieces[3::6], opening)), list(compress(texts[1:], opening)))
     return _EDGE.join(texts), links
 
 
@@ -292,8 +302,9 @@ def _attribute(attrs: str, wanted: str) -> str | None:
         if match.group(1).lower() != wanted:
             continue
         value = match.group(2) or match.group(3) or match.group(4) or ""
-        return _usable_url(_strip_invisible(html.unescape(value) if "&" in value else value)
-                           .strip())
+        return _usable_url(
+            _strip_invisible(html.unescape(value) if "&" in value else value).strip()
+        )
     return None
 
 
@@ -337,8 +348,11 @@ def _text_url_matches(text: str) -> list[re.Match[str]]:
     mark = text.find("://")
     while mark >= 0:
         # https:// http:// ftp:// end in this "://" ("www." starts are found below).
-        starts.extend(start for start in (mark - 5, mark - 4, mark - 3)
-                      if start >= 0 and at_start(text, start))
+        starts.extend(
+            start
+            for start in (mark - 5, mark - 4, mark - 3)
+            if start >= 0 and at_start(text, start)
+        )
         mark = text.find("://", mark + 3)
     for seen, dot in enumerate(_WWW_DOT_RE.finditer(text)):
         if seen > budget:

@@ -120,8 +120,7 @@ def walk(
                 parts, cut = split
                 truncated = truncated or cut
                 child_type = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
-                stack.extend(
-                    (data, s, e, depth + 1, child_type, None) for s, e in reversed(parts))
+                stack.extend((data, s, e, depth + 1, child_type, None) for s, e in reversed(parts))
                 continue
             ctype = "text/plain"  # no usable boundary: what is there is shown as text
         elif ctype in _MESSAGE_TYPES:
@@ -143,8 +142,17 @@ def walk(
 def _leaf(
     buf: bytes, start: int, end: int, content_type: str, info: _Declared, *, container: bool = False
 ) -> Leaf:
-    return Leaf(buf, start, end, content_type, info.charset, info.filename, info.disposition,
-                info.encoding, container)
+    return Leaf(
+        buf,
+        start,
+        end,
+        content_type,
+        info.charset,
+        info.filename,
+        info.disposition,
+        info.encoding,
+        container,
+    )
 
 
 def _split_multipart(

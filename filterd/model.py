@@ -39,7 +39,11 @@ class SmtpReply:
     text: str
 
     def render(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
+        return (
+            f"{self.code} {self.enhanced} {self.text}"
+            if self.enhanced
+            else f"{self.code} {self.text}"
+        )
 
     @property
     def is_success(self) -> bool:

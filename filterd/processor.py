@@ -31,7 +31,12 @@ OFFLOAD_BYTES = 256 * 1024
 
 class ProcessingMetrics(Protocol):
     def message_processed(
-        self, action: str, duration_s: float, size: int, rules: tuple[str, ...], shadow_rules: tuple[str, ...]
+        self,
+        action: str,
+        duration_s: float,
+        size: int,
+        rules: tuple[str, ...],
+        shadow_rules: tuple[str, ...],
     ) -> None: ...
     def relay_error(self, reason: str) -> None: ...
     def set_quarantine_size(self, n: int) -> None: ...
@@ -81,7 +86,9 @@ class MessageProcessor:
         if "quarantine_size" in outcome.extra:
             self.metrics.set_quarantine_size(int(outcome.extra["quarantine_size"]))
         action = _accounted_action(outcome)
-        self.metrics.message_processed(action.value, duration, message.size, verdict.rules, verdict.shadow_rules)
+        self.metrics.message_processed(
+            action.value, duration, message.size, verdict.rules, verdict.shadow_rules
+        )
         env = message.envelope
         log.info(
             "message_processed",
@@ -110,6 +117,9 @@ class MessageProcessor:
 
 def _accounted_action(outcome: Outcome) -> Action:
     """What really happened: a relayed message the next hop refused was not accepted."""
-    if outcome.action in (Action.ACCEPT, Action.TAG, Action.REDIRECT) and not outcome.reply.is_success:
+    if (
+        outcome.action in (Action.ACCEPT, Action.TAG, Action.REDIRECT)
+        and not outcome.reply.is_success
+    ):
         return Action.TEMPFAIL if outcome.reply.is_transient else Action.REJECT
     return outcome.action

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import structlog
 from aiosmtpd.smtp import SMTP, login_always_fail
@@ -65,7 +65,9 @@ class DataResult:
 class MessageSink(Protocol):
     """Decides and executes what happens to one received message; returns the client's reply."""
 
-    async def process(self, message: Message, txn: RelayTransaction, session_id: str) -> SmtpReply: ...
+    async def process(
+        self, message: Message, txn: RelayTransaction, session_id: str
+    ) -> SmtpReply: ...
 
 
 class IngressMetrics(Protocol):
@@ -203,20 +205,36 @@ class FilterdHandler:
 
     # --- hooks -----------------------------------------------------------------------------
     async def handle_EHLO(
-        self, server: SMTP, session: AioSession, envelope: AioEnvelope, hostname: str, responses: list[str]
+        self,
+        server: SMTP,
+        session: AioSession,
+        envelope: AioEnvelope,
+        hostname: str,
+        responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
         await self._end_transaction(session)
-        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
+        extra = [
+            "250-PIPELINING",
+            "250-ENHANCEDSTATUSCODES",
+            "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES),
+        ]
         return responses[:-1] + extra + responses[-1:]
 
-    async def handle_HELO(self, server: SMTP, session: AioSession, envelope: AioEnvelope, hostname: str) -> str:
+    async def handle_HELO(
+        self, server: SMTP, session: AioSession, envelope: AioEnvelope, hostname: str
+    ) -> str:
         session.host_name = hostname
         await self._end_transaction(session)
         return f"250 {self.policy.hostname}"
 
     async def handle_MAIL(
-        self, server: SMTP, session: AioSession, envelope: AioEnvelope, address: str, options: list[str]
+        self,
+        server: SMTP,
+        session: AioSession,
+        envelope: AioEnvelope,
+        address: str,
+        options: list[str],
     ) -> str:
         state = _state(session)
         sender = "" if address == "<>" else address
@@ -225,8 +243,13 @@ class FilterdHandler:
             reply = await txn.begin(sender, options, self._xforward(session))
         except RelayError as exc:
             self.metrics.relay_error(exc.reason)
-            log.warning("relay_failed", stage="mail", reason=exc.reason, detail=exc.detail,
-                        session=state.session_id)
+            log.warning(
+                "relay_failed",
+                stage="mail",
+                reason=exc.reason,
+                detail=exc.detail,
+                session=state.session_id,
+            )
             return TEMPFAIL_INTERNAL.render()
         if reply.code != 250:
             await txn.finish()
@@ -238,7 +261,12 @@ class FilterdHandler:
         return reply.as_reply().render()
 
     async def handle_RCPT(
-        self, server: SMTP, session: AioSession, envelope: AioEnvelope, address: str, options: list[str]
+        self,
+        server: SMTP,
+        session: AioSession,
+        envelope: AioEnvelope,
+        address: str,
+        options: list[str],
     ) -> str:
         state = _state(session)
         if state.relay_failed:
@@ -252,8 +280,13 @@ class FilterdHandler:
             reply = await state.txn.add_recipient(address)
         except RelayError as exc:
             self.metrics.relay_error(exc.reason)
-            log.warning("relay_failed", stage="rcpt", reason=exc.reason, detail=exc.detail,
-                        session=state.session_id)
+            log.warning(
+                "relay_failed",
+                stage="rcpt",
+                reason=exc.reason,
+                detail=exc.detail,
+                session=state.session_id,
+            )
             await self._end_transaction(session, broken=True)
             # Keep the client's transaction open but failed: every later RCPT and the DATA get
             # 451 too (never a 5xx that would bounce mail a retry would deliver).
@@ -271,7 +304,9 @@ class FilterdHandler:
         await self._end_transaction(session)
         return "221 2.0.0 Bye"
 
-    async def handle_NOOP(self, server: SMTP, session: AioSession, envelope: AioEnvelope, arg: str) -> str:
+    async def handle_NOOP(
+        self, server: SMTP, session: AioSession, envelope: AioEnvelope, arg: str
+    ) -> str:
         return "250 2.0.0 OK"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -343,8 +378,12 @@ class FilterdHandler:
             message = Message(self.envelope_of(session, envelope), raw)
         else:
             prefix = await asyncio.to_thread(read_prefix, spool.path, self.policy.spool_threshold)
-            message = Message(self.envelope_of(session, envelope), prefix,
-                              spool_path=spool.path, spooled_size=spool.size)
+            message = Message(
+                self.envelope_of(session, envelope),
+                prefix,
+                spool_path=spool.path,
+                spooled_size=spool.size,
+            )
         # Once the whole message is here, its delivery runs to the end even if the client
         # vanishes meanwhile: the next hop may already have it, so it must be logged and
         # counted, and the next-hop connection must not be closed under it.
@@ -358,8 +397,9 @@ class FilterdHandler:
             await task
             raise
 
-    async def _deliver(self, message: Message, txn: RelayTransaction, state: SessionState,
-                       session: AioSession) -> str:
+    async def _deliver(
+        self, message: Message, txn: RelayTransaction, state: SessionState, session: AioSession
+    ) -> str:
         try:
             reply = await self.sink.process(message, txn, state.session_id)
         finally:
@@ -379,16 +419,22 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     envelope: Any
     transport: Any
     _smtp_method_names: tuple[str, ...] = ()
-    _shared: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+    _shared: ClassVar[dict[int, tuple[dict[str, Any], dict[str, Any]]]] = {}
 
     def __init__(self, handler: FilterdHandler, policy: IngressPolicy) -> None:
         key = id(handler)
         if key not in FilterdSMTP._shared:
             super().__init__(
-                handler, data_size_limit=policy.max_message_size, enable_SMTPUTF8=True,
-                decode_data=False, hostname=policy.hostname, ident="filterd ESMTP",
-                timeout=policy.session_timeout, auth_exclude_mechanism=["LOGIN", "PLAIN"],
-                tls_context=policy.tls_context, require_starttls=policy.require_tls,
+                handler,
+                data_size_limit=policy.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=policy.hostname,
+                ident="filterd ESMTP",
+                timeout=policy.session_timeout,
+                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                tls_context=policy.tls_context,
+                require_starttls=policy.require_tls,
             )
             FilterdSMTP._shared = {key: (self._handle_hooks, self._auth_methods)}
             FilterdSMTP._smtp_method_names = tuple(self._smtp_methods)
@@ -397,14 +443,21 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self.filterd_handler = handler
         self.command_size_limits["XFORWARD"] = 1000
 
-    def _init_fast(self, handler: FilterdHandler, policy: IngressPolicy,
-                   hooks: dict[str, Any], auth_methods: dict[str, Any]) -> None:
+    def _init_fast(
+        self,
+        handler: FilterdHandler,
+        policy: IngressPolicy,
+        hooks: dict[str, Any],
+        auth_methods: dict[str, Any],
+    ) -> None:
         """What SMTP.__init__ sets up, for the options filterd uses (aiosmtpd 1.4.x)."""
         self.__ident__ = "filterd ESMTP"
         self.loop = asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=self.loop,
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
         )
         self.event_handler = handler
         self.data_size_limit = policy.max_message_size
@@ -430,7 +483,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._auth_methods = auth_methods
         self._handle_hooks = hooks
         self._ehlo_hook_ver = "new"
-        self._smtp_methods = {name: getattr(self, "smtp_" + name) for name in self._smtp_method_names}
+        self._smtp_methods = {
+            name: getattr(self, "smtp_" + name) for name in self._smtp_method_names
+        }
         self._enforce_call_limit = False
 
     async def _handle_client(self) -> None:
@@ -538,10 +593,15 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             await self.push(result.refusal)
             return
         spool = result.spool
-        log.debug("data_received", size=spool.size if spool else len(result.raw),
-                  seconds=round(time.monotonic() - started, 4))
+        log.debug(
+            "data_received",
+            size=spool.size if spool else len(result.raw),
+            seconds=round(time.monotonic() - started, 4),
+        )
         try:
-            status = await self.filterd_handler.deliver(self.session, self.envelope, result.raw, spool)
+            status = await self.filterd_handler.deliver(
+                self.session, self.envelope, result.raw, spool
+            )
         finally:
             if spool is not None:
                 discard(spool.path)
@@ -575,7 +635,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 scanned = len(buf)
                 if refusal is None and limit and received + scanned > limit + 2 + 8192:
                     refusal = REPLY_TOO_BIG
-                if (refusal or spool is not None or scanned > policy.spool_threshold) and scanned > 65536:
+                if (
+                    refusal or spool is not None or scanned > policy.spool_threshold
+                ) and scanned > 65536:
                     # Move every complete line out of memory; keep the line ending before the
                     # last partial line so the marker and the stuffing stay visible in buf.
                     cut = buf.rfind(b"\n", 0, scanned - 5)
@@ -596,7 +658,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                         scanned = len(buf)
                 chunk = await self._reader.read(_DATA_CHUNK)
                 if not chunk:
-                    raise ConnectionResetError("client closed the connection during DATA")
+                    raise ConnectionResetError(  # noqa: TRY301 - the handler discards the spool
+                        "client closed the connection during DATA"
+                    )
                 self._reset_timeout()
                 buf += chunk
             leftover = bytes(buf[end + 5 :])

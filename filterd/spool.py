@@ -8,6 +8,7 @@ the body; the ``size`` condition sees the real size), and the relay streams the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,10 +39,8 @@ class SpoolFile:
 
 
 def discard(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def read_prefix(path: str, limit: int) -> bytes:

@@ -53,8 +53,13 @@ def bind_listeners(config: Config) -> list[socket.socket]:
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str | None, argv: Sequence[str],
-                 overrides: dict[str, object]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        argv: Sequence[str],
+        overrides: dict[str, object],
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
@@ -79,7 +84,9 @@ class Supervisor:
         env.pop("WATCHDOG_USEC", None)
         env["FILTERD_WORKER"] = str(slot)
         proc = await asyncio.create_subprocess_exec(
-            *self.worker_command(), pass_fds=[sock.fileno() for sock in self.sockets], env=env,
+            *self.worker_command(),
+            pass_fds=[sock.fileno() for sock in self.sockets],
+            env=env,
         )
         self.workers[slot] = proc
         log.info("worker_started", slot=slot, pid=proc.pid)
@@ -132,10 +139,14 @@ class Supervisor:
         """Validate once here, so an invalid set is refused (and counted) once; then fan out."""
         self.notifier.reloading()
         try:
-            config = (load_config(self.config_path).with_overrides(**self.overrides)
-                      if self.config_path else self.config)
-            ruleset = await asyncio.to_thread(load_ruleset, config.rules,
-                                              max_scan_bytes=config.limits.max_scan_bytes)
+            config = (
+                load_config(self.config_path).with_overrides(**self.overrides)
+                if self.config_path
+                else self.config
+            )
+            ruleset = await asyncio.to_thread(
+                load_ruleset, config.rules, max_scan_bytes=config.limits.max_scan_bytes
+            )
         except ConfigError as exc:
             self.metrics.reload(success=False)
             log.error("reload_failed", problems=[str(p) for p in exc.problems])
@@ -150,15 +161,21 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for signum, callback in ((signal.SIGTERM, self.on_terminate), (signal.SIGINT, self.on_terminate),
-                                 (signal.SIGHUP, self.on_reload)):
+        for signum, callback in (
+            (signal.SIGTERM, self.on_terminate),
+            (signal.SIGINT, self.on_terminate),
+            (signal.SIGHUP, self.on_reload),
+        ):
             loop.add_signal_handler(signum, callback)
         ruleset = load_ruleset(self.config.rules, max_scan_bytes=self.config.limits.max_scan_bytes)
         self.metrics.set_rule_names(ruleset.rule_names)
         servers = []
         if self.config.metrics_listen is not None:
-            servers.append(await start_metrics_server(
-                self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry))
+            servers.append(
+                await start_metrics_server(
+                    self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry
+                )
+            )
         for slot in range(self.config.workers):
             await self.start_worker(slot)
         path = self.config.quarantine.path
@@ -166,8 +183,12 @@ class Supervisor:
         if retention is not None:
             self.tasks.append(retention)
         self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
-        log.info("supervisor_started", workers=self.config.workers, pid=os.getpid(),
-                 listen=[str(a) for a in self.config.listen])
+        log.info(
+            "supervisor_started",
+            workers=self.config.workers,
+            pid=os.getpid(),
+            listen=[str(a) for a in self.config.listen],
+        )
         self.notifier.ready()
         await self.done.wait()
         for server in servers:
@@ -179,8 +200,9 @@ class Supervisor:
         return 0
 
 
-def run_supervisor(config: Config, config_path: str | None, argv: Sequence[str],
-                   overrides: dict[str, object]) -> int:
+def run_supervisor(
+    config: Config, config_path: str | None, argv: Sequence[str], overrides: dict[str, object]
+) -> int:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     started = time.monotonic()
     try:

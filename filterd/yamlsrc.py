@@ -86,7 +86,9 @@ class _Converter:
         result.value_pos = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                self.problems.append(_pos(self.source, key_node).problem("merge keys (<<) are not supported"))
+                self.problems.append(
+                    _pos(self.source, key_node).problem("merge keys (<<) are not supported")
+                )
                 continue
             key = self.constructor.construct_object(key_node, deep=True)
             if not isinstance(key, str):

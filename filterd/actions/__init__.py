@@ -25,9 +25,10 @@ def rewrite(message: Message, verdict: Verdict) -> bytes:
     """The bytes to deliver: incoming X-Spam-* removed, the verdict's header edits applied."""
     added = list(verdict.add_headers)
     if verdict.tag:
-        added = spam_headers(
-            verdict.score, verdict.required_score or 0.0, verdict.rules, flag=True
-        ) + added
+        added = (
+            spam_headers(verdict.score, verdict.required_score or 0.0, verdict.rules, flag=True)
+            + added
+        )
     return apply_modifications(
         message.raw,
         remove=verdict.remove_headers,
@@ -58,7 +59,9 @@ class LazyQuarantine:
     def store(self, message: Message, verdict: Verdict) -> tuple[str, int]:
         """Write one entry; return its id and the number of entries now held."""
         store = self.get()
-        entry_id = store.store(message, verdict, rule=verdict.deciding_rule or "", reason=verdict.reason)
+        entry_id = store.store(
+            message, verdict, rule=verdict.deciding_rule or "", reason=verdict.reason
+        )
         return entry_id, store.count()
 
 
@@ -83,8 +86,12 @@ class Executor:
                 whole = await asyncio.to_thread(read_all, message.spool_path)
                 message = dataclasses.replace(message, raw=whole, spool_path=None, spooled_size=0)
             entry_id, held = await asyncio.to_thread(self.quarantine.store, message, verdict)
-            return Outcome(action, SmtpReply(250, "2.0.0", f"Ok: quarantined as {entry_id}"),
-                           quarantine_id=entry_id, extra={"quarantine_size": str(held)})
+            return Outcome(
+                action,
+                SmtpReply(250, "2.0.0", f"Ok: quarantined as {entry_id}"),
+                quarantine_id=entry_id,
+                extra={"quarantine_size": str(held)},
+            )
         return await self._deliver(verdict, message, txn)
 
     async def _deliver(self, verdict: Verdict, message: Message, txn: RelayTransaction) -> Outcome:
@@ -95,7 +102,10 @@ class Executor:
             if not txn.accepted:
                 first = replies[0].as_reply() if replies else DEFAULT_TEMPFAIL
                 reply = first if not first.is_success else DEFAULT_TEMPFAIL
-                return Outcome(verdict.action, SmtpReply(451, "4.3.0", f"Redirect refused by next hop: {reply.render()}"))
+                return Outcome(
+                    verdict.action,
+                    SmtpReply(451, "4.3.0", f"Redirect refused by next hop: {reply.render()}"),
+                )
         else:
             for rcpt in extra:
                 await txn.add_recipient(rcpt)
@@ -103,7 +113,8 @@ class Executor:
             data_reply = await txn.send_data(rewrite(message, verdict))
         else:
             data_reply = await txn.send_data_stream(
-                rewrite(message, verdict), message.spool_path, offset=len(message.raw))
+                rewrite(message, verdict), message.spool_path, offset=len(message.raw)
+            )
         return Outcome(
             verdict.action,
             data_reply.as_reply(),

@@ -198,8 +198,12 @@ class QuarantineStore:
         if full or upserts or removals:
             self._index.replace(upserts, removals, clear=full)
             log.info(
-                "quarantine_index_synced", path=str(self.path), rebuilt=full,
-                updated=len(upserts), removed=len(removals), entries=len(on_disk),
+                "quarantine_index_synced",
+                path=str(self.path),
+                rebuilt=full,
+                updated=len(upserts),
+                removed=len(removals),
+                entries=len(on_disk),
             )
         self._stale = False
         return len(on_disk)
@@ -296,7 +300,12 @@ class QuarantineStore:
     # --- operations ----------------------------------------------------------------------------
 
     def store(
-        self, message: Message, verdict: Verdict, *, rule: str, reason: str,
+        self,
+        message: Message,
+        verdict: Verdict,
+        *,
+        rule: str,
+        reason: str,
         now: datetime | None = None,
     ) -> str:
         """Write an entry durably and return its id; ``QuarantineError`` if it is not on disk."""
@@ -304,11 +313,24 @@ class QuarantineStore:
         env = message.envelope
         subject, message_id = _headers_of(message.raw)
         entry = Entry(
-            id="", date=now, sender=env.sender, recipients=env.recipients, subject=subject,
-            size=message.size, rule=rule, reason=reason, action=verdict.action.value,
-            score=verdict.score, status=EntryStatus.QUARANTINED, client_ip=env.client_ip,
-            client_name=env.client_name, helo=env.helo, queue_id=env.queue_id,
-            message_id=message_id, rules=verdict.rules, trace=verdict.trace,
+            id="",
+            date=now,
+            sender=env.sender,
+            recipients=env.recipients,
+            subject=subject,
+            size=message.size,
+            rule=rule,
+            reason=reason,
+            action=verdict.action.value,
+            score=verdict.score,
+            status=EntryStatus.QUARANTINED,
+            client_ip=env.client_ip,
+            client_name=env.client_name,
+            helo=env.helo,
+            queue_id=env.queue_id,
+            message_id=message_id,
+            rules=verdict.rules,
+            trace=verdict.trace,
             sha256=hashlib.sha256(message.raw).hexdigest(),
         )
         written: list[Path] = []
@@ -326,14 +348,20 @@ class QuarantineStore:
             for path in reversed(written):  # leave no half entry behind
                 with contextlib.suppress(OSError):
                     path.unlink()
-            log.error(  # noqa: TRY400 - an expected condition (disk full): no traceback
-                "quarantine_store_failed", path=str(self.path), queue_id=env.queue_id,
+            log.error(
+                "quarantine_store_failed",
+                path=str(self.path),
+                queue_id=env.queue_id,
                 error=str(exc),
             )
             raise QuarantineError(f"cannot write quarantine entry in {self.path}: {exc}") from exc
         self._index_call("upsert", meta)
         log.info(
-            "quarantine_stored", id=entry_id, queue_id=env.queue_id, rule=rule, size=message.size,
+            "quarantine_stored",
+            id=entry_id,
+            queue_id=env.queue_id,
+            rule=rule,
+            size=message.size,
         )
         return entry_id
 
@@ -427,7 +455,9 @@ class QuarantineStore:
                 _fsync_dir(self.path)
             self._index_call("replace", [], purged)
         log.info(
-            "quarantine_purged", count=len(purged), older_than_s=int(older_than.total_seconds()),
+            "quarantine_purged",
+            count=len(purged),
+            older_than_s=int(older_than.total_seconds()),
             cutoff=iso_utc(cutoff),
         )
         return len(purged)
@@ -452,5 +482,5 @@ async def run_retention(
             if on_count is not None:
                 on_count(await asyncio.to_thread(store.count))
         except QuarantineError as exc:
-            log.error("quarantine_purge_failed", error=str(exc))  # noqa: TRY400 - as above
+            log.error("quarantine_purge_failed", error=str(exc))
         await asyncio.sleep(interval)

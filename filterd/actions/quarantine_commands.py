@@ -85,7 +85,11 @@ def _cut(text: str, width: int) -> str:
 
 
 def list_entries(
-    store: QuarantineStore, *, as_json: bool, out: TextIO, limit: int | None = None,
+    store: QuarantineStore,
+    *,
+    as_json: bool,
+    out: TextIO,
+    limit: int | None = None,
     err: TextIO | None = None,
 ) -> int:
     """Newest first: a JSON array (``--json``) or an aligned table."""
@@ -130,7 +134,11 @@ def _header_block(raw: bytes) -> str:
 
 
 def show_entry(
-    store: QuarantineStore, entry_id: str, out: TextIO, *, as_json: bool = False,
+    store: QuarantineStore,
+    entry_id: str,
+    out: TextIO,
+    *,
+    as_json: bool = False,
     err: TextIO | None = None,
 ) -> int:
     """The entry's metadata, its rule trace and the message's header block."""
@@ -246,7 +254,7 @@ async def release_entry_async(
     try:
         store.mark_released(entry_id, recipients)
     except QuarantineError as exc:
-        log.error("quarantine_release_unrecorded", id=entry_id, error=str(exc))  # noqa: TRY400
+        log.error("quarantine_release_unrecorded", id=entry_id, error=str(exc))
         (err or out).write(f"error: {entry_id} was sent but not marked released: {exc}\n")
         return EXIT_FAILED
     out.write(f"released {entry_id} to {', '.join(recipients)}\n")
@@ -263,9 +271,7 @@ def release_entry(
     err: TextIO | None = None,
 ) -> int:
     """``release_entry_async`` for the synchronous CLI (runs its own event loop)."""
-    return asyncio.run(
-        release_entry_async(store, entry_id, to=to, send=send, out=out, err=err)
-    )
+    return asyncio.run(release_entry_async(store, entry_id, to=to, send=send, out=out, err=err))
 
 
 def _fail(out: TextIO, exc: QuarantineError) -> int:

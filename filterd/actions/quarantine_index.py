@@ -39,8 +39,18 @@ _FORMAT = 1  # of the .json files
 # not a JSON parse each. List-valued fields (addresses, rule names: no line breaks in either,
 # SMTP is line-based) are stored one item per line.
 _TEXT_COLUMNS = (
-    "sender", "subject", "rule", "reason", "action", "client_ip", "client_name", "helo",
-    "queue_id", "message_id", "sha256", "released_at",
+    "sender",
+    "subject",
+    "rule",
+    "reason",
+    "action",
+    "client_ip",
+    "client_name",
+    "helo",
+    "queue_id",
+    "message_id",
+    "sha256",
+    "released_at",
 )
 _LIST_COLUMNS = ("recipients", "rules", "released_to")
 _COLUMNS = ("id", "date", "status", "size", "score", *_TEXT_COLUMNS, *_LIST_COLUMNS)
@@ -184,7 +194,6 @@ def _trace_from_dict(item: Mapping[str, Any]) -> RuleTrace:
     )
 
 
-
 class IndexCorruptError(Exception):
     """The index file is not a usable database; the store deletes and rebuilds it."""
 
@@ -219,7 +228,9 @@ class QuarantineIndex:
             finally:
                 os.close(fd)
         conn = sqlite3.connect(
-            self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            self.path,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
             check_same_thread=False,
         )
         try:
@@ -272,8 +283,13 @@ class QuarantineIndex:
     def _values(meta: Mapping[str, Any]) -> tuple[Any, ...]:
         lists = tuple("\n".join(meta.get(c) or ()) for c in _LIST_COLUMNS)
         return (
-            meta["id"], meta["date"], meta["status"], int(meta.get("size", 0)),
-            float(meta.get("score", 0.0)), *(meta.get(c) for c in _TEXT_COLUMNS), *lists,
+            meta["id"],
+            meta["date"],
+            meta["status"],
+            int(meta.get("size", 0)),
+            float(meta.get("score", 0.0)),
+            *(meta.get(c) for c in _TEXT_COLUMNS),
+            *lists,
         )
 
     @staticmethod
@@ -294,8 +310,11 @@ class QuarantineIndex:
         self._run("DELETE FROM entries WHERE id = ?", (entry_id,))
 
     def replace(
-        self, upserts: Iterable[Mapping[str, Any]], removals: Iterable[str],
-        *, clear: bool = False,
+        self,
+        upserts: Iterable[Mapping[str, Any]],
+        removals: Iterable[str],
+        *,
+        clear: bool = False,
     ) -> None:
         """Apply many changes in one transaction (a rebuild or a resync)."""
         rows = [self._values(meta) for meta in upserts]

@@ -30,8 +30,9 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
-def _load(rules_path: RulesPath, err: TextIO,
-          max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> RuleSet | None:
+def _load(
+    rules_path: RulesPath, err: TextIO, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
+) -> RuleSet | None:
     try:
         return load_ruleset(rules_path, max_scan_bytes=max_scan_bytes)
     except ConfigError as exc:
@@ -51,9 +52,11 @@ def check(rules_path: RulesPath, out: TextIO, err: TextIO) -> int:
         extra.append(f"{len(ruleset.shadow_rule_names)} in shadow mode")
     if ruleset.tests:
         extra.append(_plural(len(ruleset.tests), "test"))
-    print(f"OK: {_plural(len(ruleset.rules), 'rule')} in {_plural(len(ruleset.sources), 'file')},"
-          f" {_plural(len(ruleset.lists), 'list')}" + (f" ({', '.join(extra)})" if extra else ""),
-          file=out)
+    print(
+        f"OK: {_plural(len(ruleset.rules), 'rule')} in {_plural(len(ruleset.sources), 'file')},"
+        f" {_plural(len(ruleset.lists), 'list')}" + (f" ({', '.join(extra)})" if extra else ""),
+        file=out,
+    )
     return EXIT_OK
 
 
@@ -75,9 +78,17 @@ def verdict_json(file: str, verdict: Verdict) -> dict[str, Any]:
         "remove_headers": list(verdict.remove_headers),
         "bcc": list(verdict.bcc),
         "redirect": list(verdict.redirect),
-        "trace": [{"rule": t.rule, "matched": t.matched, "score": t.score, "shadow": t.shadow,
-                   "detail": t.detail, "action": t.action.value if t.action else None}
-                  for t in verdict.trace],
+        "trace": [
+            {
+                "rule": t.rule,
+                "matched": t.matched,
+                "score": t.score,
+                "shadow": t.shadow,
+                "detail": t.detail,
+                "action": t.action.value if t.action else None,
+            }
+            for t in verdict.trace
+        ],
     }
 
 
@@ -114,15 +125,24 @@ def _print_human(file: str, verdict: Verdict, out: TextIO) -> None:
         print(line.rstrip(), file=out)
 
 
-def scan(rules_path: RulesPath, files: Sequence[str], *, sender: str,
-         recipients: Sequence[str], client_ip: str | None, helo: str | None, as_json: bool,
-         out: TextIO, err: TextIO, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> int:
+def scan(
+    rules_path: RulesPath,
+    files: Sequence[str],
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    client_ip: str | None,
+    helo: str | None,
+    as_json: bool,
+    out: TextIO,
+    err: TextIO,
+    max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
+) -> int:
     """Dry-run each message file through the rules; print its verdict and full trace."""
     ruleset = _load(rules_path, err, max_scan_bytes)
     if ruleset is None:
         return EXIT_CONFIG
-    envelope = Envelope(sender=sender, recipients=tuple(recipients), client_ip=client_ip,
-                        helo=helo)
+    envelope = Envelope(sender=sender, recipients=tuple(recipients), client_ip=client_ip, helo=helo)
     status = EXIT_OK
     for file in files:
         try:
@@ -154,13 +174,15 @@ def case_differences(case: RuleTestCase, verdict: Verdict) -> list[str]:
     if unwanted:
         differences.append("expected not to match but did: " + ", ".join(unwanted))
     if expect.score_at_least is not None and not verdict.score >= expect.score_at_least:
-        differences.append(f"score: expected at least {expect.score_at_least:g}, "
-                           f"got {verdict.score:g}")
+        differences.append(
+            f"score: expected at least {expect.score_at_least:g}, got {verdict.score:g}"
+        )
     if expect.score_below is not None and not verdict.score < expect.score_below:
         differences.append(f"score: expected below {expect.score_below:g}, got {verdict.score:g}")
     if expect.tag is not None and verdict.tag is not expect.tag:
-        differences.append(f"tag: expected {str(expect.tag).lower()}, "
-                           f"got {str(verdict.tag).lower()}")
+        differences.append(
+            f"tag: expected {str(expect.tag).lower()}, got {str(verdict.tag).lower()}"
+        )
     return differences
 
 
@@ -187,15 +209,20 @@ def run_tests(rules_path: RulesPath, out: TextIO, err: TextIO) -> int:
             raw = case_message(case)
         except OSError as exc:
             failed += 1
-            print(f"FAIL {case.name} ({where}): cannot read message {case.message_path}: "
-                  f"{exc.strerror or exc}", file=out)
+            print(
+                f"FAIL {case.name} ({where}): cannot read message {case.message_path}: "
+                f"{exc.strerror or exc}",
+                file=out,
+            )
             continue
         verdict = evaluate(ruleset, Message(case.envelope, raw))
         differences = case_differences(case, verdict)
         if differences:
             failed += 1
-            got = f"[got {verdict.action.value}, score {verdict.score:g}, rules: " \
-                  f"{', '.join(verdict.rules) or 'none'}]"
+            got = (
+                f"[got {verdict.action.value}, score {verdict.score:g}, rules: "
+                f"{', '.join(verdict.rules) or 'none'}]"
+            )
             print(f"FAIL {case.name} ({where}): {'; '.join(differences)} {got}", file=out)
         else:
             print(f"PASS {case.name}", file=out)

@@ -224,12 +224,16 @@ _OPTIONS.log_errors = False
 _SHOWN_URL = re2.compile(
     r"(?i)^\s*(?:[a-z][a-z0-9+.-]*://)?(?:[^\s/@:]+@)?"
     r"((?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z][a-z0-9-]*[a-z0-9])"
-    r"(?::\d+)?(?:[/?#]\S*)?\s*$", _OPTIONS)
+    r"(?::\d+)?(?:[/?#]\S*)?\s*$",
+    _OPTIONS,
+)
 _NAME_ADDRESS = re2.compile(r"(?i)[^\s<>@\"']+@((?:[a-z0-9-]+\.)+[a-z]{2,63})", _OPTIONS)
 _NAME_DOMAIN = re2.compile(
     r"(?i)(?:^|[\s(\[\"'])((?:www\.)?(?:[a-z0-9-]+\.)+"
     r"(?:com|net|org|info|biz|io|co|me|gov|edu|de|uk|fr|it|es|nl|ru|cn|jp|us|ca|au|ch|at"
-    r"|be|se|no|dk|fi|pl|br|in))(?:$|[\s)\]\"',.:;])", _OPTIONS)
+    r"|be|se|no|dk|fi|pl|br|in))(?:$|[\s)\]\"',.:;])",
+    _OPTIONS,
+)
 
 
 def _bare(domain: str) -> str:
@@ -317,11 +321,14 @@ class NameDomainMismatch:
     def describe(self, scan: MessageScan, item: int) -> str:
         address = scan.items(self.group)[item]
         real = address.domain if isinstance(address, Address) else ""
-        return f'{self.group} display name shows "{self._claimed(scan, item)}" but the ' \
-               f'address is at "{real}"'
+        return (
+            f'{self.group} display name shows "{self._claimed(scan, item)}" but the '
+            f'address is at "{real}"'
+        )
 
 
 # -- whole-message and envelope leaves ------------------------------------------------------
+
 
 class HeaderExists(Condition):
     __slots__ = ("name", "want")
@@ -346,8 +353,11 @@ class MessageSize(Condition):
 
     def eval(self, scan: MessageScan) -> str | None:
         size = scan.message.size
-        return f"message size {size} {bounds_label(self.gt, self.lt)}" \
-            if size_in_bounds(size, self.gt, self.lt) else None
+        return (
+            f"message size {size} {bounds_label(self.gt, self.lt)}"
+            if size_in_bounds(size, self.gt, self.lt)
+            else None
+        )
 
 
 def parse_client_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -385,7 +395,21 @@ def item_label(group: str, predicates: Sequence[object]) -> str:
 
 
 __all__ = [
-    "AllOf", "AnyOf", "ArchivePredicate", "Atom", "Atoms", "ClientIp", "Condition",
-    "HeaderExists", "ItemCondition", "LinkTextMismatch", "LookupMatch", "Matcher",
-    "MessageSize", "NameDomainMismatch", "NotOf", "PatternMatch", "SizePredicate",
+    "AllOf",
+    "AnyOf",
+    "ArchivePredicate",
+    "Atom",
+    "Atoms",
+    "ClientIp",
+    "Condition",
+    "HeaderExists",
+    "ItemCondition",
+    "LinkTextMismatch",
+    "LookupMatch",
+    "Matcher",
+    "MessageSize",
+    "NameDomainMismatch",
+    "NotOf",
+    "PatternMatch",
+    "SizePredicate",
 ]

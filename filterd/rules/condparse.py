@@ -53,8 +53,24 @@ from filterd.rules.validate import (
 )
 from filterd.yamlsrc import Pos, YamlMap
 
-CONDITION_KEYS = ("all", "any", "not", "sender", "recipient", "client_ip", "helo", "size",
-                  "header", "from", "to", "subject", "body", "raw", "url", "attachment")
+CONDITION_KEYS = (
+    "all",
+    "any",
+    "not",
+    "sender",
+    "recipient",
+    "client_ip",
+    "helo",
+    "size",
+    "header",
+    "from",
+    "to",
+    "subject",
+    "body",
+    "raw",
+    "url",
+    "attachment",
+)
 MATCHER_KEYS = tuple(kind.value for kind in MatcherKind)
 CASE_VALUES = ("insensitive", "sensitive")
 ENVELOPE_ADDRESS_PARTS = ("address", "domain")
@@ -74,8 +90,9 @@ def _shown(values: list[str]) -> str:
 class ConditionParser:
     """Parses the ``if:`` of every rule of one rule set into ``Condition`` trees."""
 
-    def __init__(self, table: PatternTable, lists: Mapping[str, NamedList],
-                 problems: Problems) -> None:
+    def __init__(
+        self, table: PatternTable, lists: Mapping[str, NamedList], problems: Problems
+    ) -> None:
         self.table = table
         self.lists = lists
         self.problems = problems
@@ -114,8 +131,10 @@ class ConditionParser:
         for key, item in mapping.items():
             handler = self._keys.get(key)
             if handler is None:
-                self.problems.add(mapping.key_at(key), f"unknown condition '{key}'"
-                                  f"{suggestion(key, CONDITION_KEYS)}")
+                self.problems.add(
+                    mapping.key_at(key),
+                    f"unknown condition '{key}'{suggestion(key, CONDITION_KEYS)}",
+                )
                 failed = True
                 continue
             parsed = handler(item, mapping.at(key))
@@ -146,12 +165,16 @@ class ConditionParser:
 
     # -- string matchers --------------------------------------------------------------------
 
-    def matcher(self, value: Any, pos: Pos, field: str, what: str,
-                lookup: LookupKind = LookupKind.EXACT) -> Matcher | None:
+    def matcher(
+        self, value: Any, pos: Pos, field: str, what: str, lookup: LookupKind = LookupKind.EXACT
+    ) -> Matcher | None:
         """A string matcher ``M`` applied to ``field``; ``what`` names it in messages/traces."""
         if isinstance(value, str):
-            self.problems.add(pos, f"{what}: expected a matcher such as {{contains: \"{value}\"}}"
-                                   f" or {{equals: ...}}, got a plain string")
+            self.problems.add(
+                pos,
+                f'{what}: expected a matcher such as {{contains: "{value}"}}'
+                f" or {{equals: ...}}, got a plain string",
+            )
             return None
         mapping = as_map(value, pos, self.problems, f"{what} matcher")
         if mapping is None:
@@ -159,17 +182,22 @@ class ConditionParser:
         unknown_keys(mapping, (*MATCHER_KEYS, "case"), self.problems, f"{what} matcher")
         kinds = [key for key in mapping if key in MATCHER_KEYS]
         if len(kinds) != 1:
-            self.problems.add(pos, f"{what} matcher needs exactly one of "
-                                   f"{', '.join(MATCHER_KEYS)}" + (
-                                       f" (got {', '.join(kinds)}; combine them with all:/any:)"
-                                       if kinds else ""))
+            self.problems.add(
+                pos,
+                f"{what} matcher needs exactly one of "
+                f"{', '.join(MATCHER_KEYS)}"
+                + (f" (got {', '.join(kinds)}; combine them with all:/any:)" if kinds else ""),
+            )
             return None
         case_sensitive = False
         if "case" in mapping:
             case = as_str(mapping["case"], mapping.at("case"), self.problems, "case")
             if case is not None and case not in CASE_VALUES:
-                self.problems.add(mapping.at("case"), f"case must be 'sensitive' or "
-                                  f"'insensitive', got '{case}'{suggestion(case, CASE_VALUES)}")
+                self.problems.add(
+                    mapping.at("case"),
+                    f"case must be 'sensitive' or "
+                    f"'insensitive', got '{case}'{suggestion(case, CASE_VALUES)}",
+                )
             case_sensitive = case == "sensitive"
         kind = MatcherKind(kinds[0])
         argument, arg_pos = mapping[kind.value], mapping.at(kind.value)
@@ -177,20 +205,30 @@ class ConditionParser:
             named = self._list(argument, arg_pos)
             if named is None:
                 return None
-            return LookupMatch(field, named.values(case_sensitive), lookup, case_sensitive,
-                               f"{what} in_list {named.name}")
-        values = as_str_list(argument, arg_pos, self.problems, f"{what} {kind.value}",
-                             allow_empty=kind is MatcherKind.EQUALS)
+            return LookupMatch(
+                field,
+                named.values(case_sensitive),
+                lookup,
+                case_sensitive,
+                f"{what} in_list {named.name}",
+            )
+        values = as_str_list(
+            argument,
+            arg_pos,
+            self.problems,
+            f"{what} {kind.value}",
+            allow_empty=kind is MatcherKind.EQUALS,
+        )
         if values is None:
             return None
         texts = [text for text, _ in values]
         if kind is MatcherKind.IN:
             entries = frozenset(t if case_sensitive else t.casefold() for t in texts)
-            return LookupMatch(field, entries, lookup, case_sensitive,
-                               f"{what} in {_shown(texts)}")
+            return LookupMatch(field, entries, lookup, case_sensitive, f"{what} in {_shown(texts)}")
         if kind is MatcherKind.REGEX:
-            bad = [(problem, at) for text, at in values
-                   if (problem := regex_problem(text)) is not None]
+            bad = [
+                (problem, at) for text, at in values if (problem := regex_problem(text)) is not None
+            ]
             for problem, at in bad:
                 self.problems.add(at, problem)
             if bad:
@@ -201,8 +239,9 @@ class ConditionParser:
             self.problems.add(arg_pos, problem)
             return None
         index = self.table.add(field, source, arg_pos)
-        return PatternMatch(field, index, compile_regex(source), f"{what} {kind.value} "
-                            f"{_shown(texts)}")
+        return PatternMatch(
+            field, index, compile_regex(source), f"{what} {kind.value} {_shown(texts)}"
+        )
 
     def _list(self, value: Any, pos: Pos) -> NamedList | None:
         name = as_str(value, pos, self.problems, "in_list")
@@ -212,7 +251,8 @@ class ConditionParser:
         if named is None:
             known = sorted(self.lists)
             hint = suggestion(name, known) or (
-                f" (known lists: {', '.join(known)})" if known else " (no lists are declared)")
+                f" (known lists: {', '.join(known)})" if known else " (no lists are declared)"
+            )
             self.problems.add(pos, f"unknown list '{name}'{hint}")
             return None
         self.used_lists.add(name)
@@ -220,24 +260,30 @@ class ConditionParser:
 
     # -- leaves -----------------------------------------------------------------------------
 
-    def _single(self, value: Any, pos: Pos, field: str, what: str,
-                lookup: LookupKind = LookupKind.EXACT) -> Condition | None:
+    def _single(
+        self, value: Any, pos: Pos, field: str, what: str, lookup: LookupKind = LookupKind.EXACT
+    ) -> Condition | None:
         found = self.matcher(value, pos, field, what, lookup)
         return None if found is None else ItemCondition(_group(field), [found], found.label)
 
     def _parts(self, mapping: YamlMap, parts: tuple[str, ...], what: str) -> bool:
         """Whether ``mapping`` is a parts form (``{domain: M, ...}``) rather than a matcher."""
         return any(key in parts for key in mapping) or not any(
-            key in (*MATCHER_KEYS, "case") for key in mapping)
+            key in (*MATCHER_KEYS, "case") for key in mapping
+        )
 
-    def _address(self, value: Any, pos: Pos, group: str,
-                 parts: tuple[str, ...]) -> Condition | None:
+    def _address(
+        self, value: Any, pos: Pos, group: str, parts: tuple[str, ...]
+    ) -> Condition | None:
         whole_lookup = LookupKind.ADDRESS
         if not isinstance(value, YamlMap) or not value or not self._parts(value, parts, group):
             return self._single(value, pos, group, group, whole_lookup)
         if "name" in value and group in ("sender", "recipient"):
-            self.problems.add(value.key_at("name"), f"the envelope {group} has no display name;"
-                              " use from: {name: ...} for the From header's")
+            self.problems.add(
+                value.key_at("name"),
+                f"the envelope {group} has no display name;"
+                " use from: {name: ...} for the From header's",
+            )
             return None
         if not unknown_keys(value, parts, self.problems, f"'{group}:'"):
             return None
@@ -251,8 +297,9 @@ class ConditionParser:
             elif key == "address":
                 found = self.matcher(item, at, group, f"{group} address", whole_lookup)
             elif key == "domain":
-                found = self.matcher(item, at, f"{group}.domain", f"{group} domain",
-                                     LookupKind.DOMAIN)
+                found = self.matcher(
+                    item, at, f"{group}.domain", f"{group} domain", LookupKind.DOMAIN
+                )
             else:
                 found = self.matcher(item, at, f"{group}.name", f"{group} name")
             failed = failed or found is None
@@ -270,8 +317,7 @@ class ConditionParser:
         mapping = as_map(value, pos, self.problems, "'header:'")
         if mapping is None:
             return None
-        unknown_keys(mapping, ("name", "exists", *MATCHER_KEYS, "case"), self.problems,
-                     "'header:'")
+        unknown_keys(mapping, ("name", "exists", *MATCHER_KEYS, "case"), self.problems, "'header:'")
         if "name" not in mapping:
             self.problems.add(pos, "'header:' needs a name (e.g. {name: X-Mailer, contains: ...})")
             return None
@@ -280,16 +326,18 @@ class ConditionParser:
         rest.pos, rest.key_pos, rest.value_pos = mapping.pos, mapping.key_pos, mapping.value_pos
         if "exists" in mapping:
             if rest:
-                self.problems.add(mapping.key_at("exists"),
-                                  "'header:' takes either exists or a matcher, not both")
+                self.problems.add(
+                    mapping.key_at("exists"), "'header:' takes either exists or a matcher, not both"
+                )
                 return None
             flag = as_bool(mapping["exists"], mapping.at("exists"), self.problems, "exists")
             return None if flag is None or name is None else HeaderExists(name, flag)
         if name is None:
             return None
         found = self.matcher(rest, pos, f"header:{name.lower()}", f"header {name}")
-        return None if found is None else ItemCondition(f"header:{name.lower()}", [found],
-                                                        found.label)
+        return (
+            None if found is None else ItemCondition(f"header:{name.lower()}", [found], found.label)
+        )
 
     def _client_ip(self, value: Any, pos: Pos) -> Condition | None:
         mapping = as_map(value, pos, self.problems, "'client_ip:'")
@@ -329,8 +377,10 @@ class ConditionParser:
         if not mapping:
             self.problems.add(pos, f"{what} needs gt and/or lt")
             return None
-        gt, lt = (as_size(mapping[key], mapping.at(key), self.problems, key)
-                  if key in mapping else None for key in SIZE_KEYS)
+        gt, lt = (
+            as_size(mapping[key], mapping.at(key), self.problems, key) if key in mapping else None
+            for key in SIZE_KEYS
+        )
         if ("gt" in mapping and gt is None) or ("lt" in mapping and lt is None):
             return None
         return gt, lt
@@ -362,12 +412,14 @@ class ConditionParser:
 
     def _attachment(self, value: Any, pos: Pos) -> Condition | None:
         mapping = as_map(value, pos, self.problems, "'attachment:'")
-        if mapping is None or not unknown_keys(mapping, ATTACHMENT_KEYS, self.problems,
-                                               "'attachment:'"):
+        if mapping is None or not unknown_keys(
+            mapping, ATTACHMENT_KEYS, self.problems, "'attachment:'"
+        ):
             return None
         if not mapping:
-            self.problems.add(pos, "'attachment:' needs at least one of "
-                              + ", ".join(ATTACHMENT_KEYS))
+            self.problems.add(
+                pos, "'attachment:' needs at least one of " + ", ".join(ATTACHMENT_KEYS)
+            )
             return None
         predicates = self._attachment_predicates(mapping, "attachment")
         if predicates is None:
@@ -385,8 +437,9 @@ class ConditionParser:
                 found = None if bounds is None else SizePredicate(group, *bounds)
             elif key == "archive":
                 inner = as_map(item, value_pos, self.problems, "'archive:'")
-                if inner is not None and unknown_keys(inner, ARCHIVE_KEYS, self.problems,
-                                                      "'archive:'"):
+                if inner is not None and unknown_keys(
+                    inner, ARCHIVE_KEYS, self.problems, "'archive:'"
+                ):
                     if not inner:
                         self.problems.add(at, "'archive:' needs filename and/or size")
                     else:

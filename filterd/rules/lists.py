@@ -45,9 +45,14 @@ class NamedList:
         for entry in self.entries:
             network = parse_network(entry.value)
             if network is None:
-                problems.append(Problem(self.path, entry.line, entry.col,
-                                        f"list '{self.name}': not an IP address or CIDR: "
-                                        f"'{entry.value}'"))
+                problems.append(
+                    Problem(
+                        self.path,
+                        entry.line,
+                        entry.col,
+                        f"list '{self.name}': not an IP address or CIDR: '{entry.value}'",
+                    )
+                )
             else:
                 out.append(network)
         return tuple(out)

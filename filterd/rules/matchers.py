@@ -85,8 +85,10 @@ def regex_problem(pattern: str) -> str | None:
     except re2.error as exc:
         detail = _re2_message(exc)
         if "(?=" in detail or "(?!" in detail or "(?<=" in detail or "(?<!" in detail:
-            return (f"invalid regex: lookaround is not supported by the linear-time engine "
-                    f"(RE2): {detail}")
+            return (
+                f"invalid regex: lookaround is not supported by the linear-time engine "
+                f"(RE2): {detail}"
+            )
         if "\\Z" in detail:
             return "invalid regex: \\Z is not supported by RE2, use \\z for end of text"
         if detail.startswith("invalid escape sequence: \\") and detail[-1:].isdigit():
@@ -201,8 +203,14 @@ class LookupMatch:
 
     __slots__ = ("case_sensitive", "entries", "field", "kind", "label")
 
-    def __init__(self, field: str, entries: frozenset[str], kind: LookupKind,
-                 case_sensitive: bool, label: str) -> None:
+    def __init__(
+        self,
+        field: str,
+        entries: frozenset[str],
+        kind: LookupKind,
+        case_sensitive: bool,
+        label: str,
+    ) -> None:
         self.field = field
         self.entries = entries
         self.kind = kind
@@ -293,22 +301,28 @@ class PatternTable:
         patterns.positions.append(pos)
         return patterns.index_of[source]
 
-    def compile(self, problems: list[Problem], *,
-                max_mem: int = SET_MAX_MEM) -> dict[str, FieldScanner]:
+    def compile(
+        self, problems: list[Problem], *, max_mem: int = SET_MAX_MEM
+    ) -> dict[str, FieldScanner]:
         """One scanner per field; a pattern that cannot be built is a located problem."""
         options = _options(max_mem)
         scanners: dict[str, FieldScanner] = {}
         for name, patterns in self._fields.items():
             chunks: list[tuple[Any, int]] = []
-            _compile_chunks(patterns, 0, len(patterns.sources), chunks, problems,
-                            options=options)
+            _compile_chunks(patterns, 0, len(patterns.sources), chunks, problems, options=options)
             scanners[name] = FieldScanner(name, tuple(chunks), len(patterns.sources))
         return scanners
 
 
-def _compile_chunks(patterns: _FieldPatterns, start: int, end: int,
-                    chunks: list[tuple[Any, int]], problems: list[Problem], *,
-                    options: Any) -> None:
+def _compile_chunks(
+    patterns: _FieldPatterns,
+    start: int,
+    end: int,
+    chunks: list[tuple[Any, int]],
+    problems: list[Problem],
+    *,
+    options: Any,
+) -> None:
     # Halve the range until RE2 can build each part: a giant rule set still loads, at the cost
     # of one more pass per extra chunk, instead of failing as a whole.
     compiled = re2.Set.SearchSet(options)
@@ -318,8 +332,11 @@ def _compile_chunks(patterns: _FieldPatterns, start: int, end: int,
         compiled.Compile()
     except re2.error:
         if end - start == 1:
-            problems.append(patterns.positions[start].problem(
-                "regex is too large for the matching engine; simplify it"))
+            problems.append(
+                patterns.positions[start].problem(
+                    "regex is too large for the matching engine; simplify it"
+                )
+            )
             return
         middle = (start + end) // 2
         _compile_chunks(patterns, start, middle, chunks, problems, options=options)

@@ -71,8 +71,11 @@ class Thresholds:
 
     def reached(self, score: float) -> tuple[Action, float] | None:
         """The strongest threshold ``score`` reaches, with its value."""
-        for action, value in ((Action.REJECT, self.reject), (Action.QUARANTINE, self.quarantine),
-                              (Action.TAG, self.tag)):
+        for action, value in (
+            (Action.REJECT, self.reject),
+            (Action.QUARANTINE, self.quarantine),
+            (Action.TAG, self.tag),
+        ):
             if value is not None and score >= value:
                 return action, value
         return None
@@ -148,15 +151,33 @@ class RuleSet:
         for field_name, position in first_use.items():
             events.setdefault(position, []).append(field_name)
             initial.append(2 * position)  # even keys: scan before evaluating that rule
-        put(self, "_atom_rules", {f: {i: tuple(r) for i, r in by.items()}
-                                  for f, by in atom_rules.items()})
+        put(
+            self,
+            "_atom_rules",
+            {f: {i: tuple(r) for i, r in by.items()} for f, by in atom_rules.items()},
+        )
         put(self, "_scan_events", {p: tuple(fields) for p, fields in events.items()})
         put(self, "_initial", tuple(sorted(set(initial))))
-        put(self, "_unmatched", tuple(
-            RuleTrace(rule.name, False, 0.0, rule.shadow, "", None) for rule in self.rules))
-        put(self, "_skipped", tuple(
-            RuleTrace(rule.name, False, 0.0, rule.shadow, "not evaluated (an earlier rule stopped)",
-                      None) for rule in self.rules))
+        put(
+            self,
+            "_unmatched",
+            tuple(RuleTrace(rule.name, False, 0.0, rule.shadow, "", None) for rule in self.rules),
+        )
+        put(
+            self,
+            "_skipped",
+            tuple(
+                RuleTrace(
+                    rule.name,
+                    False,
+                    0.0,
+                    rule.shadow,
+                    "not evaluated (an earlier rule stopped)",
+                    None,
+                )
+                for rule in self.rules
+            ),
+        )
 
 
 class _Decision:
@@ -180,7 +201,8 @@ class _Decision:
         if rule.subject_prefix and not self.subject_prefix:
             self.subject_prefix = rule.subject_prefix
         if rule.action is not None and (
-                self.decider is None or rule.action.strength > _action(self.decider).strength):
+            self.decider is None or rule.action.strength > _action(self.decider).strength
+        ):
             self.decider = rule
 
 
@@ -228,8 +250,13 @@ def evaluate(ruleset: RuleSet, message: Message) -> Verdict:
     return _verdict(ruleset, decision, matched, stopped_at, accepted_by)
 
 
-def _verdict(ruleset: RuleSet, decision: _Decision, matched: Sequence[tuple[int, str]],
-             stopped_at: int | None, accepted_by: Rule | None) -> Verdict:
+def _verdict(
+    ruleset: RuleSet,
+    decision: _Decision,
+    matched: Sequence[tuple[int, str]],
+    stopped_at: int | None,
+    accepted_by: Rule | None,
+) -> Verdict:
     rules = ruleset.rules
     score = round(decision.score, 4)
     thresholds = ruleset.thresholds
@@ -241,7 +268,8 @@ def _verdict(ruleset: RuleSet, decision: _Decision, matched: Sequence[tuple[int,
         action, decider = reached[0], None
         reason = f"score {score:g} reached the {reached[0].value} threshold {reached[1]:g}"
     tag = accepted_by is None and (
-        action is Action.TAG or (thresholds.tag is not None and score >= thresholds.tag))
+        action is Action.TAG or (thresholds.tag is not None and score >= thresholds.tag)
+    )
     reply = None
     if action is Action.REJECT:
         reply = (decider.reply if decider is not None else None) or DEFAULT_REJECT
@@ -249,7 +277,7 @@ def _verdict(ruleset: RuleSet, decision: _Decision, matched: Sequence[tuple[int,
         reply = (decider.reply if decider is not None else None) or DEFAULT_TEMPFAIL
     trace = list(ruleset._unmatched)
     if stopped_at is not None:
-        trace[stopped_at + 1:] = ruleset._skipped[stopped_at + 1:]
+        trace[stopped_at + 1 :] = ruleset._skipped[stopped_at + 1 :]
     for position, detail in matched:
         rule = rules[position]
         trace[position] = RuleTrace(rule.name, True, rule.score, rule.shadow, detail, rule.action)

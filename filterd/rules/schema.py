@@ -40,8 +40,18 @@ from filterd.yamlsrc import Pos, YamlMap, load_yaml_file
 
 TOP_KEYS = ("lists", "rules", "scores", "tag", "tests")
 RULE_KEYS = ("name", "description", "if", "then", "mode")
-THEN_KEYS = ("action", "reply", "reason", "score", "stop", "bcc", "redirect", "add_header",
-             "remove_header", "subject_prefix")
+THEN_KEYS = (
+    "action",
+    "reply",
+    "reason",
+    "score",
+    "stop",
+    "bcc",
+    "redirect",
+    "add_header",
+    "remove_header",
+    "subject_prefix",
+)
 SCORE_KEYS = ("tag", "quarantine", "reject")
 TAG_KEYS = ("subject_prefix",)
 MODES = ("enforce", "shadow")
@@ -66,8 +76,9 @@ def rule_files(path: str | os.PathLike[str]) -> list[str]:
     return [text]
 
 
-def load_ruleset(path: str | os.PathLike[str], *,
-                 max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> RuleSet:
+def load_ruleset(
+    path: str | os.PathLike[str], *, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
+) -> RuleSet:
     """Load, validate and compile the rules at ``path``; ``ConfigError`` lists every problem."""
     if max_scan_bytes <= 0:
         raise ConfigError.single(os.fspath(path), 1, 1, "max_scan_bytes must be positive")
@@ -96,8 +107,14 @@ class _Loader:
                 self.problems.items.extend(exc.problems)
                 continue
             if not isinstance(document, YamlMap):
-                self.problems.items.append(Problem(source, 1, 1, "a rule file must be a mapping "
-                                                   f"with rules:, got {describe_type(document)}"))
+                self.problems.items.append(
+                    Problem(
+                        source,
+                        1,
+                        1,
+                        f"a rule file must be a mapping with rules:, got {describe_type(document)}",
+                    )
+                )
                 continue
             unknown_keys(document, TOP_KEYS, self.problems, "a rule file")
             documents.append((source, document))
@@ -120,8 +137,12 @@ class _Loader:
         scanners = self.table.compile(self.problems.items)
         if self.problems:
             order = {source: index for index, source in enumerate(self.files)}
-            raise ConfigError(sorted(self.problems.items, key=lambda p: (
-                order.get(p.source, len(order)), p.source, p.line, p.col)))
+            raise ConfigError(
+                sorted(
+                    self.problems.items,
+                    key=lambda p: (order.get(p.source, len(order)), p.source, p.line, p.col),
+                )
+            )
         return RuleSet(
             rules=tuple(self.rules),
             sources=tuple(self.files),
@@ -147,8 +168,11 @@ class _Loader:
                 continue
             if name in self.lists:
                 first = self.lists[name].declared_at
-                self.problems.add(at, f"duplicate list name '{name}' (first declared at "
-                                      f"{first.source}:{first.line}:{first.col})")
+                self.problems.add(
+                    at,
+                    f"duplicate list name '{name}' (first declared at "
+                    f"{first.source}:{first.line}:{first.col})",
+                )
                 continue
             rel = as_str(path_value, mapping.at(name), self.problems, f"list '{name}' path")
             if rel is None:
@@ -172,8 +196,10 @@ class _Loader:
                 continue
             if key in self.thresholds:
                 first = self.thresholds[key][1]
-                self.problems.add(mapping.key_at(key), f"scores {key} is already set at "
-                                  f"{first.source}:{first.line}:{first.col}")
+                self.problems.add(
+                    mapping.key_at(key),
+                    f"scores {key} is already set at {first.source}:{first.line}:{first.col}",
+                )
                 continue
             self.thresholds[key] = (number, mapping.key_at(key))
 
@@ -181,8 +207,9 @@ class _Loader:
         set_ones = [(k, self.thresholds[k]) for k in SCORE_KEYS if k in self.thresholds]
         for (low_key, (low, _)), (high_key, (high, at)) in itertools.pairwise(set_ones):
             if high <= low:
-                self.problems.add(at, f"scores {high_key} ({high:g}) must be above "
-                                      f"{low_key} ({low:g})")
+                self.problems.add(
+                    at, f"scores {high_key} ({high:g}) must be above {low_key} ({low:g})"
+                )
 
     def _tag(self, value: Any, pos: Pos) -> None:
         mapping = as_map(value, pos, self.problems, "'tag:'")
@@ -191,14 +218,20 @@ class _Loader:
         unknown_keys(mapping, TAG_KEYS, self.problems, "'tag:'")
         if "subject_prefix" in mapping:
             at = mapping.key_at("subject_prefix")
-            prefix = _header_text(mapping["subject_prefix"], mapping.at("subject_prefix"),
-                                  self.problems, "subject_prefix")
+            prefix = _header_text(
+                mapping["subject_prefix"],
+                mapping.at("subject_prefix"),
+                self.problems,
+                "subject_prefix",
+            )
             if prefix is None:
                 return
             if self.subject_prefix is not None:
                 first = self.subject_prefix[1]
-                self.problems.add(at, "tag subject_prefix is already set at "
-                                      f"{first.source}:{first.line}:{first.col}")
+                self.problems.add(
+                    at,
+                    f"tag subject_prefix is already set at {first.source}:{first.line}:{first.col}",
+                )
                 return
             self.subject_prefix = (prefix, at)
 
@@ -228,20 +261,37 @@ class _Loader:
         then = self._then(mapping["then"], mapping.at("then")) if "then" in mapping else None
         description = ""
         if "description" in mapping:
-            description = as_str(mapping["description"], mapping.at("description"), self.problems,
-                                 "description", allow_empty=True) or ""
+            description = (
+                as_str(
+                    mapping["description"],
+                    mapping.at("description"),
+                    self.problems,
+                    "description",
+                    allow_empty=True,
+                )
+                or ""
+            )
         shadow = False
         if "mode" in mapping:
             mode = as_str(mapping["mode"], mapping.at("mode"), self.problems, "mode")
             if mode is not None and mode not in MODES:
-                self.problems.add(mapping.at("mode"), f"mode must be 'enforce' or 'shadow', got "
-                                  f"'{mode}'{suggestion(mode, MODES)}")
+                self.problems.add(
+                    mapping.at("mode"),
+                    f"mode must be 'enforce' or 'shadow', got '{mode}'{suggestion(mode, MODES)}",
+                )
                 ok = False
             shadow = mode == "shadow"
         if not ok or condition is None or then is None or name is None:
             return None
-        return Rule(name=name, source=pos.source, line=pos.line, condition=condition,
-                    description=description, shadow=shadow, **then)
+        return Rule(
+            name=name,
+            source=pos.source,
+            line=pos.line,
+            condition=condition,
+            description=description,
+            shadow=shadow,
+            **then,
+        )
 
     def _rule_name(self, mapping: YamlMap, pos: Pos) -> str | None:
         if "name" not in mapping:
@@ -252,13 +302,19 @@ class _Loader:
         if name is None:
             return None
         if not NAME_RE.match(name):
-            self.problems.add(at, f"bad rule name '{name}': use lowercase letters, digits, '_' "
-                                  "and '-', starting with a letter or digit")
+            self.problems.add(
+                at,
+                f"bad rule name '{name}': use lowercase letters, digits, '_' "
+                "and '-', starting with a letter or digit",
+            )
             return None
         if name in self.rule_at:
             first = self.rule_at[name]
-            self.problems.add(at, f"duplicate rule name '{name}' (first defined at "
-                                  f"{first.source}:{first.line}:{first.col})")
+            self.problems.add(
+                at,
+                f"duplicate rule name '{name}' (first defined at "
+                f"{first.source}:{first.line}:{first.col})",
+            )
             return None
         self.rule_at[name] = at
         return name
@@ -278,16 +334,22 @@ class _Loader:
         if "action" in mapping:
             text = as_str(mapping["action"], mapping.at("action"), problems, "action")
             if text is not None and text not in ACTIONS:
-                problems.add(mapping.at("action"), f"unknown action '{text}' (one of "
-                             f"{', '.join(ACTIONS)}){suggestion(text, ACTIONS)}")
+                problems.add(
+                    mapping.at("action"),
+                    f"unknown action '{text}' (one of "
+                    f"{', '.join(ACTIONS)}){suggestion(text, ACTIONS)}",
+                )
             elif text is not None:
                 action = Action(text)
         if "redirect" in mapping:
             targets = _addresses(mapping["redirect"], mapping.at("redirect"), problems, "redirect")
             out["redirect"] = targets or ()
             if action not in (None, Action.REDIRECT):
-                problems.add(mapping.key_at("redirect"), f"redirect: replaces the recipients, "
-                             f"it cannot go with action {action.value if action else ''}")
+                problems.add(
+                    mapping.key_at("redirect"),
+                    f"redirect: replaces the recipients, "
+                    f"it cannot go with action {action.value if action else ''}",
+                )
             action = Action.REDIRECT
         elif action is Action.REDIRECT:
             problems.add(mapping.at("action"), "action redirect needs redirect: [address, ...]")
@@ -295,8 +357,12 @@ class _Loader:
         if "reply" in mapping:
             out["reply"] = _reply(mapping["reply"], mapping.at("reply"), action, problems)
         if "reason" in mapping:
-            out["reason"] = as_str(mapping["reason"], mapping.at("reason"), problems, "reason",
-                                   allow_empty=True) or ""
+            out["reason"] = (
+                as_str(
+                    mapping["reason"], mapping.at("reason"), problems, "reason", allow_empty=True
+                )
+                or ""
+            )
         if "score" in mapping:
             score = as_number(mapping["score"], mapping.at("score"), problems, "score")
             out["score"] = score or 0.0
@@ -307,14 +373,25 @@ class _Loader:
         if "add_header" in mapping:
             out["add_headers"] = self._add_headers(mapping["add_header"], mapping.at("add_header"))
         if "remove_header" in mapping:
-            names = as_str_list(mapping["remove_header"], mapping.at("remove_header"), problems,
-                                "remove_header") or []
+            names = (
+                as_str_list(
+                    mapping["remove_header"], mapping.at("remove_header"), problems, "remove_header"
+                )
+                or []
+            )
             out["remove_headers"] = tuple(
-                n for n, at in names if header_name(n, at, problems, "remove_header") is not None)
+                n for n, at in names if header_name(n, at, problems, "remove_header") is not None
+            )
         if "subject_prefix" in mapping:
-            out["subject_prefix"] = _header_text(mapping["subject_prefix"],
-                                                 mapping.at("subject_prefix"), problems,
-                                                 "subject_prefix") or ""
+            out["subject_prefix"] = (
+                _header_text(
+                    mapping["subject_prefix"],
+                    mapping.at("subject_prefix"),
+                    problems,
+                    "subject_prefix",
+                )
+                or ""
+            )
         return out if ok and len(problems.items) == before else None
 
     def _add_headers(self, value: Any, pos: Pos) -> tuple[tuple[str, str], ...]:
@@ -361,7 +438,10 @@ def _reply(value: Any, pos: Pos, action: Action | None, problems: Problems) -> S
     example = "554 5.7.1 Message rejected" if wanted == "5" else "451 4.7.1 Try again later"
     found = REPLY_RE.match(text)
     if not found or found.group(1)[0] != wanted or found.group(2)[0] != wanted:
-        problems.add(pos, f"reply for {action.value} must be '{wanted}xx {wanted}.x.y text' "
-                          f"(e.g. '{example}'), got '{text}'")
+        problems.add(
+            pos,
+            f"reply for {action.value} must be '{wanted}xx {wanted}.x.y text' "
+            f"(e.g. '{example}'), got '{text}'",
+        )
         return None
     return SmtpReply(int(found.group(1)), found.group(2), found.group(3).strip())

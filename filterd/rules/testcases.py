@@ -82,19 +82,35 @@ class TestCaseParser:
         sender = text_key("sender", DEFAULT_TEST_SENDER) or ""
         recipients: tuple[str, ...] = (DEFAULT_TEST_RECIPIENT,)
         if "recipients" in mapping:
-            listed = as_str_list(mapping["recipients"], mapping.at("recipients"), problems,
-                                 "recipients")
+            listed = as_str_list(
+                mapping["recipients"], mapping.at("recipients"), problems, "recipients"
+            )
             recipients = tuple(address for address, _ in listed or [])
-        envelope = Envelope(sender=sender, recipients=recipients,
-                            client_ip=text_key("client_ip", None), helo=text_key("helo", None))
-        expect = self._expect(mapping.get("expect"), mapping.at("expect")) \
-            if "expect" in mapping else None
+        envelope = Envelope(
+            sender=sender,
+            recipients=recipients,
+            client_ip=text_key("client_ip", None),
+            helo=text_key("helo", None),
+        )
+        expect = (
+            self._expect(mapping.get("expect"), mapping.at("expect"))
+            if "expect" in mapping
+            else None
+        )
         if expect is None and "expect" not in mapping:
             problems.add(pos, "a test case needs expect:")
         if expect is None or len(problems.items) != before:
             return None
-        return RuleTestCase(name=name, source=source, line=pos.line, col=pos.col,
-                            envelope=envelope, expect=expect, message_path=message_path, raw=raw)
+        return RuleTestCase(
+            name=name,
+            source=source,
+            line=pos.line,
+            col=pos.col,
+            envelope=envelope,
+            expect=expect,
+            message_path=message_path,
+            raw=raw,
+        )
 
     def _expect(self, value: Any, pos: Pos) -> TestExpectation | None:
         mapping = as_map(value, pos, self.problems, "expect")
@@ -108,8 +124,9 @@ class TestCaseParser:
         if "action" in mapping:
             text = as_str(mapping["action"], mapping.at("action"), self.problems, "expect action")
             if text is not None and text not in ACTIONS:
-                self.problems.add(mapping.at("action"), f"unknown action '{text}'"
-                                  f"{suggestion(text, ACTIONS)}")
+                self.problems.add(
+                    mapping.at("action"), f"unknown action '{text}'{suggestion(text, ACTIONS)}"
+                )
             elif text is not None:
                 fields["action"] = Action(text)
         for key in ("rules", "not_rules"):
@@ -117,8 +134,9 @@ class TestCaseParser:
                 names = as_str_list(mapping[key], mapping.at(key), self.problems, key) or []
                 for rule_name, at in names:
                     if rule_name not in self.rule_at:
-                        self.problems.add(at, f"unknown rule '{rule_name}'"
-                                              f"{suggestion(rule_name, self.rule_at)}")
+                        self.problems.add(
+                            at, f"unknown rule '{rule_name}'{suggestion(rule_name, self.rule_at)}"
+                        )
                 fields[key] = tuple(n for n, _ in names)
         for key in ("score_at_least", "score_below"):
             if key in mapping:

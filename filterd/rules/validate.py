@@ -62,8 +62,10 @@ def unknown_keys(mapping: YamlMap, allowed: Iterable[str], problems: Problems, w
     for key in mapping:
         if key not in allowed_list:
             ok = False
-            problems.add(mapping.key_at(key),
-                         f"unknown key '{key}' in {where}{suggestion(key, allowed_list)}")
+            problems.add(
+                mapping.key_at(key),
+                f"unknown key '{key}' in {where}{suggestion(key, allowed_list)}",
+            )
     return ok
 
 
@@ -81,8 +83,9 @@ def as_seq(value: Any, pos: Pos, problems: Problems, what: str) -> YamlSeq | Non
     return None
 
 
-def as_str(value: Any, pos: Pos, problems: Problems, what: str, *,
-           allow_empty: bool = False) -> str | None:
+def as_str(
+    value: Any, pos: Pos, problems: Problems, what: str, *, allow_empty: bool = False
+) -> str | None:
     if not isinstance(value, str):
         problems.add(pos, f"{what} must be a string, got {describe_type(value)}")
         return None
@@ -109,15 +112,17 @@ def as_number(value: Any, pos: Pos, problems: Problems, what: str) -> float | No
     return float(value)
 
 
-def as_str_list(value: Any, pos: Pos, problems: Problems, what: str, *,
-                allow_empty: bool = False) -> list[tuple[str, Pos]] | None:
+def as_str_list(
+    value: Any, pos: Pos, problems: Problems, what: str, *, allow_empty: bool = False
+) -> list[tuple[str, Pos]] | None:
     """A string or a list of strings, each with its own position."""
     if isinstance(value, str):
         checked = as_str(value, pos, problems, what, allow_empty=allow_empty)
         return None if checked is None else [(checked, pos)]
     if not isinstance(value, YamlSeq):
-        problems.add(pos, f"{what} must be a string or a list of strings, "
-                          f"got {describe_type(value)}")
+        problems.add(
+            pos, f"{what} must be a string or a list of strings, got {describe_type(value)}"
+        )
         return None
     if not value:
         problems.add(pos, f"{what} must not be an empty list")
@@ -125,8 +130,9 @@ def as_str_list(value: Any, pos: Pos, problems: Problems, what: str, *,
     out: list[tuple[str, Pos]] = []
     ok = True
     for index, item in enumerate(value):
-        checked = as_str(item, value.at(index), problems, f"each entry of {what}",
-                         allow_empty=allow_empty)
+        checked = as_str(
+            item, value.at(index), problems, f"each entry of {what}", allow_empty=allow_empty
+        )
         if checked is None:
             ok = False
         else:
@@ -159,7 +165,9 @@ def header_name(value: Any, pos: Pos, problems: Problems, what: str) -> str | No
     if text is None:
         return None
     if not HEADER_NAME_RE.match(text):
-        problems.add(pos, f"{what}: '{text}' is not a valid header name "
-                          "(printable ASCII without spaces or ':')")
+        problems.add(
+            pos,
+            f"{what}: '{text}' is not a valid header name (printable ASCII without spaces or ':')",
+        )
         return None
     return text

@@ -40,11 +40,21 @@ Value = str | bytes
 class MessageScan:
     """Everything the conditions of one evaluation read, computed on first use and cached."""
 
-    __slots__ = ("_archive_index", "_encoded", "_hits", "_items", "_max_scan", "_parsed",
-                 "_scanners", "_values", "message")
+    __slots__ = (
+        "_archive_index",
+        "_encoded",
+        "_hits",
+        "_items",
+        "_max_scan",
+        "_parsed",
+        "_scanners",
+        "_values",
+        "message",
+    )
 
-    def __init__(self, message: Message, scanners: Mapping[str, FieldScanner],
-                 max_scan_bytes: int) -> None:
+    def __init__(
+        self, message: Message, scanners: Mapping[str, FieldScanner], max_scan_bytes: int
+    ) -> None:
         self.message = message
         self._scanners = scanners
         self._max_scan = max_scan_bytes
@@ -84,7 +94,7 @@ class MessageScan:
         if group in ("from", "to"):
             return self.parsed.addresses(group)
         if group.startswith("header:"):
-            return self.parsed.header_values(group[len("header:"):])
+            return self.parsed.header_values(group[len("header:") :])
         if group == "body":
             # Without trailing line breaks, so that "$" means the end of the text as it
             # would in Python (RE2's "$" does not match before a final newline).
@@ -106,8 +116,11 @@ class MessageScan:
             project = _PROJECTIONS.get(field)
             items = self.items(group)
             # Unprojected groups (sender, helo, header:*, body, raw) hold their values as items.
-            values: Sequence[Value] = (items if project is None  # type: ignore[assignment]
-                                       else [project(item) for item in items])
+            values: Sequence[Value] = (
+                items
+                if project is None  # type: ignore[assignment]
+                else [project(item) for item in items]
+            )
             self._values[field] = values
             return values
         return cached
@@ -121,8 +134,10 @@ class MessageScan:
         """
         cached = self._encoded.get(field)
         if cached is None:
-            cached = [value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
-                      for value in self.values(field)]
+            cached = [
+                value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+                for value in self.values(field)
+            ]
             self._encoded[field] = cached
         return cached
 
@@ -191,6 +206,7 @@ def _link_text(item: object) -> str:
 def _attachment(attr: str) -> Callable[[object], str]:
     def project(item: object) -> str:
         return str(getattr(item, attr)) if isinstance(item, Attachment) else ""
+
     return project
 
 

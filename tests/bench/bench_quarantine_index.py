@@ -39,11 +39,20 @@ def _timed(label: str, fn: Callable[[], Any], repeat: int = 3) -> Any:
 def _meta(n: int, start: datetime) -> dict[str, Any]:
     moment = start + timedelta(seconds=n * 26)
     return Entry(
-        id=f"{moment:%Y%m%dT%H%M%SZ}-{n:08x}", date=moment, sender=f"sender{n}@example.org",
-        recipients=(f"rcpt{n}@example.net",), subject=f"Subject number {n} of the bench",
-        size=5000 + n % 9000, rule="executable-attachment", reason="executable attachment",
-        action="quarantine", score=12.5, status=EntryStatus.QUARANTINED,
-        client_ip="192.0.2.1", helo="mx.example.org", queue_id=f"Q{n}",
+        id=f"{moment:%Y%m%dT%H%M%SZ}-{n:08x}",
+        date=moment,
+        sender=f"sender{n}@example.org",
+        recipients=(f"rcpt{n}@example.net",),
+        subject=f"Subject number {n} of the bench",
+        size=5000 + n % 9000,
+        rule="executable-attachment",
+        reason="executable attachment",
+        action="quarantine",
+        score=12.5,
+        status=EntryStatus.QUARANTINED,
+        client_ip="192.0.2.1",
+        helo="mx.example.org",
+        queue_id=f"Q{n}",
     ).to_dict()
 
 
@@ -76,8 +85,10 @@ def main() -> None:
             raw = b"Subject: bench\r\n\r\n" + b"x" * 2000
             _timed(
                 f"store() x {args.files} (fsync'ed)",
-                lambda: [store.store(Message(envelope, raw), verdict, rule="r", reason="")
-                         for _ in range(args.files)],
+                lambda: [
+                    store.store(Message(envelope, raw), verdict, rule="r", reason="")
+                    for _ in range(args.files)
+                ],
                 1,
             )
             store.close()

@@ -60,8 +60,28 @@ def _pattern(rng: random.Random) -> str:
 # Where rules look, per block of 20 rules: 70% body, 20% subject, 5% From name, 5% URL
 # domains. Every field appears among the first 10 rules, so all sizes parse the same parts
 # of the message and the comparison isolates the number of rules.
-_FIELDS = ("body", "subject", "from", "url", "body", "body", "subject", "body", "body", "body",
-           "body", "subject", "body", "body", "body", "body", "subject", "body", "body", "body")
+_FIELDS = (
+    "body",
+    "subject",
+    "from",
+    "url",
+    "body",
+    "body",
+    "subject",
+    "body",
+    "body",
+    "body",
+    "body",
+    "subject",
+    "body",
+    "body",
+    "body",
+    "body",
+    "subject",
+    "body",
+    "body",
+    "body",
+)
 _CONDITIONS = {
     "body": "{{body: {{regex: '{}'}}}}",
     "subject": "{{subject: {{regex: '{}'}}}}",
@@ -96,19 +116,24 @@ def _message(size: int) -> bytes:
         words.append(word)
         length += len(word) + 1
     text = " ".join(words)
-    text_lines = "\r\n".join(text[i:i + 72] for i in range(0, len(text), 72))
-    html = "<html><body><p>" + " ".join(
-        f'<a href="{word}">{word.split("/")[-1]}</a>' if word.startswith("https://") else word
-        for word in words) + "</p></body></html>"
-    html_lines = "\r\n".join(html[i:i + 72] for i in range(0, len(html), 72))
+    text_lines = "\r\n".join(text[i : i + 72] for i in range(0, len(text), 72))
+    html = (
+        "<html><body><p>"
+        + " ".join(
+            f'<a href="{word}">{word.split("/")[-1]}</a>' if word.startswith("https://") else word
+            for word in words
+        )
+        + "</p></body></html>"
+    )
+    html_lines = "\r\n".join(html[i : i + 72] for i in range(0, len(html), 72))
     return (
-        "From: \"Newsletter Team\" <news@example.org>\r\n"
+        'From: "Newsletter Team" <news@example.org>\r\n'
         "To: reader@example.net\r\n"
         f"Subject: Weekly digest {_word(rng)} {_word(rng)} 2026\r\n"
         "Date: Mon, 30 Nov 2026 09:00:00 +0000\r\n"
         "Message-ID: <bench@example.org>\r\n"
         "MIME-Version: 1.0\r\n"
-        "Content-Type: multipart/alternative; boundary=\"bench\"\r\n\r\n"
+        'Content-Type: multipart/alternative; boundary="bench"\r\n\r\n'
         "--bench\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
         f"{text_lines}\r\n"
         "--bench\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
@@ -124,8 +149,9 @@ def _time(ruleset: RuleSet, message: Message, repeat: int) -> float:
     return (time.process_time() - started) / repeat
 
 
-def _measure(rulesets: dict[int, RuleSet], messages: dict[str, Message], repeat: int,
-             rounds: int) -> dict[tuple[str, int], float]:
+def _measure(
+    rulesets: dict[int, RuleSet], messages: dict[str, Message], repeat: int, rounds: int
+) -> dict[tuple[str, int], float]:
     """Best CPU time per message of each (size, rule count), rounds interleaved.
 
     The machine may be shared: interleaving spreads disturbances over every configuration,
@@ -145,8 +171,9 @@ def _measure(rulesets: dict[int, RuleSet], messages: dict[str, Message], repeat:
     return best
 
 
-def _report(title: str, rulesets: dict[int, RuleSet], messages: dict[str, Message],
-            args: argparse.Namespace) -> bool:
+def _report(
+    title: str, rulesets: dict[int, RuleSet], messages: dict[str, Message], args: argparse.Namespace
+) -> bool:
     print(f"\n{title}")
     results = _measure(rulesets, messages, args.repeat, args.rounds)
     missed = False
@@ -159,9 +186,11 @@ def _report(title: str, rulesets: dict[int, RuleSet], messages: dict[str, Messag
             if count == COUNTS[-1]:
                 note = "ok" if ratio <= GOAL else "MISSED"
                 missed = missed or ratio > GOAL
-            print(f"  {label:>6} ({len(message.raw):>6} B) {count:>5} rules: "
-                  f"{results[(label, count)] * 1e3:7.3f} ms CPU/message, {matched:>2} matched, "
-                  f"{ratio:4.2f}x the {COUNTS[0]}-rule cost {note}")
+            print(
+                f"  {label:>6} ({len(message.raw):>6} B) {count:>5} rules: "
+                f"{results[(label, count)] * 1e3:7.3f} ms CPU/message, {matched:>2} matched, "
+                f"{ratio:4.2f}x the {COUNTS[0]}-rule cost {note}"
+            )
     return missed
 
 
@@ -171,17 +200,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds, best kept")
     args = parser.parse_args()
     raws = {label: _message(size) for label, size in SIZES.items()}
-    envelope = Envelope("news@example.org", ("reader@example.net",), "192.0.2.1", None,
-                        "mx.example.org")
+    envelope = Envelope(
+        "news@example.org", ("reader@example.net",), "192.0.2.1", None, "mx.example.org"
+    )
     messages = {label: Message(envelope, raw) for label, raw in raws.items()}
     # Words that occur in both messages, so the matching rules match both.
-    common = set.intersection(*(set(raw.decode().split("\r\n\r\n", 2)[2].split())
-                                for raw in raws.values()))
+    common = set.intersection(
+        *(set(raw.decode().split("\r\n\r\n", 2)[2].split()) for raw in raws.values())
+    )
     hits = [rf"\b{word}\b" for word in sorted(common) if word.isalpha()][:40]
     missed = False
     with tempfile.TemporaryDirectory() as tmp:
-        for scenario, one_percent in (("one matching rule in every set", False),
-                                      ("1% of the rules match", True)):
+        for scenario, one_percent in (
+            ("one matching rule in every set", False),
+            ("1% of the rules match", True),
+        ):
             rulesets: dict[int, RuleSet] = {}
             for count in COUNTS:
                 path = Path(tmp) / f"rules-{count}-{one_percent}.yaml"
@@ -189,8 +222,10 @@ def main() -> int:
                 started = time.process_time()
                 rulesets[count] = load_ruleset(path)
                 if not one_percent:
-                    print(f"loaded {count:>5} rules in "
-                          f"{(time.process_time() - started) * 1000:.0f} ms CPU")
+                    print(
+                        f"loaded {count:>5} rules in "
+                        f"{(time.process_time() - started) * 1000:.0f} ms CPU"
+                    )
             missed = _report(scenario, rulesets, messages, args) or missed
     print(f"\ngoal: {COUNTS[-1]} rules cost at most {GOAL}x what {COUNTS[0]} rules cost")
     return 1 if missed else 0

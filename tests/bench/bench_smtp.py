@@ -83,7 +83,9 @@ def proc_peak_rss_mb(pids: list[int]) -> float:
 def family(pid: int) -> list[int]:
     """The process and its children (worker processes)."""
     try:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+        )
     except OSError:
         return [pid]
     return [pid, *(int(p) for p in out.stdout.split())]
@@ -92,9 +94,23 @@ def family(pid: int) -> list[int]:
 def run_source(port: int, messages: int, sessions: int, size: int) -> float:
     started = time.perf_counter()
     subprocess.run(
-        [SMTP_SOURCE, "-s", str(sessions), "-l", str(size), "-m", str(messages),
-         "-f", "bench@example.org", "-t", "sink@example.net", f"127.0.0.1:{port}"],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            SMTP_SOURCE,
+            "-s",
+            str(sessions),
+            "-l",
+            str(size),
+            "-m",
+            str(messages),
+            "-f",
+            "bench@example.org",
+            "-t",
+            "sink@example.net",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return messages / (time.perf_counter() - started)
 
@@ -103,8 +119,11 @@ class Sink:
     def __init__(self) -> None:
         self.port = free_port()
         user = ["-u", "postfix"] if os.geteuid() == 0 else []
-        self.proc = subprocess.Popen([SMTP_SINK, *user, f"127.0.0.1:{self.port}", "1000"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, *user, f"127.0.0.1:{self.port}", "1000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -112,7 +131,9 @@ class Sink:
         self.proc.wait(10)
 
 
-def start_filterd(workdir: Path, relay_port: int, rules: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_filterd(
+    workdir: Path, relay_port: int, rules: Path, workers: int
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     config = workdir / "filterd.yaml"
     config.write_text(
@@ -126,7 +147,9 @@ def start_filterd(workdir: Path, relay_port: int, rules: Path, workers: int) -> 
     return proc, port
 
 
-def measure_filterd(name: str, workdir: Path, sink: Sink, rules: Path, args: argparse.Namespace) -> Result:
+def measure_filterd(
+    name: str, workdir: Path, sink: Sink, rules: Path, args: argparse.Namespace
+) -> Result:
     proc, port = start_filterd(workdir, sink.port, rules, args.workers)
     try:
         run_source(port, min(200, args.messages), args.sessions, args.size)  # warm-up
@@ -143,7 +166,14 @@ def measure_filterd(name: str, workdir: Path, sink: Sink, rules: Path, args: arg
 
 def measure_naive(sink: Sink, args: argparse.Namespace) -> Result:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "bench" / "naive_relay.py"), str(port), str(sink.port)])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "bench" / "naive_relay.py"),
+            str(port),
+            str(sink.port),
+        ]
+    )
     try:
         wait_port(port)
         run_source(port, min(200, args.messages), args.sessions, args.size)
@@ -183,8 +213,10 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     d, f = statistics.median(direct), statistics.median(filtered)
-    print(f"\nlatency, 1 session, {args.size} B, shipped rules, median of {args.runs}: "
-          f"direct {d:.2f} ms/msg, filterd {f:.2f} ms/msg, added {f - d:.2f} ms")
+    print(
+        f"\nlatency, 1 session, {args.size} B, shipped rules, median of {args.runs}: "
+        f"direct {d:.2f} ms/msg, filterd {f:.2f} ms/msg, added {f - d:.2f} ms"
+    )
 
 
 def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
@@ -202,7 +234,9 @@ def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
         f"state_dir: {workdir / 'state-large'}\nmetrics: {{listen: null}}\nlog: {{level: warning}}\n"
         "workers: 1\nlimits: {max_message_size: 30M, spool_threshold: 1M}\n"
     )
-    proc = subprocess.Popen([sys.executable, "-m", "filterd", "serve", "-c", str(config_extra)], cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filterd", "serve", "-c", str(config_extra)], cwd=REPO
+    )
     wait_port(port)
     latencies: list[float] = []
     peak = [0.0]
@@ -248,9 +282,11 @@ def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
         proc.wait(30)
     lat = sorted(latencies)
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
-    print(f"\nlarge: 10 x 20 MB at once in {elapsed:.1f} s; filterd RSS {baseline:.0f} MB before, "
-          f"peak {peak[0]:.0f} MB (+{peak[0] - baseline:.0f} MB); {len(lat)} small messages meanwhile, "
-          f"median {statistics.median(lat) if lat else float('nan'):.0f} ms, p99 {p99:.0f} ms")
+    print(
+        f"\nlarge: 10 x 20 MB at once in {elapsed:.1f} s; filterd RSS {baseline:.0f} MB before, "
+        f"peak {peak[0]:.0f} MB (+{peak[0] - baseline:.0f} MB); {len(lat)} small messages meanwhile, "
+        f"median {statistics.median(lat) if lat else float('nan'):.0f} ms, p99 {p99:.0f} ms"
+    )
 
 
 def main() -> None:
@@ -260,7 +296,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--only", help="comma-separated subset: direct,naive,empty,shipped,regex1000,latency,large")
+    parser.add_argument(
+        "--only", help="comma-separated subset: direct,naive,empty,shipped,regex1000,latency,large"
+    )
     args = parser.parse_args()
     wanted = set((args.only or "direct,naive,empty,shipped,regex1000,latency,large").split(","))
 
@@ -282,15 +320,23 @@ def main() -> None:
     try:
         for _ in range(args.runs):
             if "direct" in wanted:
-                runs.setdefault("direct", []).append(Result("direct", run_source(sink.port, args.messages, args.sessions, args.size)))
+                runs.setdefault("direct", []).append(
+                    Result("direct", run_source(sink.port, args.messages, args.sessions, args.size))
+                )
             if "naive" in wanted:
                 runs.setdefault("naive", []).append(measure_naive(sink, args))
             if "empty" in wanted:
-                runs.setdefault("empty", []).append(measure_filterd("filterd, 0 rules", workdir, sink, empty, args))
+                runs.setdefault("empty", []).append(
+                    measure_filterd("filterd, 0 rules", workdir, sink, empty, args)
+                )
             if "shipped" in wanted:
-                runs.setdefault("shipped", []).append(measure_filterd("filterd, shipped rules", workdir, sink, REPO / "rules", args))
+                runs.setdefault("shipped", []).append(
+                    measure_filterd("filterd, shipped rules", workdir, sink, REPO / "rules", args)
+                )
             if "regex1000" in wanted:
-                runs.setdefault("regex1000", []).append(measure_filterd("filterd, shipped + 1,000 regex", workdir, sink, many, args))
+                runs.setdefault("regex1000", []).append(
+                    measure_filterd("filterd, shipped + 1,000 regex", workdir, sink, many, args)
+                )
         if "latency" in wanted:
             measure_latency(workdir, sink, args)
         if "large" in wanted:
@@ -299,16 +345,20 @@ def main() -> None:
         sink.stop()
 
     direct = statistics.median(r.rate for r in runs["direct"]) if "direct" in runs else None
-    print(f"\n{args.messages} messages of {args.size} B, {args.sessions} sessions, new connection per message, "
-          f"median of {args.runs} runs, filterd workers={args.workers}, {os.cpu_count()} CPUs")
+    print(
+        f"\n{args.messages} messages of {args.size} B, {args.sessions} sessions, new connection per message, "
+        f"median of {args.runs} runs, filterd workers={args.workers}, {os.cpu_count()} CPUs"
+    )
     print(f"{'path':34} {'msg/s':>9} {'vs direct':>10} {'CPU ms/msg':>11} {'peak RSS MB':>12}")
     for results in runs.values():
         rate = statistics.median(r.rate for r in results)
         cpu = [r.cpu_ms for r in results if r.cpu_ms is not None]
         rss = [r.rss_mb for r in results if r.rss_mb is not None]
         ratio = f"{rate / direct:.1%}" if direct else "-"
-        print(f"{results[0].name:34} {rate:9.0f} {ratio:>10} "
-              f"{statistics.median(cpu) if cpu else float('nan'):11.2f} {max(rss) if rss else float('nan'):12.1f}")
+        print(
+            f"{results[0].name:34} {rate:9.0f} {ratio:>10} "
+            f"{statistics.median(cpu) if cpu else float('nan'):11.2f} {max(rss) if rss else float('nan'):12.1f}"
+        )
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -17,16 +17,24 @@ class Relay:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201
-        await aiosmtplib.send(envelope.original_content, sender=envelope.mail_from,
-                              recipients=envelope.rcpt_tos, hostname="127.0.0.1", port=self.port,
-                              start_tls=False, use_tls=False)
+    async def handle_DATA(self, server, session, envelope):
+        await aiosmtplib.send(
+            envelope.original_content,
+            sender=envelope.mail_from,
+            recipients=envelope.rcpt_tos,
+            hostname="127.0.0.1",
+            port=self.port,
+            start_tls=False,
+            use_tls=False,
+        )
         return "250 OK"
 
 
 async def main(listen: int, nexthop: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SMTP(Relay(nexthop), hostname="naive"), "127.0.0.1", listen)
+    server = await loop.create_server(
+        lambda: SMTP(Relay(nexthop), hostname="naive"), "127.0.0.1", listen
+    )
     async with server:
         await server.serve_forever()
 

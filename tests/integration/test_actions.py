@@ -48,8 +48,10 @@ tag: {subject_prefix: "[SPAM] "}
 
 
 def message(subject: str, extra: str = "") -> bytes:
-    return (f"From: a@example.org\r\nTo: b@example.net\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@example.org>\r\nX-Spam-Flag: YES\r\n{extra}\r\nbody\r\n").encode()
+    return (
+        f"From: a@example.org\r\nTo: b@example.net\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject}@example.org>\r\nX-Spam-Flag: YES\r\n{extra}\r\nbody\r\n"
+    ).encode()
 
 
 @pytest.fixture
@@ -66,8 +68,14 @@ def send(daemon: Daemon, raw: bytes, rcpts: tuple[str, ...] = ("b@example.net",)
 
 
 def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "filterd", "quarantine", *args, "-c", str(daemon.config_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "filterd", "quarantine", *args, "-c", str(daemon.config_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_accept_strips_forged_spam_headers(daemon: Daemon, nexthop: NextHop) -> None:
@@ -77,7 +85,9 @@ def test_accept_strips_forged_spam_headers(daemon: Daemon, nexthop: NextHop) -> 
     assert received.data.endswith(b"\r\n\r\nbody\r\n")
 
 
-def test_tag_adds_spamassassin_headers_prefix_and_modifiers(daemon: Daemon, nexthop: NextHop) -> None:
+def test_tag_adds_spamassassin_headers_prefix_and_modifiers(
+    daemon: Daemon, nexthop: NextHop
+) -> None:
     send(daemon, message("tag-me please", "X-Remove-Me: gone\r\n"))
     [received] = nexthop.wait_for(1)
     head = received.data.split(b"\r\n\r\n", 1)[0].decode()
@@ -90,12 +100,16 @@ def test_tag_adds_spamassassin_headers_prefix_and_modifiers(daemon: Daemon, next
     assert daemon.wait_event("message_processed")[0]["action"] == "tag"
 
 
-@pytest.mark.parametrize(("subject", "code", "text"), [
-    ("reject-me", 550, b"5.7.1 Not wanted here"),
-    ("tempfail-me", 451, b"4.7.1 Message deferred by policy"),
-])
-def test_reject_and_tempfail_answer_the_rules_reply(daemon: Daemon, nexthop: NextHop, subject: str,
-                                                    code: int, text: bytes) -> None:
+@pytest.mark.parametrize(
+    ("subject", "code", "text"),
+    [
+        ("reject-me", 550, b"5.7.1 Not wanted here"),
+        ("tempfail-me", 451, b"4.7.1 Message deferred by policy"),
+    ],
+)
+def test_reject_and_tempfail_answer_the_rules_reply(
+    daemon: Daemon, nexthop: NextHop, subject: str, code: int, text: bytes
+) -> None:
     with pytest.raises(smtplib.SMTPDataError) as error:
         send(daemon, message(subject))
     assert (error.value.smtp_code, error.value.smtp_error) == (code, text)
@@ -188,7 +202,9 @@ def test_purge_removes_old_entries(daemon: Daemon) -> None:
     assert cli(daemon, "purge", "--older-than", "bogus").returncode == 2
 
 
-def test_an_unusable_quarantine_defers_only_quarantined_mail(tmp_path: Path, nexthop: NextHop) -> None:
+def test_an_unusable_quarantine_defers_only_quarantined_mail(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     blocker = tmp_path / "not-a-folder"
@@ -203,8 +219,9 @@ def test_an_unusable_quarantine_defers_only_quarantined_mail(tmp_path: Path, nex
 
 
 @pytest.mark.parametrize("entry", corpus_manifest(), ids=lambda e: str(e["file"]))
-def test_the_corpus_through_the_daemon_with_the_shipped_rules(tmp_path: Path, nexthop: NextHop,
-                                                              entry: dict) -> None:
+def test_the_corpus_through_the_daemon_with_the_shipped_rules(
+    tmp_path: Path, nexthop: NextHop, entry: dict
+) -> None:
     raw = (CORPUS / str(entry["file"])).read_bytes()
     name = str(entry["file"])
     sender = "" if "null-sender" in name else "sender@example.org"

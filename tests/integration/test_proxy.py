@@ -16,7 +16,10 @@ from tests.support.daemon import Daemon
 from tests.support.nexthop import NextHop
 
 EMPTY_RULES = "rules: []\n"
-PLAIN = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\nMessage-ID: <m1@example.org>\r\n\r\nhello\r\n"
+PLAIN = (
+    b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n"
+    b"Message-ID: <m1@example.org>\r\n\r\nhello\r\n"
+)
 
 
 @pytest.fixture
@@ -44,7 +47,14 @@ def normalise(data: bytes) -> bytes:
 
 def test_ehlo_announces_the_extensions(daemon: Daemon) -> None:
     with client(daemon.port) as smtp:
-        for extension in ("size", "8bitmime", "smtputf8", "enhancedstatuscodes", "xforward", "pipelining"):
+        for extension in (
+            "size",
+            "8bitmime",
+            "smtputf8",
+            "enhancedstatuscodes",
+            "xforward",
+            "pipelining",
+        ):
             assert smtp.has_extn(extension), extension
         assert smtp.esmtp_features["size"] == str(10485760)
 
@@ -63,9 +73,10 @@ def test_plain_message_is_relayed_byte_for_byte(daemon: Daemon, nexthop: NextHop
     assert line["next_hop_reply"].startswith("250")
 
 
-@pytest.mark.parametrize("entry", [e for e in corpus_manifest()], ids=lambda e: str(e["file"]))
-def test_every_corpus_message_arrives_intact_without_rules(tmp_path: Path, nexthop: NextHop,
-                                                           empty_rules: Path, entry: dict) -> None:
+@pytest.mark.parametrize("entry", corpus_manifest(), ids=lambda e: str(e["file"]))
+def test_every_corpus_message_arrives_intact_without_rules(
+    tmp_path: Path, nexthop: NextHop, empty_rules: Path, entry: dict
+) -> None:
     raw = (CORPUS / str(entry["file"])).read_bytes()
     sender = "" if "null-sender" in str(entry["file"]) else "sender@example.org"
     recipient = "bob@example.net"
@@ -81,7 +92,9 @@ def test_every_corpus_message_arrives_intact_without_rules(tmp_path: Path, nexth
 def test_a_recipient_refused_by_the_next_hop_is_refused_and_the_other_delivered(
     daemon: Daemon, nexthop: NextHop
 ) -> None:
-    nexthop.behaviour.refuse_rcpt["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: User unknown"
+    nexthop.behaviour.refuse_rcpt["nobody@example.net"] = (
+        "550 5.1.1 <nobody@example.net>: User unknown"
+    )
     with client(daemon.port) as smtp:
         refused = smtp.sendmail("a@example.org", ["b@example.net", "nobody@example.net"], PLAIN)
     assert refused == {"nobody@example.net": (550, b"5.1.1 <nobody@example.net>: User unknown")}
@@ -98,12 +111,16 @@ def test_next_hop_down_gives_451_at_mail(tmp_path: Path, empty_rules: Path) -> N
     assert text.startswith(b"4.3.0")
 
 
-@pytest.mark.parametrize(("final", "expected"), [
-    ("452 4.3.1 Insufficient system storage", 452),
-    ("554 5.7.1 Rejected by the next hop", 554),
-])
-def test_the_next_hops_final_reply_is_passed_on(daemon: Daemon, nexthop: NextHop, final: str,
-                                                 expected: int) -> None:
+@pytest.mark.parametrize(
+    ("final", "expected"),
+    [
+        ("452 4.3.1 Insufficient system storage", 452),
+        ("554 5.7.1 Rejected by the next hop", 554),
+    ],
+)
+def test_the_next_hops_final_reply_is_passed_on(
+    daemon: Daemon, nexthop: NextHop, final: str, expected: int
+) -> None:
     nexthop.behaviour.final_reply = final
     with client(daemon.port) as smtp, pytest.raises(smtplib.SMTPDataError) as error:
         smtp.sendmail("a@example.org", ["b@example.net"], PLAIN)
@@ -112,7 +129,9 @@ def test_the_next_hops_final_reply_is_passed_on(daemon: Daemon, nexthop: NextHop
 
 
 @pytest.mark.parametrize("stage", ["mid-data", "dot", "data"])
-def test_next_hop_closing_during_data_gives_451(daemon: Daemon, nexthop: NextHop, stage: str) -> None:
+def test_next_hop_closing_during_data_gives_451(
+    daemon: Daemon, nexthop: NextHop, stage: str
+) -> None:
     nexthop.behaviour.close_at = stage
     with client(daemon.port) as smtp, pytest.raises(smtplib.SMTPDataError) as error:
         smtp.sendmail("a@example.org", ["b@example.net"], PLAIN * 3)
@@ -139,18 +158,26 @@ def test_null_sender_survives(daemon: Daemon, nexthop: NextHop) -> None:
 
 def test_smtputf8_address_survives(daemon: Daemon, nexthop: NextHop) -> None:
     with client(daemon.port) as smtp:
-        smtp.sendmail("jörg@例え.jp", ["bøb@example.net"], "Subject: ü\r\n\r\nbody\r\n".encode(),
-                      mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        smtp.sendmail(
+            "jörg@例え.jp",
+            ["bøb@example.net"],
+            "Subject: ü\r\n\r\nbody\r\n".encode(),
+            mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+        )
     [received] = nexthop.wait_for(1)
     assert received.sender == "jörg@例え.jp"
     assert received.recipients == ["bøb@example.net"]
     assert "SMTPUTF8" in received.mail_params
 
 
-def test_size_over_the_limit_is_refused_at_mail_and_at_data(tmp_path: Path, nexthop: NextHop,
-                                                             empty_rules: Path) -> None:
+def test_size_over_the_limit_is_refused_at_mail_and_at_data(
+    tmp_path: Path, nexthop: NextHop, empty_rules: Path
+) -> None:
     extra = {"limits": {"max_message_size": 2000}}
-    with Daemon(tmp_path, nexthop.port, rules=empty_rules, extra=extra) as daemon, client(daemon.port) as smtp:
+    with (
+        Daemon(tmp_path, nexthop.port, rules=empty_rules, extra=extra) as daemon,
+        client(daemon.port) as smtp,
+    ):
         code, text = smtp.mail("a@example.org", ["SIZE=5000"])
         assert (code, text[:5]) == (552, b"5.3.4")
         smtp.rset()
@@ -170,7 +197,12 @@ def test_long_lines_bare_lf_and_a_lone_dot_pass(daemon: Daemon, nexthop: NextHop
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
         f = sock.makefile("rwb")
         f.readline()
-        for command in (b"EHLO c.test", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.net>", b"DATA"):
+        for command in (
+            b"EHLO c.test",
+            b"MAIL FROM:<a@example.org>",
+            b"RCPT TO:<b@example.net>",
+            b"DATA",
+        ):
             f.write(command + b"\r\n")
             f.flush()
             reply = f.readline()
@@ -178,7 +210,9 @@ def test_long_lines_bare_lf_and_a_lone_dot_pass(daemon: Daemon, nexthop: NextHop
                 reply = f.readline()
         assert reply.startswith(b"354")
         # dot-stuffed as a client must send it; a bare-LF line inside too
-        f.write(b"Subject: odd\r\n\r\n" + long_line + b"\r\n..\r\n...two\r\nbare\nlf\r\nend\r\n.\r\n")
+        f.write(
+            b"Subject: odd\r\n\r\n" + long_line + b"\r\n..\r\n...two\r\nbare\nlf\r\nend\r\n.\r\n"
+        )
         f.flush()
         assert f.readline().startswith(b"250")
     [received] = nexthop.wait_for(1)
@@ -189,14 +223,22 @@ def test_smuggled_end_of_data_does_not_split_the_message(daemon: Daemon, nexthop
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
         f = sock.makefile("rwb")
         f.readline()
-        for command in (b"EHLO c.test", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.net>", b"DATA"):
+        for command in (
+            b"EHLO c.test",
+            b"MAIL FROM:<a@example.org>",
+            b"RCPT TO:<b@example.net>",
+            b"DATA",
+        ):
             f.write(command + b"\r\n")
             f.flush()
             reply = f.readline()
             while reply[3:4] == b"-":
                 reply = f.readline()
-        f.write(b"Subject: one\r\n\r\nbody\n.\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@example.net>\r\n"
-                b"DATA\r\nSubject: smuggled\r\n\r\n.\r\n")
+        f.write(
+            b"Subject: one\r\n\r\nbody\n.\r\n"
+            b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<x@example.net>\r\n"
+            b"DATA\r\nSubject: smuggled\r\n\r\n.\r\n"
+        )
         f.flush()
         assert f.readline().startswith(b"250")
     received = nexthop.wait_for(2, timeout=2)
@@ -206,12 +248,16 @@ def test_smuggled_end_of_data_does_not_split_the_message(daemon: Daemon, nexthop
 
 def test_xforward_from_the_client_is_logged_and_passed_on(daemon: Daemon, nexthop: NextHop) -> None:
     with client(daemon.port) as smtp:
-        code, _ = smtp.docmd("XFORWARD", "NAME=mx.example.org ADDR=192.0.2.7 PROTO=ESMTP HELO=mx.example.org")
+        code, _ = smtp.docmd(
+            "XFORWARD", "NAME=mx.example.org ADDR=192.0.2.7 PROTO=ESMTP HELO=mx.example.org"
+        )
         assert code == 250
         code, _ = smtp.docmd("XFORWARD", "IDENT=4AbCdE SOURCE=REMOTE PORT=[UNAVAILABLE]")
         assert code == 250
         smtp.sendmail("a@example.org", ["b@example.net"], PLAIN)
-        smtp.sendmail("a@example.org", ["b@example.net"], PLAIN)  # XFORWARD is reset per transaction
+        smtp.sendmail(
+            "a@example.org", ["b@example.net"], PLAIN
+        )  # XFORWARD is reset per transaction
     first, second = nexthop.wait_for(2)
     assert first.xforward["ADDR"] == "192.0.2.7"
     assert first.xforward["HELO"] == "mx.example.org"
@@ -225,7 +271,9 @@ def test_xforward_from_the_client_is_logged_and_passed_on(daemon: Daemon, nextho
     assert lines[1]["queue_id"] is None
 
 
-def test_clients_outside_networks_get_554(tmp_path: Path, nexthop: NextHop, empty_rules: Path) -> None:
+def test_clients_outside_networks_get_554(
+    tmp_path: Path, nexthop: NextHop, empty_rules: Path
+) -> None:
     extra = {"networks": ["10.0.0.0/8"]}
     with Daemon(tmp_path, nexthop.port, rules=empty_rules, extra=extra) as daemon:
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
@@ -247,7 +295,10 @@ def test_max_connections_gives_421(tmp_path: Path, nexthop: NextHop, empty_rules
 
 def test_max_recipients_gives_452(tmp_path: Path, nexthop: NextHop, empty_rules: Path) -> None:
     extra = {"limits": {"max_recipients": 3}}
-    with Daemon(tmp_path, nexthop.port, rules=empty_rules, extra=extra) as daemon, client(daemon.port) as smtp:
+    with (
+        Daemon(tmp_path, nexthop.port, rules=empty_rules, extra=extra) as daemon,
+        client(daemon.port) as smtp,
+    ):
         smtp.mail("a@example.org")
         codes = [smtp.rcpt(f"r{i}@example.net")[0] for i in range(5)]
     assert codes == [250, 250, 250, 452, 452]
@@ -263,8 +314,9 @@ def test_idle_session_times_out(tmp_path: Path, nexthop: NextHop, empty_rules: P
             assert reader.readline() == b""  # closed by the server
 
 
-def test_sigterm_lets_an_in_flight_message_finish_and_exits_0(tmp_path: Path, nexthop: NextHop,
-                                                              empty_rules: Path) -> None:
+def test_sigterm_lets_an_in_flight_message_finish_and_exits_0(
+    tmp_path: Path, nexthop: NextHop, empty_rules: Path
+) -> None:
     nexthop.behaviour.delay["dot"] = 1.5
     result: dict[str, object] = {}
     daemon = Daemon(tmp_path, nexthop.port, rules=empty_rules).start()
@@ -284,7 +336,9 @@ def test_sigterm_lets_an_in_flight_message_finish_and_exits_0(tmp_path: Path, ne
     assert daemon.events("daemon_stopped")
 
 
-def test_sigterm_answers_421_to_idle_sessions(tmp_path: Path, nexthop: NextHop, empty_rules: Path) -> None:
+def test_sigterm_answers_421_to_idle_sessions(
+    tmp_path: Path, nexthop: NextHop, empty_rules: Path
+) -> None:
     daemon = Daemon(tmp_path, nexthop.port, rules=empty_rules).start()
     sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
     reader = sock.makefile("rb")
@@ -295,7 +349,9 @@ def test_sigterm_answers_421_to_idle_sessions(tmp_path: Path, nexthop: NextHop, 
     assert daemon.wait() == 0
 
 
-def test_a_client_that_half_closes_after_quit_still_gets_its_replies(daemon: Daemon, nexthop: NextHop) -> None:
+def test_a_client_that_half_closes_after_quit_still_gets_its_replies(
+    daemon: Daemon, nexthop: NextHop
+) -> None:
     """Exim writes the end of data and QUIT, then shuts down its sending side."""
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
         reader = sock.makefile("rb")

@@ -10,7 +10,13 @@ from tests.support.nexthop import NextHop
 
 
 def big_message(size: int) -> bytes:
-    lines = [b"From: a@example.org", b"To: b@example.net", b"Subject: big", b"X-Spam-Flag: YES", b""]
+    lines = [
+        b"From: a@example.org",
+        b"To: b@example.net",
+        b"Subject: big",
+        b"X-Spam-Flag: YES",
+        b"",
+    ]
     n = 0
     while sum(len(line) + 2 for line in lines) < size:
         # lines that start with dots exercise the stuffing across block boundaries
@@ -37,7 +43,9 @@ def test_a_large_message_is_spooled_and_relayed_intact(tmp_path: Path, nexthop: 
 
 def test_a_spooled_message_can_be_quarantined_whole(tmp_path: Path, nexthop: NextHop) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text("rules:\n  - name: big-one\n    if: {size: {gt: 1M}}\n    then: {action: quarantine}\n")
+    rules.write_text(
+        "rules:\n  - name: big-one\n    if: {size: {gt: 1M}}\n    then: {action: quarantine}\n"
+    )
     raw = big_message(2_000_000)
     extra = {"limits": {"spool_threshold": "256K", "max_message_size": "20M"}}
     with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
@@ -51,7 +59,9 @@ def test_a_spooled_message_can_be_quarantined_whole(tmp_path: Path, nexthop: Nex
     assert nexthop.messages == []
 
 
-def test_an_oversized_spooled_message_gets_552_and_leaves_nothing(tmp_path: Path, nexthop: NextHop) -> None:
+def test_an_oversized_spooled_message_gets_552_and_leaves_nothing(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules: []\n")
     extra = {"limits": {"spool_threshold": "256K", "max_message_size": "1M"}}

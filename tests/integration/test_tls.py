@@ -13,7 +13,9 @@ from tests.support.certs import self_signed
 from tests.support.daemon import Daemon
 from tests.support.nexthop import NextHop
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl is needed to make certificates"
+)
 PLAIN = b"From: a@example.org\r\nSubject: tls\r\n\r\nhello\r\n"
 
 
@@ -42,7 +44,9 @@ def test_starttls_on_ingress(tmp_path: Path, nexthop: NextHop, rules: Path) -> N
     assert nexthop.wait_for(1)[0].data == PLAIN
 
 
-def test_require_tls_refuses_mail_in_the_clear(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+def test_require_tls_refuses_mail_in_the_clear(
+    tmp_path: Path, nexthop: NextHop, rules: Path
+) -> None:
     cert, key = self_signed(tmp_path)
     extra = {"tls": {"cert": str(cert), "key": str(key), "require": True}}
     with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
@@ -69,7 +73,9 @@ def test_relay_tls_verified(tmp_path: Path, nexthop: NextHop, rules: Path) -> No
     assert nexthop.tls_sessions == 1
 
 
-def test_relay_tls_with_an_untrusted_certificate_is_a_451(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+def test_relay_tls_with_an_untrusted_certificate_is_a_451(
+    tmp_path: Path, nexthop: NextHop, rules: Path
+) -> None:
     cert, key = self_signed(tmp_path)
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
@@ -83,7 +89,9 @@ def test_relay_tls_with_an_untrusted_certificate_is_a_451(tmp_path: Path, nextho
     assert nexthop.messages == []
 
 
-def test_relay_tls_required_but_not_offered_is_a_451(tmp_path: Path, nexthop: NextHop, rules: Path) -> None:
+def test_relay_tls_required_but_not_offered_is_a_451(
+    tmp_path: Path, nexthop: NextHop, rules: Path
+) -> None:
     extra = {"relay_tls": {"mode": "required"}}
     with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
         with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:

@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.support.daemon import Daemon
 from tests.support.nexthop import NextHop
 
@@ -68,7 +70,9 @@ def test_workers_share_the_load_and_metrics_merge(tmp_path: Path, nexthop: NextH
         assert len(served_by) == 2
 
 
-def test_a_dead_worker_is_restarted_and_mail_keeps_flowing(tmp_path: Path, nexthop: NextHop) -> None:
+def test_a_dead_worker_is_restarted_and_mail_keeps_flowing(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules: []\n")
     with Daemon(tmp_path, nexthop.port, rules=rules, extra={"workers": 2}) as daemon:
@@ -93,17 +97,17 @@ def test_sighup_is_validated_once_and_fanned_out(tmp_path: Path, nexthop: NextHo
         wait_workers(daemon, 2)
         rules.write_text(
             "rules:\n  - name: block\n    if: {subject: {contains: blockme}}\n"
-            "    then: {action: reject, reply: \"550 5.7.1 blocked here\"}\n"
+            '    then: {action: reject, reply: "550 5.7.1 blocked here"}\n'
         )
         daemon.signal(signal.SIGHUP)
         assert len(daemon.wait_event("config_reloaded", 2)) == 2
         for _ in range(4):  # whichever worker takes the connection has the new rules
-            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
-                try:
-                    smtp.sendmail("a@example.org", ["b@example.net"], b"Subject: blockme\r\n\r\nx\r\n")
-                    raise AssertionError("not rejected")
-                except smtplib.SMTPDataError as error:
-                    assert error.smtp_code == 550
+            with (
+                smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp,
+                pytest.raises(smtplib.SMTPDataError) as error,
+            ):
+                smtp.sendmail("a@example.org", ["b@example.net"], b"Subject: blockme\r\n\r\nx\r\n")
+            assert error.value.smtp_code == 550
         rules.write_text("rules: [this is: not valid\n")
         daemon.signal(signal.SIGHUP)
         assert daemon.wait_event("reload_failed")
@@ -121,4 +125,6 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path, nexthop: NextHop
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )

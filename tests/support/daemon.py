@@ -37,8 +37,15 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 class Daemon:
     """A running filterd; ``port`` is its SMTP port, ``logs()`` its parsed JSON log lines."""
 
-    def __init__(self, workdir: Path, relay_port: int, *, rules: str | Path | None = None,
-                 extra: dict[str, Any] | None = None, metrics: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        relay_port: int,
+        *,
+        rules: str | Path | None = None,
+        extra: dict[str, Any] | None = None,
+        metrics: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.metrics_port = free_port() if metrics else None
@@ -68,7 +75,10 @@ class Daemon:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "filterd", "serve", "-c", str(self.config_path)],
-            stdout=self._log, stderr=self._log, cwd=REPO, env=env,
+            stdout=self._log,
+            stderr=self._log,
+            cwd=REPO,
+            env=env,
         )
         try:
             wait_port(self.port)

@@ -59,8 +59,13 @@ class Behaviour:
     final_reply: str | None = None  # None: "250 2.0.0 Ok: queued as N"
     close_at: str | None = None  # "greeting", "mail", "rcpt", "data", "mid-data", "dot"
     stall_at: str | None = None  # same stages: stop answering
-    announce: tuple[str, ...] = ("PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8",
-                                 "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
+    announce: tuple[str, ...] = (
+        "PIPELINING",
+        "SIZE 52428800",
+        "8BITMIME",
+        "SMTPUTF8",
+        "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE",
+    )
     trickle: float = 0.0  # seconds between bytes of each reply
     delay: dict[str, float] = field(default_factory=dict)  # stage -> seconds before answering
     tls_context: ssl.SSLContext | None = None  # set: announce and serve STARTTLS
@@ -106,16 +111,19 @@ class NextHop:
     async def _start(self) -> None:
         # A real MTA takes lines of any length; the default 64 KiB line limit would make this
         # server, not filterd, fail on a 1 MB header line.
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", self.port,
-                                                  reuse_address=True, limit=LINE_LIMIT)
+        self._server = await asyncio.start_server(
+            self._session, "127.0.0.1", self.port, reuse_address=True, limit=LINE_LIMIT
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def refuse_connections(self) -> None:
         """Stop listening (connects get ECONNREFUSED); open sessions are left alone."""
+
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
                 self._server = None
+
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
 
     def accept_connections(self) -> None:
@@ -125,11 +133,13 @@ class NextHop:
 
     def drop_connections(self) -> int:
         """Close every open session (as a restarting next hop would); returns how many."""
+
         async def drop() -> int:
             writers = list(self._writers)
             for writer in writers:
                 writer.close()
             return len(writers)
+
         return asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
 
     def count(self) -> int:
@@ -184,9 +194,14 @@ class NextHop:
                 elif verb == "EHLO":
                     tls = ("STARTTLS",) if self.behaviour.tls_context is not None else ()
                     lines = ["nexthop.test", *self.behaviour.announce, *tls]
-                    await self._reply(writer, "\r\n".join(
-                        f"250{'-' if i < len(lines) - 1 else ' '}{item}"
-                        for i, item in enumerate(lines)), fault)
+                    await self._reply(
+                        writer,
+                        "\r\n".join(
+                            f"250{'-' if i < len(lines) - 1 else ' '}{item}"
+                            for i, item in enumerate(lines)
+                        ),
+                        fault,
+                    )
                 elif verb == "HELO":
                     await self._reply(writer, "250 nexthop.test", fault)
                 elif verb == "XFORWARD":
@@ -209,8 +224,9 @@ class NextHop:
                     if await self._misbehave("rcpt", writer, rcpt_fault):
                         return
                     rcpt = text[text.index("<") + 1 : text.index(">")]
-                    refusal = (self._replacement("rcpt", rcpt_fault)
-                               or self.behaviour.refuse_rcpt.get(rcpt))
+                    refusal = self._replacement(
+                        "rcpt", rcpt_fault
+                    ) or self.behaviour.refuse_rcpt.get(rcpt)
                     if refusal:
                         await self._reply(writer, refusal, fault)
                     else:
@@ -234,8 +250,10 @@ class NextHop:
                         if chunk == b".\r\n":
                             self.data_ends += 1
                             break
-                        if len(data) > 0 and (self.behaviour.close_at == "mid-data" or (
-                                fault is not None and fault.stage == "mid-data")):
+                        if len(data) > 0 and (
+                            self.behaviour.close_at == "mid-data"
+                            or (fault is not None and fault.stage == "mid-data")
+                        ):
                             writer.close()
                             return
                         data += chunk[1:] if chunk.startswith(b".") else chunk
@@ -244,8 +262,11 @@ class NextHop:
                     final = self._replacement("dot", fault) or self.behaviour.final_reply
                     if final is None or final.startswith("250"):
                         with self._lock:
-                            self.messages.append(Received(
-                                sender or "", rcpts, bytes(data), dict(xforward), params, fault))
+                            self.messages.append(
+                                Received(
+                                    sender or "", rcpts, bytes(data), dict(xforward), params, fault
+                                )
+                            )
                             number = len(self.messages)
                         final = final or f"250 2.0.0 Ok: queued as Q{number}"
                     await self._reply(writer, final, fault)
@@ -284,8 +305,9 @@ class NextHop:
             return fault.reply
         return None
 
-    async def _misbehave(self, stage: str, writer: asyncio.StreamWriter,
-                         fault: Fault | None = None) -> bool:
+    async def _misbehave(
+        self, stage: str, writer: asyncio.StreamWriter, fault: Fault | None = None
+    ) -> bool:
         if stage in self.behaviour.delay:
             await asyncio.sleep(self.behaviour.delay[stage])
         if fault is not None and fault.stage == stage:
@@ -314,12 +336,16 @@ class NextHop:
             return True
         return False
 
-    async def _reply(self, writer: asyncio.StreamWriter, text: str,
-                     fault: Fault | None = None) -> None:
+    async def _reply(
+        self, writer: asyncio.StreamWriter, text: str, fault: Fault | None = None
+    ) -> None:
         payload = (text + "\r\n").encode()
         trickle = self.behaviour.trickle
-        if fault is not None and fault.seconds and (
-                fault.kind == "trickle" or (fault.kind == "reply" and text == fault.reply)):
+        if (
+            fault is not None
+            and fault.seconds
+            and (fault.kind == "trickle" or (fault.kind == "reply" and text == fault.reply))
+        ):
             trickle = fault.seconds
         if trickle:
             for byte in payload:

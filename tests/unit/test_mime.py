@@ -91,19 +91,27 @@ def test_header_block_and_body_split_at_the_blank_line(path: Path) -> None:
 # The deep-nesting sample is deeper than max_depth on purpose; test_deep_nesting_is_cut_at_max_depth
 # covers it, so it is left out here rather than skipped.
 @pytest.mark.parametrize(
-    "path", [p for p in CORPUS_FILES if p.name != "malformed-deep-nesting.eml"], ids=lambda p: p.name
+    "path",
+    [p for p in CORPUS_FILES if p.name != "malformed-deep-nesting.eml"],
+    ids=lambda p: p.name,
 )
 def test_attachments_match_the_stdlib_payloads(path: Path) -> None:
     raw = path.read_bytes()
     # The stdlib walks into every message/* type (delivery-status blocks too): compare the rest.
     oracle = email.message_from_bytes(raw, policy=email.policy.default)
     expected = [
-        (part.get_filename() or "", part.get_content_type(),
-         len(part.get_payload(decode=True) or b""))
+        (
+            part.get_filename() or "",
+            part.get_content_type(),
+            len(part.get_payload(decode=True) or b""),
+        )
         for part in oracle.walk()
         if not part.is_multipart()
-        and (part.get_content_type() not in ("text/plain", "text/html")
-             or part.get_filename() or part.get_content_disposition() == "attachment")
+        and (
+            part.get_content_type() not in ("text/plain", "text/html")
+            or part.get_filename()
+            or part.get_content_disposition() == "attachment"
+        )
     ]
     got = [
         (a.filename, a.content_type, a.size)
@@ -135,18 +143,33 @@ def test_subject_is_decoded(name: str, subject: str) -> None:
 @pytest.mark.parametrize(
     ("name", "header", "expected"),
     [
-        ("ham-encoded-words-iso2022jp.eml", "From",
-         [("田中 太郎", "tanaka@example.jp", "example.jp")]),
-        ("ham-bounce-null-sender.eml", "From",
-         [("Mail Delivery System", "MAILER-DAEMON@mx.example.net", "mx.example.net")]),
-        ("phish-link-mismatch.eml", "from",
-         [("PayPal Service", "service@paypa1-secure.example", "paypa1-secure.example")]),
-        ("spam-lottery-html.eml", "Reply-To",
-         [("", "claims.agent@freemail.example", "freemail.example")]),
+        (
+            "ham-encoded-words-iso2022jp.eml",
+            "From",
+            [("田中 太郎", "tanaka@example.jp", "example.jp")],
+        ),
+        (
+            "ham-bounce-null-sender.eml",
+            "From",
+            [("Mail Delivery System", "MAILER-DAEMON@mx.example.net", "mx.example.net")],
+        ),
+        (
+            "phish-link-mismatch.eml",
+            "from",
+            [("PayPal Service", "service@paypa1-secure.example", "paypa1-secure.example")],
+        ),
+        (
+            "spam-lottery-html.eml",
+            "Reply-To",
+            [("", "claims.agent@freemail.example", "freemail.example")],
+        ),
         ("spam-lottery-html.eml", "To", []),  # undisclosed-recipients:; is an empty group
         ("ham-smtputf8-address.eml", "From", [("用户", "用户@例子.广告", "例子.广告")]),
-        ("malformed-8bit-headers-unknown-charset.eml", "From",
-         [("Jörg", "joerg@example.de", "example.de")]),
+        (
+            "malformed-8bit-headers-unknown-charset.eml",
+            "From",
+            [("Jörg", "joerg@example.de", "example.de")],
+        ),
         ("malformed-missing-headers.eml", "From", []),
     ],
 )
@@ -198,7 +221,10 @@ def test_pdf_attachment() -> None:
     msg = corpus("ham-pdf-attachment.eml")
     (attachment,) = msg.attachments
     assert (attachment.filename, attachment.content_type, attachment.detected_type) == (
-        "statement-2026-11.pdf", "application/pdf", "application/pdf")
+        "statement-2026-11.pdf",
+        "application/pdf",
+        "application/pdf",
+    )
     assert msg.body_text.strip() == "Please find your statement attached."
 
 
@@ -212,8 +238,10 @@ def test_newsletter_text_html_and_urls() -> None:
     msg = corpus("ham-newsletter-utf8.eml")
     assert "Japanese\u2019 remains" in msg.body_text  # quoted-printable UTF-8 curly quote
     assert "아시아엔" in msg.body_text  # Korean pingback line from the HTML part
-    assert Url("https://news.example.org/unsubscribe?u=8121", "news.example.org",
-               "Unsubscribe") in msg.urls
+    assert (
+        Url("https://news.example.org/unsubscribe?u=8121", "news.example.org", "Unsubscribe")
+        in msg.urls
+    )
     unsubscribe = msg.header_values("list-unsubscribe")[0]
     assert "<https://news.example.org/unsubscribe?u=8121>, <mailto:" in unsubscribe
     assert msg.attachments == ()
@@ -224,8 +252,10 @@ def test_newsletter_text_html_and_urls() -> None:
     [
         ("malformed-bare-lf.eml", "Every line of this message ends in a bare LF.\n.\nThe previous"),
         ("malformed-bad-base64.eml", "Hello world"),
-        ("malformed-8bit-headers-unknown-charset.eml",
-         "Schöne Grüße, und ein ungültiges Byte: \ufffd"),
+        (
+            "malformed-8bit-headers-unknown-charset.eml",
+            "Schöne Grüße, und ein ungültiges Byte: \ufffd",
+        ),
         ("malformed-long-line.eml", "x" * 5000),
         ("malformed-unterminated-multipart.eml", "first part, no closing boundary"),
         ("malformed-missing-headers.eml", "body only"),
@@ -258,17 +288,19 @@ def test_headers_only_use_leaves_the_body_alone() -> None:
 
 
 def test_folded_headers_and_case_insensitive_lookup() -> None:
-    msg = ParsedMessage(mail(
-        "Subject: first line",
-        "\tsecond line",
-        "  third",
-        "X-Dup: one",
-        "x-dup: two",
-        "Received: a",
-        " b",
-        "",
-        "body",
-    ))
+    msg = ParsedMessage(
+        mail(
+            "Subject: first line",
+            "\tsecond line",
+            "  third",
+            "X-Dup: one",
+            "x-dup: two",
+            "Received: a",
+            " b",
+            "",
+            "body",
+        )
+    )
     assert msg.subject == "first line\tsecond line  third"
     assert msg.header_values("X-DUP") == ["one", "two"]
     assert msg.header_values("received") == ["a b"]
@@ -315,40 +347,55 @@ def test_encoded_words(value: str, decoded: str) -> None:
     ("header", "filename"),
     [
         ("attachment; filename*=UTF-8''%E2%82%AC%20rates.pdf.exe", "€ rates.pdf.exe"),
-        ("attachment; filename*0*=UTF-8''%E2%82; filename*1*=%AC; filename*2=\" x.zip\"",
-         "€ x.zip"),
+        (
+            "attachment; filename*0*=UTF-8''%E2%82; filename*1*=%AC; filename*2=\" x.zip\"",
+            "€ x.zip",
+        ),
         ("attachment; filename=\"plain.doc\"; filename*=iso-8859-1''r%E9sum%E9.doc", "résumé.doc"),
-        ("attachment; filename=\"=?utf-8?b?w6l0w6k=?=.js\"", "été.js"),
-        ("attachment; filename=\"a;b \\\"q\\\".txt\"", 'a;b "q".txt'),
+        ('attachment; filename="=?utf-8?b?w6l0w6k=?=.js"', "été.js"),
+        ('attachment; filename="a;b \\"q\\".txt"', 'a;b "q".txt'),
         ("inline; FILENAME=upper.png", "upper.png"),
     ],
 )
 def test_disposition_filenames(header: str, filename: str) -> None:
     assert parse_params(header)[1]["filename"] == filename
     raw = mail(
-        "Content-Type: multipart/mixed; boundary=B", "", "--B",
+        "Content-Type: multipart/mixed; boundary=B",
+        "",
+        "--B",
         "Content-Type: application/octet-stream",
-        f"Content-Disposition: {header}", "", "data", "--B--",
+        f"Content-Disposition: {header}",
+        "",
+        "data",
+        "--B--",
     )
     assert [a.filename for a in ParsedMessage(raw).attachments] == [filename]
 
 
 def test_content_type_name_counts_as_filename() -> None:
     raw = mail(
-        "Content-Type: multipart/mixed; boundary=B", "", "--B",
-        "Content-Type: application/x-msdownload; name=\"=?utf-8?q?setup=2Eexe?=\"",
-        "Content-Transfer-Encoding: base64", "", base64.b64encode(b"MZ\x90\x00").decode(),
+        "Content-Type: multipart/mixed; boundary=B",
+        "",
+        "--B",
+        'Content-Type: application/x-msdownload; name="=?utf-8?q?setup=2Eexe?="',
+        "Content-Transfer-Encoding: base64",
+        "",
+        base64.b64encode(b"MZ\x90\x00").decode(),
         "--B--",
     )
     (attachment,) = ParsedMessage(raw).attachments
-    assert (attachment.filename, attachment.content_type, attachment.detected_type,
-            attachment.size) == ("setup.exe", "application/x-msdownload",
-                                 "application/x-dosexec", 4)
+    assert (
+        attachment.filename,
+        attachment.content_type,
+        attachment.detected_type,
+        attachment.size,
+    ) == ("setup.exe", "application/x-msdownload", "application/x-dosexec", 4)
 
 
 def test_html_entities_scripts_and_styles() -> None:
     raw = mail(
-        "Content-Type: text/html; charset=utf-8", "",
+        "Content-Type: text/html; charset=utf-8",
+        "",
         "<html><head><style>.x{color:red}</style><title>t</title></head><body>",
         "<script>var s = '<p>not text</p>';</script>",
         "<p>Caf&eacute; &amp; cr&#232;me &#x41;&lt;b&gt;&nbsp;end</p><!-- a comment -->",
@@ -360,11 +407,25 @@ def test_html_entities_scripts_and_styles() -> None:
 
 def test_attachment_classification() -> None:
     raw = mail(
-        "Content-Type: multipart/mixed; boundary=B", "",
-        "--B", "Content-Type: text/plain", "", "inline body",
-        "--B", "Content-Type: text/plain; name=notes.txt", "", "named text",
-        "--B", "Content-Type: text/html", "Content-Disposition: attachment", "", "<b>page</b>",
-        "--B", "Content-Type: image/png", "Content-Transfer-Encoding: base64", "",
+        "Content-Type: multipart/mixed; boundary=B",
+        "",
+        "--B",
+        "Content-Type: text/plain",
+        "",
+        "inline body",
+        "--B",
+        "Content-Type: text/plain; name=notes.txt",
+        "",
+        "named text",
+        "--B",
+        "Content-Type: text/html",
+        "Content-Disposition: attachment",
+        "",
+        "<b>page</b>",
+        "--B",
+        "Content-Type: image/png",
+        "Content-Transfer-Encoding: base64",
+        "",
         base64.b64encode(b"\x89PNG\r\n\x1a\n0000").decode(),
         "--B--",
     )
@@ -381,15 +442,18 @@ def test_nested_message_is_reported_and_walked() -> None:
     inner = EmailMessage()
     inner["Subject"] = "inner"
     inner.set_content("inner text with http://inner.example/path")
-    inner.add_attachment(b"MZ" + bytes(100), maintype="application", subtype="octet-stream",
-                         filename="tool.exe")
+    inner.add_attachment(
+        b"MZ" + bytes(100), maintype="application", subtype="octet-stream", filename="tool.exe"
+    )
     outer = EmailMessage()
     outer["Subject"] = "outer"
     outer.set_content("outer text")
     outer.add_attachment(inner)
     msg = ParsedMessage(outer.as_bytes())
     assert [(a.content_type, a.filename) for a in msg.attachments] == [
-        ("message/rfc822", ""), ("application/octet-stream", "tool.exe")]
+        ("message/rfc822", ""),
+        ("application/octet-stream", "tool.exe"),
+    ]
     assert msg.attachments[1].detected_type == "application/x-dosexec"
     assert msg.attachments[1].size == 102
     assert "inner text" in msg.body_text
@@ -400,9 +464,14 @@ def test_nested_message_is_reported_and_walked() -> None:
 def test_base64_encoded_message_part_is_walked() -> None:
     inner = b"Subject: hidden\r\nContent-Type: text/plain\r\n\r\nsecret words\r\n"
     raw = mail(
-        "Content-Type: multipart/mixed; boundary=B", "", "--B",
-        "Content-Type: message/rfc822", "Content-Transfer-Encoding: base64", "",
-        base64.b64encode(inner).decode(), "--B--",
+        "Content-Type: multipart/mixed; boundary=B",
+        "",
+        "--B",
+        "Content-Type: message/rfc822",
+        "Content-Transfer-Encoding: base64",
+        "",
+        base64.b64encode(inner).decode(),
+        "--B--",
     )
     msg = ParsedMessage(raw)
     assert "secret words" in msg.body_text
@@ -412,8 +481,14 @@ def test_base64_encoded_message_part_is_walked() -> None:
 
 def test_digest_parts_default_to_messages() -> None:
     raw = mail(
-        "Content-Type: multipart/digest; boundary=D", "", "--D", "",
-        "Subject: one", "", "first digest text", "--D--",
+        "Content-Type: multipart/digest; boundary=D",
+        "",
+        "--D",
+        "",
+        "Subject: one",
+        "",
+        "first digest text",
+        "--D--",
     )
     msg = ParsedMessage(raw)
     assert [a.content_type for a in msg.attachments] == ["message/rfc822"]
@@ -422,10 +497,23 @@ def test_digest_parts_default_to_messages() -> None:
 
 def test_boundary_prefix_and_transport_padding() -> None:
     raw = mail(
-        "Content-Type: multipart/mixed; boundary=\"b1\"", "", "preamble", "--b1  ",
-        "Content-Type: multipart/alternative; boundary=b10", "", "--b10",
-        "Content-Type: text/plain", "", "alt one", "--b10--", "--b1",
-        "Content-Type: text/plain", "", "second", "--b1--", "epilogue",
+        'Content-Type: multipart/mixed; boundary="b1"',
+        "",
+        "preamble",
+        "--b1  ",
+        "Content-Type: multipart/alternative; boundary=b10",
+        "",
+        "--b10",
+        "Content-Type: text/plain",
+        "",
+        "alt one",
+        "--b10--",
+        "--b1",
+        "Content-Type: text/plain",
+        "",
+        "second",
+        "--b1--",
+        "epilogue",
     )
     msg = ParsedMessage(raw)
     assert msg.body_text == "alt one\nsecond"
@@ -433,10 +521,20 @@ def test_boundary_prefix_and_transport_padding() -> None:
 
 def test_bare_lf_multipart() -> None:
     raw = mail(
-        "Content-Type: multipart/mixed; boundary=Z", "", "--Z", "Content-Type: text/plain", "",
-        "lf text", "--Z", "Content-Type: application/zip", "Content-Transfer-Encoding: base64",
-        "Content-Disposition: attachment; filename=a.zip", "",
-        base64.encodebytes(_zip({"x.vbs": b"1"})).decode().strip(), "--Z--", eol="\n",
+        "Content-Type: multipart/mixed; boundary=Z",
+        "",
+        "--Z",
+        "Content-Type: text/plain",
+        "",
+        "lf text",
+        "--Z",
+        "Content-Type: application/zip",
+        "Content-Transfer-Encoding: base64",
+        "Content-Disposition: attachment; filename=a.zip",
+        "",
+        base64.encodebytes(_zip({"x.vbs": b"1"})).decode().strip(),
+        "--Z--",
+        eol="\n",
     )
     msg = ParsedMessage(raw)
     assert msg.body_text == "lf text"
@@ -467,9 +565,15 @@ def test_charsets(charset: str, payload: bytes, text: str) -> None:
 
 
 def test_quoted_printable_and_base64_text() -> None:
-    qp = ParsedMessage(mail("Content-Transfer-Encoding: quoted-printable",
-                            "Content-Type: text/plain; charset=utf-8", "",
-                            "soft=", "break =E2=82=AC"))
+    qp = ParsedMessage(
+        mail(
+            "Content-Transfer-Encoding: quoted-printable",
+            "Content-Type: text/plain; charset=utf-8",
+            "",
+            "soft=",
+            "break =E2=82=AC",
+        )
+    )
     assert qp.body_text == "softbreak €"
     b64 = ParsedMessage(mail("Content-Transfer-Encoding: BASE64", "", "aGVsbG8g", "d29ybGQ"))
     assert b64.body_text == "hello world"
@@ -484,8 +588,13 @@ def test_max_text_bytes_caps_each_part() -> None:
 def test_max_parts_bounds_the_walk() -> None:
     parts = []
     for i in range(50):
-        parts += ["--B", "Content-Type: application/octet-stream",
-                  f"Content-Disposition: attachment; filename=f{i}.bin", "", "x"]
+        parts += [
+            "--B",
+            "Content-Type: application/octet-stream",
+            f"Content-Disposition: attachment; filename=f{i}.bin",
+            "",
+            "x",
+        ]
     raw = mail("Content-Type: multipart/mixed; boundary=B", "", *parts, "--B--")
     limited = ParsedMessage(raw, max_parts=10)
     assert limited.truncated
@@ -497,10 +606,15 @@ def test_max_parts_bounds_the_walk() -> None:
 
 def test_urls_from_text_and_html_deduplicated() -> None:
     raw = mail(
-        "Content-Type: multipart/alternative; boundary=A", "", "--A",
-        "Content-Type: text/plain", "",
+        "Content-Type: multipart/alternative; boundary=A",
+        "",
+        "--A",
+        "Content-Type: text/plain",
+        "",
         "Visit http://Example.COM/a, or www.two.example. Again: http://Example.COM/a",
-        "--A", "Content-Type: text/html", "",
+        "--A",
+        "Content-Type: text/html",
+        "",
         '<a href="http://Example.COM/a">http://Example.COM/a</a>'
         '<img src="https://img.example/t.gif"><a href="mailto:x@y.example">mail</a>'
         '<a href="https://user@xn--bcher-kva.example:8443/p">  Books\n here </a>',
@@ -521,12 +635,18 @@ def test_urls_from_text_and_html_deduplicated() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ('a@b.example, "Doe, John" <j@d.example>; c@d.example',
-         [("", "a@b.example"), ("Doe, John", "j@d.example"), ("", "c@d.example")]),
-        ("Team: a@x.example, B <b@y.example>;, z@z.example",
-         [("", "a@x.example"), ("B", "b@y.example"), ("", "z@z.example")]),
-        ("(outer (nested) comment) user@host.example",
-         [("outer (nested) comment", "user@host.example")]),
+        (
+            'a@b.example, "Doe, John" <j@d.example>; c@d.example',
+            [("", "a@b.example"), ("Doe, John", "j@d.example"), ("", "c@d.example")],
+        ),
+        (
+            "Team: a@x.example, B <b@y.example>;, z@z.example",
+            [("", "a@x.example"), ("B", "b@y.example"), ("", "z@z.example")],
+        ),
+        (
+            "(outer (nested) comment) user@host.example",
+            [("outer (nested) comment", "user@host.example")],
+        ),
         ("John john@x.example", [("John", "john@x.example")]),
         ("just a name", [("just a name", "")]),
         ('"unterminated <x@y.example>', [("unterminated", "x@y.example")]),
@@ -562,10 +682,15 @@ def test_url_domain(url: str, domain: str) -> None:
 
 
 def test_text_urls_trim_punctuation_but_keep_balanced_parentheses() -> None:
-    text = ("(see http://a.example/x). Also https://en.wikipedia.org/wiki/Foo_(bar), "
-            "xwww.not.example and <www.angle.example> and http://")
+    text = (
+        "(see http://a.example/x). Also https://en.wikipedia.org/wiki/Foo_(bar), "
+        "xwww.not.example and <www.angle.example> and http://"
+    )
     assert find_text_urls(text) == [
-        "http://a.example/x", "https://en.wikipedia.org/wiki/Foo_(bar)", "www.angle.example"]
+        "http://a.example/x",
+        "https://en.wikipedia.org/wiki/Foo_(bar)",
+        "www.angle.example",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -579,7 +704,7 @@ def test_text_urls_trim_punctuation_but_keep_balanced_parentheses() -> None:
         ("<table><tr><td>a</td><td>b</td></tr></table>", "a b", []),
         ('<form action="https://f.example/post">x</form>', "x", [("https://f.example/post", None)]),
         ('<img src="data:image/png;base64,AAAA">', "", []),
-        ('<A HREF=HTTP://UP.EXAMPLE>Up</A>', "Up", [("HTTP://UP.EXAMPLE", "Up")]),
+        ("<A HREF=HTTP://UP.EXAMPLE>Up</A>", "Up", [("HTTP://UP.EXAMPLE", "Up")]),
     ],
 )
 def test_render_html(markup: str, text: str, links: list[tuple[str, str | None]]) -> None:

@@ -58,23 +58,81 @@ def test_random_bytes_never_raise(raw: bytes) -> None:
 
 _EOL = st.sampled_from(["\r\n", "\n"])
 _CHARSETS = st.sampled_from(
-    ["utf-8", "iso-8859-1", "x-bogus", "utf-7", "iso-2022-jp", "punycode", "base64", "utf-16",
-     "", '"utf-8"', "idna", "undefined"])
+    [
+        "utf-8",
+        "iso-8859-1",
+        "x-bogus",
+        "utf-7",
+        "iso-2022-jp",
+        "punycode",
+        "base64",
+        "utf-16",
+        "",
+        '"utf-8"',
+        "idna",
+        "undefined",
+    ]
+)
 _ENCODINGS = st.sampled_from(["base64", "quoted-printable", "7bit", "8bit", "x-junk", ""])
 _BOUNDARIES = st.sampled_from(["b", "b1", "b10", "-", "==x==", "", "b b", '"q"'])
 _LEAF_TYPES = st.sampled_from(
-    ["text/plain", "text/html", "application/octet-stream", "application/zip", "image/png",
-     "message/rfc822", "text", "garbage/", "TEXT/HTML", "multipart/mixed"])
+    [
+        "text/plain",
+        "text/html",
+        "application/octet-stream",
+        "application/zip",
+        "image/png",
+        "message/rfc822",
+        "text",
+        "garbage/",
+        "TEXT/HTML",
+        "multipart/mixed",
+    ]
+)
 _FILENAMES = st.sampled_from(
-    ["", 'filename="a.exe"', "filename*=UTF-8''%E2%82%AC.js", "filename*0*=x'y'%ZZ; filename*1=q",
-     'filename="=?utf-8?b?w6k=?=.zip"', 'name="unterminated', "filename*=''", "filename*99=x"])
+    [
+        "",
+        'filename="a.exe"',
+        "filename*=UTF-8''%E2%82%AC.js",
+        "filename*0*=x'y'%ZZ; filename*1=q",
+        'filename="=?utf-8?b?w6k=?=.zip"',
+        'name="unterminated',
+        "filename*=''",
+        "filename*99=x",
+    ]
+)
 _TEXTS = st.one_of(
     st.text(max_size=200),
     st.lists(
         st.sampled_from(
-            ["<a href='http://x.example/p'>", "</a>", "<p>", "<script>", "</script>", "<!--",
-             "-->", "&amp;", "&#x110000;", "&#0;", "www.w.example", "http://[::1", "=?utf-8?q?",
-             "?=", "=E2=82", "=\r\n", "TVqQ", "UEsDBA", "<", ">", '"', "'", "\x00", "\r", " "]),
+            [
+                "<a href='http://x.example/p'>",
+                "</a>",
+                "<p>",
+                "<script>",
+                "</script>",
+                "<!--",
+                "-->",
+                "&amp;",
+                "&#x110000;",
+                "&#0;",
+                "www.w.example",
+                "http://[::1",
+                "=?utf-8?q?",
+                "?=",
+                "=E2=82",
+                "=\r\n",
+                "TVqQ",
+                "UEsDBA",
+                "<",
+                ">",
+                '"',
+                "'",
+                "\x00",
+                "\r",
+                " ",
+            ]
+        ),
         max_size=30,
     ).map("".join),
 )
@@ -88,8 +146,9 @@ def _leaf(draw: st.DrawFn) -> str:
         headers.append(f"Content-Transfer-Encoding: {draw(_ENCODINGS)}")
     filename = draw(_FILENAMES)
     if filename:
-        headers.append(f"Content-Disposition: {draw(st.sampled_from(['attachment', 'inline']))}"
-                       f"; {filename}")
+        headers.append(
+            f"Content-Disposition: {draw(st.sampled_from(['attachment', 'inline']))}; {filename}"
+        )
     body = draw(_TEXTS)
     if draw(st.booleans()):
         body = base64.b64encode(body.encode("utf-8", "surrogatepass")).decode()
@@ -125,8 +184,17 @@ _ENTITIES = st.recursive(_leaf(), _multipart, max_leaves=12)
             st.one_of(
                 st.text(max_size=60),
                 st.sampled_from(
-                    ['"A, B" <a@b.example>', "g: x@y.example;", "=?utf-8?b?4oKs?= <e@x>", "<",
-                     "(((", "a@b, , c@d", '"\\', "=?x?q?=ZZ?="]),
+                    [
+                        '"A, B" <a@b.example>',
+                        "g: x@y.example;",
+                        "=?utf-8?b?4oKs?= <e@x>",
+                        "<",
+                        "(((",
+                        "a@b, , c@d",
+                        '"\\',
+                        "=?x?q?=ZZ?=",
+                    ]
+                ),
             ),
         ),
         max_size=6,
@@ -144,18 +212,24 @@ def test_mime_structures_never_raise(
 ) -> None:
     head = "".join(f"{name}: {value}\r\n" for name, value in headers)
     raw = (head + "MIME-Version: 1.0\r\n" + entity).encode("utf-8", "surrogatepass")
-    msg = ParsedMessage(raw, max_parts=max_parts, max_depth=max_depth,
-                        max_text_bytes=max_text_bytes)
+    msg = ParsedMessage(
+        raw, max_parts=max_parts, max_depth=max_depth, max_text_bytes=max_text_bytes
+    )
     touch_everything(msg)
     assert len(msg.attachments) <= max_parts
 
 
 # -- round trips through the standard library's generator -------------------------------------
 
-_WORDS = st.text(
-    alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "Zs")), min_size=1,
-    max_size=40,
-).map(lambda s: " ".join(s.split())).filter(bool)
+_WORDS = (
+    st.text(
+        alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "Zs")),
+        min_size=1,
+        max_size=40,
+    )
+    .map(lambda s: " ".join(s.split()))
+    .filter(bool)
+)
 
 
 @FUZZ
@@ -179,17 +253,22 @@ def test_stdlib_built_messages_round_trip(
     message["From"] = Address(display_name=name, addr_spec="sender@example.org")
     message.set_content(text)
     for filename, data in files:
-        message.add_attachment(data, maintype="application", subtype="octet-stream",
-                               filename=filename)
+        message.add_attachment(
+            data, maintype="application", subtype="octet-stream", filename=filename
+        )
     msg = ParsedMessage(message.as_bytes())
     touch_everything(msg)
     assert msg.subject == subject
     (sender,) = msg.addresses("from")
-    assert (sender.name, sender.address, sender.domain) == (name, "sender@example.org",
-                                                            "example.org")
+    assert (sender.name, sender.address, sender.domain) == (
+        name,
+        "sender@example.org",
+        "example.org",
+    )
     assert " ".join(msg.body_text.split()) == text
     assert [(a.filename, a.size) for a in msg.attachments] == [
-        (filename, len(data)) for filename, data in files]
+        (filename, len(data)) for filename, data in files
+    ]
     for attachment, (_, data) in zip(msg.attachments, files, strict=True):
         assert attachment.detected_type == detect_type(data)
 
@@ -198,9 +277,37 @@ def test_stdlib_built_messages_round_trip(
 
 _HTML_TOKENS = st.lists(
     st.sampled_from(
-        ["<", ">", "/", '"', "'", "=", " ", "\n", "a", "p", "href", "src", "img", "title",
-         "script", "style", "<!--", "-->", "<!", "&", "#", ";", "amp", "x", "http://h.example",
-         "\ue000", "\ue001", "\u200b"]),
+        [
+            "<",
+            ">",
+            "/",
+            '"',
+            "'",
+            "=",
+            " ",
+            "\n",
+            "a",
+            "p",
+            "href",
+            "src",
+            "img",
+            "title",
+            "script",
+            "style",
+            "<!--",
+            "-->",
+            "<!",
+            "&",
+            "#",
+            ";",
+            "amp",
+            "x",
+            "http://h.example",
+            "\ue000",
+            "\ue001",
+            "\u200b",
+        ]
+    ),
     max_size=60,
 ).map("".join)
 

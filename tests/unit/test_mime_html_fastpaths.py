@@ -9,10 +9,35 @@ from filterd import mime_html as mh
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _PIECES = st.sampled_from(
-    ["<a href='http://a.example/x'>", '<A HREF="www.b.example">', "<a title=t href=x>", "</a>",
-     "<a href='&amp;q=1'>", "<a href='&#xe001;'>", "link", " ", "\n", "&amp;", "&#66;", "&",
-     "\ue000", "\u200b", "\xa0", "www.c.example", "http://", "://", "www.", "x.y", "mailto:",
-     "<", "<!--", "<img src=i>", "<p>", "é"])
+    [
+        "<a href='http://a.example/x'>",
+        '<A HREF="www.b.example">',
+        "<a title=t href=x>",
+        "</a>",
+        "<a href='&amp;q=1'>",
+        "<a href='&#xe001;'>",
+        "link",
+        " ",
+        "\n",
+        "&amp;",
+        "&#66;",
+        "&",
+        "\ue000",
+        "\u200b",
+        "\xa0",
+        "www.c.example",
+        "http://",
+        "://",
+        "www.",
+        "x.y",
+        "mailto:",
+        "<",
+        "<!--",
+        "<img src=i>",
+        "<p>",
+        "é",
+    ]
+)
 _MARKUP = st.lists(_PIECES, max_size=40).map("".join)
 
 

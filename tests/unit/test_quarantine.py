@@ -65,8 +65,13 @@ VERDICT = Verdict(
     deciding_rule="executable-attachment",
     reason="executable attachment",
     trace=(
-        RuleTrace("executable-attachment", True, 0.0, detail="attachment invoice.exe",
-                  action=Action.QUARANTINE),
+        RuleTrace(
+            "executable-attachment",
+            True,
+            0.0,
+            detail="attachment invoice.exe",
+            action=Action.QUARANTINE,
+        ),
         RuleTrace("lottery-words", True, 4.5, detail="subject: lottery"),
         RuleTrace("gtube", False),
     ),
@@ -80,16 +85,24 @@ def _message(n: int = 0, *, body: bytes = b"", sender: str = "alice@example.org"
         f"Message-ID: <m{n}@example.org>\r\nX-Spam-Flag: NO\r\n\r\n"
     ).encode() + (body or f"Hello {n}.\r\n".encode())
     envelope = Envelope(
-        sender=sender, recipients=("bob@example.net", "carol@example.net"),
-        client_ip="192.0.2.7", client_name="mx.example.org", helo="mx.example.org",
+        sender=sender,
+        recipients=("bob@example.net", "carol@example.net"),
+        client_ip="192.0.2.7",
+        client_name="mx.example.org",
+        helo="mx.example.org",
         queue_id=f"4Q{n:05d}",
     )
     return Message(envelope, raw)
 
 
 def _store(store: QuarantineStore, n: int = 0, *, now: datetime | None = None, **kw: Any) -> str:
-    return store.store(_message(n, **kw), VERDICT, rule="executable-attachment",
-                       reason="executable attachment", now=now)
+    return store.store(
+        _message(n, **kw),
+        VERDICT,
+        rule="executable-attachment",
+        reason="executable attachment",
+        now=now,
+    )
 
 
 @pytest.fixture
@@ -107,8 +120,9 @@ def _files(folder: Path) -> list[str]:
 
 def test_store_writes_the_message_and_its_metadata(store: QuarantineStore) -> None:
     message = _message(1)
-    entry_id = store.store(message, VERDICT, rule="executable-attachment",
-                           reason="executable attachment", now=NOW)
+    entry_id = store.store(
+        message, VERDICT, rule="executable-attachment", reason="executable attachment", now=NOW
+    )
     assert ENTRY_ID_RE.fullmatch(entry_id)
     assert entry_id.startswith("20261130T122643Z-")
     assert (store.path / f"{entry_id}.eml").read_bytes() == message.raw
@@ -116,19 +130,30 @@ def test_store_writes_the_message_and_its_metadata(store: QuarantineStore) -> No
     assert meta["sender"] == "alice@example.org"
     assert meta["recipients"] == ["bob@example.net", "carol@example.net"]
     assert (meta["client_ip"], meta["helo"], meta["queue_id"]) == (
-        "192.0.2.7", "mx.example.org", "4Q00001")
+        "192.0.2.7",
+        "mx.example.org",
+        "4Q00001",
+    )
     assert meta["date"] == "2026-11-30T12:26:43Z"
     assert meta["status"] == "quarantined"
     assert meta["trace"][0] == {
-        "rule": "executable-attachment", "matched": True, "score": 0.0, "shadow": False,
-        "detail": "attachment invoice.exe", "action": "quarantine",
+        "rule": "executable-attachment",
+        "matched": True,
+        "score": 0.0,
+        "shadow": False,
+        "detail": "attachment invoice.exe",
+        "action": "quarantine",
     }
     entry = store.get(entry_id)
     assert entry.subject == "Grüße 1"
     assert entry.message_id == "<m1@example.org>"
     assert entry.size == len(message.raw)
     assert (entry.rule, entry.reason, entry.action, entry.score) == (
-        "executable-attachment", "executable attachment", "quarantine", 11.5)
+        "executable-attachment",
+        "executable attachment",
+        "quarantine",
+        11.5,
+    )
     assert entry.trace == VERDICT.trace
     assert entry.date == NOW
     assert store.read_message(entry_id) == message.raw
@@ -302,7 +327,9 @@ def test_stale_rows_are_resynchronised_on_open(tmp_path: Path) -> None:
     with QuarantineStore(folder) as second:
         listed = {e.id: e.status for e in second.list()}
     assert listed == {
-        a: EntryStatus.QUARANTINED, b: EntryStatus.RELEASED, d: EntryStatus.QUARANTINED,
+        a: EntryStatus.QUARANTINED,
+        b: EntryStatus.RELEASED,
+        d: EntryStatus.QUARANTINED,
     }
 
 
@@ -398,13 +425,23 @@ def test_failed_status_update_leaves_the_row_pending(tmp_path: Path) -> None:
         assert QuarantineIndex(folder).snapshot() == {entry_id: False}
 
 
-def _run_child(script: str, folder: Path, *, prefix: Sequence[str] = (), timeout: float = 60,
-               preexec: Any = None) -> subprocess.CompletedProcess[str]:
+def _run_child(
+    script: str,
+    folder: Path,
+    *,
+    prefix: Sequence[str] = (),
+    timeout: float = 60,
+    preexec: Any = None,
+) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"PYTHONPATH": str(REPO)}
     code = textwrap.dedent(_CHILD_PRELUDE) + textwrap.dedent(script)
     return subprocess.run(  # noqa: PLW1510 - the caller checks the result
         [*prefix, sys.executable, "-c", code, str(folder)],
-        capture_output=True, text=True, env=env, timeout=timeout, preexec_fn=preexec,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        preexec_fn=preexec,
     )
 
 
@@ -459,12 +496,19 @@ def _private_tmpfs(folder: Path, options: str) -> list[str] | None:
     folder.mkdir(parents=True, exist_ok=True)
     probe = subprocess.run(  # noqa: PLW1510
         [unshare, "-m", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs '{folder}'"],
-        capture_output=True, timeout=10,
+        capture_output=True,
+        timeout=10,
     )
     if probe.returncode != 0:
         return None
-    return [unshare, "-m", "sh", "-c",
-            f'mount -t tmpfs -o {options} tmpfs "$0" && exec "$@"', str(folder)]
+    return [
+        unshare,
+        "-m",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o {options} tmpfs "$0" && exec "$@"',
+        str(folder),
+    ]
 
 
 def _assert_consistent(state: dict[str, Any]) -> None:
@@ -569,7 +613,9 @@ def test_read_only_filesystem_refuses_to_store(tmp_path: Path) -> None:
     result = json.loads(done.stdout)
     assert result["error"] is not None  # refused at open or at store: either way a 451
     assert [n for n in result["names"] if n.endswith((".eml", ".json"))] == [
-        f"{result['kept']}.eml", f"{result['kept']}.json"]
+        f"{result['kept']}.eml",
+        f"{result['kept']}.json",
+    ]
 
 
 # --- crash safety -------------------------------------------------------------------------------
@@ -595,7 +641,9 @@ def test_kill_9_while_storing_loses_no_acknowledged_entry(tmp_path: Path) -> Non
     for round_ in range(6):
         child = subprocess.Popen(
             [sys.executable, "-c", code, str(folder), str(round_ * 10_000)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         assert child.stdout is not None
         lines: list[bytes] = []
@@ -671,8 +719,16 @@ def test_list_table_is_aligned(store: QuarantineStore) -> None:
     out = io.StringIO()
     assert list_entries(store, as_json=False, out=out) == 0
     lines = out.getvalue().splitlines()
-    assert lines[0].split() == ["ID", "DATE", "STATUS", "SIZE", "SENDER", "RECIPIENTS", "RULE",
-                                "SUBJECT"]
+    assert lines[0].split() == [
+        "ID",
+        "DATE",
+        "STATUS",
+        "SIZE",
+        "SENDER",
+        "RECIPIENTS",
+        "RULE",
+        "SUBJECT",
+    ]
     assert [line.split()[0] for line in lines[1:]] == ids[::-1]
     column = lines[0].index("SENDER")
     assert all(line[column:].startswith("alice@example.org") for line in lines[1:])
@@ -758,9 +814,7 @@ class _Hop:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(
-        self, server: Any, session: Any, envelope: Any
-    ) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 2.0.0 Ok: queued"
 
@@ -825,9 +879,10 @@ def test_release_to_another_address_and_null_sender(
     handler, port = hop
     entry_id = _store(store, 6, sender="")
     out = io.StringIO()
-    assert release_entry(
-        store, entry_id, to=["admin@example.net"], send=_sender_to(port), out=out
-    ) == 0
+    assert (
+        release_entry(store, entry_id, to=["admin@example.net"], send=_sender_to(port), out=out)
+        == 0
+    )
     assert handler.received[0][:2] == ("<>", ["admin@example.net"])
     assert store.get(entry_id).released_to == ("admin@example.net",)
     assert f"released {entry_id} to admin@example.net" in out.getvalue()
@@ -861,5 +916,7 @@ def test_release_with_the_next_hop_down_changes_nothing(store: QuarantineStore) 
 def test_release_of_unknown_entry(store: QuarantineStore, hop: tuple[_Hop, int]) -> None:
     _, port = hop
     out = io.StringIO()
-    assert release_entry(store, "20261130T122643Z-0123abcd", to=None, send=_sender_to(port),
-                         out=out) == 1
+    assert (
+        release_entry(store, "20261130T122643Z-0123abcd", to=None, send=_sender_to(port), out=out)
+        == 1
+    )

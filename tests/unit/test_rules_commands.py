@@ -29,14 +29,18 @@ def _write(path: Path, text: str) -> Path:
 
 def test_check_summary(tmp_path: Path) -> None:
     (tmp_path / "l.txt").write_text("x\n")
-    _write(tmp_path / "a.yaml", """\
+    _write(
+        tmp_path / "a.yaml",
+        """\
         lists: {l: l.txt}
         rules:
           - {name: a, if: {subject: {contains: x}}, then: {score: 1}}
           - {name: b, if: {subject: {contains: y}}, then: {score: 1}, mode: shadow}
-        """)
-    _write(tmp_path / "b.yaml",
-           "rules:\n  - {name: c, if: {sender: {in_list: l}}, then: {score: 1}}\n")
+        """,
+    )
+    _write(
+        tmp_path / "b.yaml", "rules:\n  - {name: c, if: {sender: {in_list: l}}, then: {score: 1}}\n"
+    )
     out, err = _streams()
     assert check(tmp_path, out, err) == 0
     assert out.getvalue() == "OK: 3 rules in 2 files, 1 list (1 in shadow mode)\n"
@@ -44,11 +48,14 @@ def test_check_summary(tmp_path: Path) -> None:
 
 
 def test_check_reports_every_problem_and_exits_78(tmp_path: Path) -> None:
-    path = _write(tmp_path / "a.yaml", """\
+    path = _write(
+        tmp_path / "a.yaml",
+        """\
         rules:
           - {name: a, if: {subjct: {contains: x}}, then: {score: 1}}
           - {name: b, if: {body: {regex: '(?!x)'}}, then: {score: 1}}
-        """)
+        """,
+    )
     out, err = _streams()
     assert check(path, out, err) == 78
     lines = err.getvalue().splitlines()
@@ -66,17 +73,32 @@ def test_check_passes_on_the_shipped_rules() -> None:
 
 def test_scan_json_one_object_per_message(tmp_path: Path) -> None:
     out, err = _streams()
-    files = [str(CORPUS / "spam-gtube.eml"), str(tmp_path / "missing.eml"),
-             str(CORPUS / "ham-plain.eml")]
-    code = scan(SHIPPED, files, sender="promo@spam.example", recipients=["bob@example.net"],
-                client_ip="192.0.2.1", helo="mx.spam.example", as_json=True, out=out, err=err)
+    files = [
+        str(CORPUS / "spam-gtube.eml"),
+        str(tmp_path / "missing.eml"),
+        str(CORPUS / "ham-plain.eml"),
+    ]
+    code = scan(
+        SHIPPED,
+        files,
+        sender="promo@spam.example",
+        recipients=["bob@example.net"],
+        client_ip="192.0.2.1",
+        helo="mx.spam.example",
+        as_json=True,
+        out=out,
+        err=err,
+    )
     assert code == 1  # the unreadable file, and the others were still scanned
     assert "missing.eml" in err.getvalue()
     objects = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [o["file"] for o in objects] == [files[0], files[2]]
     gtube, ham = objects
     assert (gtube["action"], gtube["rules"], gtube["reply"]) == (
-        "reject", ["gtube"], "554 5.7.1 Message rejected as spam (GTUBE)")
+        "reject",
+        ["gtube"],
+        "554 5.7.1 Message rejected as spam (GTUBE)",
+    )
     assert (ham["action"], ham["rules"], ham["score"]) == ("accept", [], 0.0)
     ruleset = load_ruleset(SHIPPED)
     assert [t["rule"] for t in ham["trace"]] == list(ruleset.rule_names)
@@ -88,9 +110,17 @@ def test_scan_json_one_object_per_message(tmp_path: Path) -> None:
 
 def test_scan_human_output(tmp_path: Path) -> None:
     out, err = _streams()
-    code = scan(SHIPPED, [str(CORPUS / "phish-link-mismatch.eml")], sender="x@example.org",
-                recipients=["bob@example.net"], client_ip=None, helo=None, as_json=False,
-                out=out, err=err)
+    code = scan(
+        SHIPPED,
+        [str(CORPUS / "phish-link-mismatch.eml")],
+        sender="x@example.org",
+        recipients=["bob@example.net"],
+        client_ip=None,
+        helo=None,
+        as_json=False,
+        out=out,
+        err=err,
+    )
     text = out.getvalue()
     assert code == 0
     assert err.getvalue() == ""
@@ -104,8 +134,20 @@ def test_scan_human_output(tmp_path: Path) -> None:
 def test_scan_with_invalid_rules_exits_78(tmp_path: Path) -> None:
     path = _write(tmp_path / "a.yaml", "rules: {}\n")
     out, err = _streams()
-    assert scan(path, [], sender="", recipients=[], client_ip=None, helo=None, as_json=True,
-                out=out, err=err) == 78
+    assert (
+        scan(
+            path,
+            [],
+            sender="",
+            recipients=[],
+            client_ip=None,
+            helo=None,
+            as_json=True,
+            out=out,
+            err=err,
+        )
+        == 78
+    )
     assert f"{path}:1:8: 'rules:' must be a list" in err.getvalue()
 
 
@@ -120,7 +162,9 @@ def test_run_tests_on_the_shipped_rules_pass() -> None:
 
 def test_run_tests_reports_what_differed(tmp_path: Path) -> None:
     shutil.copy(CORPUS / "spam-gtube.eml", tmp_path / "gtube.eml")
-    _write(tmp_path / "a.yaml", """\
+    _write(
+        tmp_path / "a.yaml",
+        """\
         rules:
           - name: gtube
             if: {body: {contains: "GTUBE-STANDARD"}}
@@ -143,15 +187,20 @@ def test_run_tests_reports_what_differed(tmp_path: Path) -> None:
           - name: unreadable
             message: nowhere.eml
             expect: {action: accept}
-        """)
+        """,
+    )
     out, err = _streams()
     assert run_tests(tmp_path, out, err) == 1
     lines = out.getvalue().splitlines()
     assert lines[0] == "PASS right"
     assert lines[1].startswith("FAIL wrong (")
-    for part in ("action: expected accept, got reject", "expected to match but did not: never",
-                 "expected not to match but did: gtube", "score: expected at least 2, got 0",
-                 "tag: expected true, got false"):
+    for part in (
+        "action: expected accept, got reject",
+        "expected to match but did not: never",
+        "expected not to match but did: gtube",
+        "score: expected at least 2, got 0",
+        "tag: expected true, got false",
+    ):
         assert part in lines[1]
     assert lines[2].startswith("FAIL unreadable (")
     assert "cannot read message" in lines[2]
@@ -188,11 +237,18 @@ def test_shipped_rule_files_carry_the_schema_comment_and_validate(path: Path) ->
 def test_schema_rejects_what_check_rejects() -> None:
     jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft7Validator(json_schema())
-    bad = {"rules": [{"name": "Bad Name", "if": {"subjct": {"contains": "x"}},
-                      "then": {"action": "rejct"}}], "scorez": {}}
+    bad = {
+        "rules": [
+            {"name": "Bad Name", "if": {"subjct": {"contains": "x"}}, "then": {"action": "rejct"}}
+        ],
+        "scorez": {},
+    }
     messages = " | ".join(e.message for e in validator.iter_errors(bad))
     assert "'scorez' was unexpected" in messages
     assert "does not match" in messages  # the rule name pattern
-    two_kinds = {"rules": [{"name": "a", "if": {"subject": {"contains": "x", "regex": "y"}},
-                            "then": {"score": 1}}]}
+    two_kinds = {
+        "rules": [
+            {"name": "a", "if": {"subject": {"contains": "x", "regex": "y"}}, "then": {"score": 1}}
+        ]
+    }
     assert list(validator.iter_errors(two_kinds))

@@ -29,45 +29,51 @@ def _zip(members: dict[str, bytes]) -> str:
 
 
 RAW = (
-    "From: \"Alice Example\" <alice@example.org>\n"
-    "To: Bob <bob@example.net>, carol@example.com\n"
-    "Subject: =?utf-8?q?Caf=C3=A9_meeting?=\n"
-    "Date: Mon, 30 Nov 2026 09:00:00 +0000\n"
-    "Message-ID: <m1@example.org>\n"
-    "X-Mailer: TestMailer 1.0\n"
-    "MIME-Version: 1.0\n"
-    "Content-Type: multipart/mixed; boundary=\"outer\"\n"
-    "\n"
-    "--outer\n"
-    "Content-Type: multipart/alternative; boundary=\"alt\"\n"
-    "\n"
-    "--alt\n"
-    "Content-Type: text/plain; charset=utf-8\n"
-    "Content-Transfer-Encoding: quoted-printable\n"
-    "\n"
-    "Hello Bob, the agenda is at https://docs.example.com/agenda =E2=80=93 see you.\n"
-    "--alt\n"
-    "Content-Type: text/html; charset=utf-8\n"
-    "\n"
-    "<p>Hello <b>Bob</b>, <a href=\"https://tracker.example.net/c?id=1\">www.example.com</a></p>\n"
-    "--alt--\n"
-    "--outer\n"
-    "Content-Type: application/pdf\n"
-    "Content-Disposition: attachment; filename*=utf-8''R%C3%A9sum%C3%A9.pdf\n"
-    "Content-Transfer-Encoding: base64\n"
-    "\n"
-    + base64.encodebytes(b"%PDF-1.4\n%%EOF\n").decode()
-    + "--outer\n"
-    "Content-Type: application/zip\n"
-    "Content-Disposition: attachment; filename=\"bundle.zip\"\n"
-    "Content-Transfer-Encoding: base64\n"
-    "\n"
-    + _zip({"inner/readme.txt": b"hello", "inner/tool.exe": b"MZ" + b"\0" * 100})
-    + "--outer--\n"
-).replace("\n", "\r\n").encode()
+    (
+        'From: "Alice Example" <alice@example.org>\n'
+        "To: Bob <bob@example.net>, carol@example.com\n"
+        "Subject: =?utf-8?q?Caf=C3=A9_meeting?=\n"
+        "Date: Mon, 30 Nov 2026 09:00:00 +0000\n"
+        "Message-ID: <m1@example.org>\n"
+        "X-Mailer: TestMailer 1.0\n"
+        "MIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="outer"\n'
+        "\n"
+        "--outer\n"
+        'Content-Type: multipart/alternative; boundary="alt"\n'
+        "\n"
+        "--alt\n"
+        "Content-Type: text/plain; charset=utf-8\n"
+        "Content-Transfer-Encoding: quoted-printable\n"
+        "\n"
+        "Hello Bob, the agenda is at https://docs.example.com/agenda =E2=80=93 see you.\n"
+        "--alt\n"
+        "Content-Type: text/html; charset=utf-8\n"
+        "\n"
+        '<p>Hello <b>Bob</b>, <a href="https://tracker.example.net/c?id=1">www.example.com</a></p>\n'
+        "--alt--\n"
+        "--outer\n"
+        "Content-Type: application/pdf\n"
+        "Content-Disposition: attachment; filename*=utf-8''R%C3%A9sum%C3%A9.pdf\n"
+        "Content-Transfer-Encoding: base64\n"
+        "\n" + base64.encodebytes(b"%PDF-1.4\n%%EOF\n").decode() + "--outer\n"
+        "Content-Type: application/zip\n"
+        'Content-Disposition: attachment; filename="bundle.zip"\n'
+        "Content-Transfer-Encoding: base64\n"
+        "\n"
+        + _zip({"inner/readme.txt": b"hello", "inner/tool.exe": b"MZ" + b"\0" * 100})
+        + "--outer--\n"
+    )
+    .replace("\n", "\r\n")
+    .encode()
+)
 
-ENVELOPE = Envelope(sender="alice@example.org", recipients=("bob@example.net", "carol@example.com"),
-                    client_ip="192.0.2.10", helo="mail.example.org")
+ENVELOPE = Envelope(
+    sender="alice@example.org",
+    recipients=("bob@example.net", "carol@example.com"),
+    client_ip="192.0.2.10",
+    helo="mail.example.org",
+)
 
 
 def _matches(tmp_path: Path, condition: str, message: Message | None = None) -> bool:
@@ -75,7 +81,8 @@ def _matches(tmp_path: Path, condition: str, message: Message | None = None) -> 
     (tmp_path / "lists" / "people.txt").write_text("# people\nALICE@example.org\n\nexample.net\n")
     (tmp_path / "lists" / "nets.txt").write_text("192.0.2.0/24  # documentation net\n")
     (tmp_path / "lists" / "subdomains.txt").write_text(".example.com\n")
-    (tmp_path / "rules.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "rules.yaml").write_text(
+        textwrap.dedent("""\
         lists:
           people: lists/people.txt
           nets: lists/nets.txt
@@ -84,7 +91,9 @@ def _matches(tmp_path: Path, condition: str, message: Message | None = None) -> 
           - name: probe
             if: %s
             then: {score: 1}
-        """) % condition)
+        """)
+        % condition
+    )
     ruleset = load_ruleset(tmp_path / "rules.yaml")
     verdict = evaluate(ruleset, message or Message(ENVELOPE, RAW))
     assert verdict.trace[0].matched == (verdict.rules == ("probe",))
@@ -200,32 +209,45 @@ MATCHERS = [
 ]
 
 
-@pytest.mark.parametrize(("matcher", "subject", "expected"), MATCHERS,
-                         ids=[f"{m}~{s}" for m, s, _ in MATCHERS])
+@pytest.mark.parametrize(
+    ("matcher", "subject", "expected"), MATCHERS, ids=[f"{m}~{s}" for m, s, _ in MATCHERS]
+)
 def test_matcher(tmp_path: Path, matcher: str, subject: str, expected: bool) -> None:
     raw = f"Subject: {subject}\r\nFrom: a@example.org\r\n\r\nbody\r\n".encode()
     message = Message(Envelope("a@example.org", ("b@example.org",)), raw)
     assert _matches(tmp_path, f"{{subject: {matcher}}}", message) is expected
 
 
-@pytest.mark.parametrize(("sender", "condition", "expected"), [
-    ("", "{sender: {equals: ''}}", True),  # the null sender <>
-    ("", "{sender: {domain: {equals: ''}}}", True),
-    ("user@example.org", "{sender: {equals: ''}}", False),
-    ("", "{sender: {in_list: people}}", False),
-])
+@pytest.mark.parametrize(
+    ("sender", "condition", "expected"),
+    [
+        ("", "{sender: {equals: ''}}", True),  # the null sender <>
+        ("", "{sender: {domain: {equals: ''}}}", True),
+        ("user@example.org", "{sender: {equals: ''}}", False),
+        ("", "{sender: {in_list: people}}", False),
+    ],
+)
 def test_null_sender(tmp_path: Path, sender: str, condition: str, expected: bool) -> None:
     message = Message(Envelope(sender, ("b@example.org",)), b"Subject: x\r\n\r\nbody\r\n")
     assert _matches(tmp_path, condition, message) is expected
 
 
-@pytest.mark.parametrize(("client_ip", "expected"), [
-    ("192.0.2.77", True), ("[192.0.2.77]", True), ("IPv6:2001:db8::1", True),
-    ("198.51.100.1", False), (None, False), ("not-an-ip", False),
-])
+@pytest.mark.parametrize(
+    ("client_ip", "expected"),
+    [
+        ("192.0.2.77", True),
+        ("[192.0.2.77]", True),
+        ("IPv6:2001:db8::1", True),
+        ("198.51.100.1", False),
+        (None, False),
+        ("not-an-ip", False),
+    ],
+)
 def test_client_ip_forms(tmp_path: Path, client_ip: str | None, expected: bool) -> None:
-    message = Message(Envelope("a@example.org", ("b@example.org",), client_ip=client_ip),
-                      b"Subject: x\r\n\r\nbody\r\n")
+    message = Message(
+        Envelope("a@example.org", ("b@example.org",), client_ip=client_ip),
+        b"Subject: x\r\n\r\nbody\r\n",
+    )
     condition = "{client_ip: {in: [192.0.2.0/24, '2001:db8::/32']}}"
     assert _matches(tmp_path, condition, message) is expected
 
@@ -236,29 +258,36 @@ def test_missing_helo_does_not_match_but_its_negation_does(tmp_path: Path) -> No
     assert _matches(tmp_path, "{not: {helo: {regex: '.*'}}}", message) is True
 
 
-@pytest.mark.parametrize(("link_text", "href", "expected"), [
-    ("https://www.paypal.com/signin", "http://paypa1-secure.example/login", True),
-    ("www.bank.example", "https://evil.example/x", True),
-    ("paypal.com", "https://www.paypal.com/x", False),  # same site
-    ("www.example.com", "https://news.example.com/a", False),  # a subdomain of the shown one
-    ("Click here", "https://evil.example/x", False),  # not a URL
-    ("visit www.bank.example today", "https://evil.example/x", False),  # prose, not a URL
-])
+@pytest.mark.parametrize(
+    ("link_text", "href", "expected"),
+    [
+        ("https://www.paypal.com/signin", "http://paypa1-secure.example/login", True),
+        ("www.bank.example", "https://evil.example/x", True),
+        ("paypal.com", "https://www.paypal.com/x", False),  # same site
+        ("www.example.com", "https://news.example.com/a", False),  # a subdomain of the shown one
+        ("Click here", "https://evil.example/x", False),  # not a URL
+        ("visit www.bank.example today", "https://evil.example/x", False),  # prose, not a URL
+    ],
+)
 def test_link_text_mismatch(tmp_path: Path, link_text: str, href: str, expected: bool) -> None:
-    raw = (f"Subject: x\r\nContent-Type: text/html\r\n\r\n"
-           f"<a href=\"{href}\">{link_text}</a>\r\n").encode()
+    raw = (
+        f'Subject: x\r\nContent-Type: text/html\r\n\r\n<a href="{href}">{link_text}</a>\r\n'
+    ).encode()
     message = Message(Envelope("a@example.org", ("b@example.org",)), raw)
     assert _matches(tmp_path, "{url: {text_domain_mismatch: true}}", message) is expected
 
 
-@pytest.mark.parametrize(("from_header", "expected"), [
-    ('"service@paypal.com" <x@evil.example>', True),
-    ('"www.bank.com security" <x@evil.example>', True),
-    ('"Booking.com" <noreply@mail.booking.com>', False),
-    ('"Alice Example" <alice@example.org>', False),
-    ('"Mr.Smith" <smith@example.org>', False),
-    ("<x@evil.example>", False),
-])
+@pytest.mark.parametrize(
+    ("from_header", "expected"),
+    [
+        ('"service@paypal.com" <x@evil.example>', True),
+        ('"www.bank.com security" <x@evil.example>', True),
+        ('"Booking.com" <noreply@mail.booking.com>', False),
+        ('"Alice Example" <alice@example.org>', False),
+        ('"Mr.Smith" <smith@example.org>', False),
+        ("<x@evil.example>", False),
+    ],
+)
 def test_name_domain_mismatch(tmp_path: Path, from_header: str, expected: bool) -> None:
     raw = f"From: {from_header}\r\nSubject: x\r\n\r\nbody\r\n".encode()
     message = Message(Envelope("a@example.org", ("b@example.org",)), raw)
@@ -266,7 +295,8 @@ def test_name_domain_mismatch(tmp_path: Path, from_header: str, expected: bool) 
 
 
 def test_trace_detail_names_the_matched_text(tmp_path: Path) -> None:
-    (tmp_path / "rules.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "rules.yaml").write_text(
+        textwrap.dedent("""\
         rules:
           - name: agenda
             if: {body: {regex: 'agenda is \\w+'}}
@@ -274,7 +304,8 @@ def test_trace_detail_names_the_matched_text(tmp_path: Path) -> None:
           - name: zipped-exe
             if: {attachment: {archive: {filename: {glob: '*.exe'}}}}
             then: {score: 1}
-        """))
+        """)
+    )
     verdict = evaluate(load_ruleset(tmp_path / "rules.yaml"), Message(ENVELOPE, RAW))
     details = {entry.rule: entry.detail for entry in verdict.trace}
     assert '"agenda is at"' in details["agenda"]

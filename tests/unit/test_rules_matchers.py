@@ -25,28 +25,57 @@ from filterd.yamlsrc import Pos
 HERE = Pos("rules.yaml", 1, 1)
 
 
-@pytest.mark.parametrize("glob", ["*.exe", "invoice-??.pdf", "[a-c]*.txt", "[!x]*", "a[b", "*.*",
-                                  "report (1).doc", "x+y^z$.js", "[]]x", "*\\*"])
-@pytest.mark.parametrize("name", ["setup.exe", "invoice-12.pdf", "b.txt", "xray", "a[b",
-                                  "report (1).doc", "x+y^z$.js", "]x", "a\\b*", "setup.exe.txt"])
+@pytest.mark.parametrize(
+    "glob",
+    [
+        "*.exe",
+        "invoice-??.pdf",
+        "[a-c]*.txt",
+        "[!x]*",
+        "a[b",
+        "*.*",
+        "report (1).doc",
+        "x+y^z$.js",
+        "[]]x",
+        "*\\*",
+    ],
+)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "setup.exe",
+        "invoice-12.pdf",
+        "b.txt",
+        "xray",
+        "a[b",
+        "report (1).doc",
+        "x+y^z$.js",
+        "]x",
+        "a\\b*",
+        "setup.exe.txt",
+    ],
+)
 def test_glob_agrees_with_fnmatch(glob: str, name: str) -> None:
     """fnmatchcase is the oracle for case-sensitive globs over a whole name."""
     expected = fnmatch.fnmatchcase(name, glob)
     assert (re2.search(glob_to_regex(glob), name) is not None) is expected
 
 
-@pytest.mark.parametrize(("pattern", "problem"), [
-    ("plain", None),
-    (r"\bfree\b", None),
-    ("(?i)caf\u00e9", None),
-    ("(?P<name>x)", None),
-    ("a{1001}", "invalid regex"),
-    ("(?=x)", "lookaround"),
-    ("(?<!x)y", "lookaround"),
-    (r"(a)\1", "backreferences"),
-    (r"end\Z", r"use \z"),
-    ("[z-a]", "invalid character class range"),
-])
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("plain", None),
+        (r"\bfree\b", None),
+        ("(?i)caf\u00e9", None),
+        ("(?P<name>x)", None),
+        ("a{1001}", "invalid regex"),
+        ("(?=x)", "lookaround"),
+        ("(?<!x)y", "lookaround"),
+        (r"(a)\1", "backreferences"),
+        (r"end\Z", r"use \z"),
+        ("[z-a]", "invalid character class range"),
+    ],
+)
 def test_regex_problem(pattern: str, problem: str | None) -> None:
     found = regex_problem(pattern)
     if problem is None:
@@ -56,41 +85,52 @@ def test_regex_problem(pattern: str, problem: str | None) -> None:
         assert problem in found
 
 
-@pytest.mark.parametrize(("kind", "values", "case_sensitive", "text", "expected"), [
-    (MatcherKind.EQUALS, ["a.b"], False, "A.B", True),
-    (MatcherKind.EQUALS, ["a.b"], False, "axb", False),  # escaped, not a regex
-    (MatcherKind.EQUALS, ["a"], False, "a\n", False),  # $ is the very end
-    (MatcherKind.EQUALS, [""], False, "", True),
-    (MatcherKind.CONTAINS, ["(x)"], False, "a (X) b", True),
-    (MatcherKind.CONTAINS, ["x", "y"], True, "Y", False),
-    (MatcherKind.REGEX, ["^a|b$"], False, "cB", True),  # alternation kept inside its group
-    (MatcherKind.REGEX, ["^a", "b$"], False, "ca", False),
-    (MatcherKind.GLOB, ["*.EXE"], False, "x.exe", True),
-    (MatcherKind.GLOB, ["*.EXE"], True, "x.exe", False),
-])
-def test_combined_source(kind: MatcherKind, values: list[str], case_sensitive: bool, text: str,
-                         expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("kind", "values", "case_sensitive", "text", "expected"),
+    [
+        (MatcherKind.EQUALS, ["a.b"], False, "A.B", True),
+        (MatcherKind.EQUALS, ["a.b"], False, "axb", False),  # escaped, not a regex
+        (MatcherKind.EQUALS, ["a"], False, "a\n", False),  # $ is the very end
+        (MatcherKind.EQUALS, [""], False, "", True),
+        (MatcherKind.CONTAINS, ["(x)"], False, "a (X) b", True),
+        (MatcherKind.CONTAINS, ["x", "y"], True, "Y", False),
+        (MatcherKind.REGEX, ["^a|b$"], False, "cB", True),  # alternation kept inside its group
+        (MatcherKind.REGEX, ["^a", "b$"], False, "ca", False),
+        (MatcherKind.GLOB, ["*.EXE"], False, "x.exe", True),
+        (MatcherKind.GLOB, ["*.EXE"], True, "x.exe", False),
+    ],
+)
+def test_combined_source(
+    kind: MatcherKind, values: list[str], case_sensitive: bool, text: str, expected: bool
+) -> None:
     source = combined_source(kind, values, case_sensitive)
     assert (re2.search(source, text) is not None) is expected
 
 
 def test_domain_candidates() -> None:
     assert domain_candidates("a.b.example.com") == [
-        "a.b.example.com", ".b.example.com", ".example.com", ".com"]
+        "a.b.example.com",
+        ".b.example.com",
+        ".example.com",
+        ".com",
+    ]
     assert domain_candidates("localhost") == ["localhost"]
 
 
-@pytest.mark.parametrize(("kind", "entries", "value", "expected"), [
-    (LookupKind.EXACT, {"example.com"}, "EXAMPLE.com", "example.com"),
-    (LookupKind.EXACT, {"example.com"}, "mail.example.com", None),
-    (LookupKind.DOMAIN, {".example.com"}, "mail.example.com", ".example.com"),
-    (LookupKind.DOMAIN, {".example.com"}, "example.com", None),
-    (LookupKind.ADDRESS, {"example.com"}, "Bob@Example.com", "example.com"),
-    (LookupKind.ADDRESS, {"bob@example.com"}, "bob@example.com", "bob@example.com"),
-    (LookupKind.ADDRESS, {".example.com"}, "bob@eu.example.com", ".example.com"),
-    (LookupKind.ADDRESS, {"example.com"}, "", None),
-    (LookupKind.ADDRESS, {"example.com"}, "bob@", None),
-])
+@pytest.mark.parametrize(
+    ("kind", "entries", "value", "expected"),
+    [
+        (LookupKind.EXACT, {"example.com"}, "EXAMPLE.com", "example.com"),
+        (LookupKind.EXACT, {"example.com"}, "mail.example.com", None),
+        (LookupKind.DOMAIN, {".example.com"}, "mail.example.com", ".example.com"),
+        (LookupKind.DOMAIN, {".example.com"}, "example.com", None),
+        (LookupKind.ADDRESS, {"example.com"}, "Bob@Example.com", "example.com"),
+        (LookupKind.ADDRESS, {"bob@example.com"}, "bob@example.com", "bob@example.com"),
+        (LookupKind.ADDRESS, {".example.com"}, "bob@eu.example.com", ".example.com"),
+        (LookupKind.ADDRESS, {"example.com"}, "", None),
+        (LookupKind.ADDRESS, {"example.com"}, "bob@", None),
+    ],
+)
 def test_lookup(kind: LookupKind, entries: set[str], value: str, expected: str | None) -> None:
     match = LookupMatch("sender", frozenset(entries), kind, case_sensitive=False, label="t")
     assert match.lookup(value) == expected
@@ -106,8 +146,10 @@ def test_identical_patterns_share_one_index() -> None:
 
 def test_scanner_reports_every_pattern_found() -> None:
     table = PatternTable()
-    indices = {word: table.add("body", combined_source(MatcherKind.CONTAINS, [word], False), HERE)
-               for word in ("viagra", "lottery", "free", "absent")}
+    indices = {
+        word: table.add("body", combined_source(MatcherKind.CONTAINS, [word], False), HERE)
+        for word in ("viagra", "lottery", "free", "absent")
+    }
     scanner = table.compile([])["body"]
     found = scanner.scan(b"FREE lottery tickets, no Viagra")
     assert found == {indices["viagra"], indices["lottery"], indices["free"]}
@@ -134,12 +176,24 @@ def test_list_text_parsing() -> None:
     text = "# comment\n\n  spam.example \nevil.example # why\nx#y\n\t# indented\n"
     entries = parse_list_text(text)
     assert [(e.value, e.line, e.col) for e in entries] == [
-        ("spam.example", 3, 3), ("evil.example", 4, 1), ("x#y", 5, 1)]
+        ("spam.example", 3, 3),
+        ("evil.example", 4, 1),
+        ("x#y", 5, 1),
+    ]
 
 
-@pytest.mark.parametrize(("text", "valid"), [
-    ("10.0.0.0/8", True), ("10.1.2.3/8", True), ("192.0.2.1", True), ("fd00::/8", True),
-    ("::1", True), ("10.0.0.0/33", False), ("example.com", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("10.0.0.0/8", True),
+        ("10.1.2.3/8", True),
+        ("192.0.2.1", True),
+        ("fd00::/8", True),
+        ("::1", True),
+        ("10.0.0.0/33", False),
+        ("example.com", False),
+        ("", False),
+    ],
+)
 def test_parse_network(text: str, valid: bool) -> None:
     assert (parse_network(text) is not None) is valid

@@ -22,8 +22,9 @@ def _ruleset(tmp_path: Path, rules: str, head: str = THRESHOLDS, **kwargs: int) 
     return load_ruleset(path, **kwargs)
 
 
-def _message(subject: str = "hello", body: str = "body text",
-             sender: str = "a@example.org") -> Message:
+def _message(
+    subject: str = "hello", body: str = "body text", sender: str = "a@example.org"
+) -> Message:
     raw = f"From: a@example.org\r\nSubject: {subject}\r\n\r\n{body}\r\n".encode()
     return Message(Envelope(sender, ("b@example.net",)), raw)
 
@@ -44,39 +45,54 @@ def test_nothing_matches(tmp_path: Path) -> None:
 
 
 def test_strongest_action_wins(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path, _rule("t", "hello", "{action: tag}")
-                       + _rule("r", "hello", "{action: reject, reason: nope}")
-                       + _rule("q", "hello", "{action: quarantine}"))
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("t", "hello", "{action: tag}")
+        + _rule("r", "hello", "{action: reject, reason: nope}")
+        + _rule("q", "hello", "{action: quarantine}"),
+    )
     verdict = evaluate(ruleset, _message())
     assert (verdict.action, verdict.deciding_rule, verdict.reason) == (Action.REJECT, "r", "nope")
     assert verdict.rules == ("t", "r", "q")
     assert verdict.reply == SmtpReply(554, "5.7.1", "Message rejected by policy")
 
 
-@pytest.mark.parametrize(("first", "second", "expected"), [
-    ("quarantine", "discard", Action.QUARANTINE),
-    ("discard", "tempfail", Action.TEMPFAIL),
-    ("tag", "accept", Action.TAG),
-    ("accept", "tag", Action.TAG),
-    ("tempfail", "reject", Action.REJECT),
-])
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ("quarantine", "discard", Action.QUARANTINE),
+        ("discard", "tempfail", Action.TEMPFAIL),
+        ("tag", "accept", Action.TAG),
+        ("accept", "tag", Action.TAG),
+        ("tempfail", "reject", Action.REJECT),
+    ],
+)
 def test_precedence_pairs(tmp_path: Path, first: str, second: str, expected: Action) -> None:
-    ruleset = _ruleset(tmp_path, _rule("one", "hello", f"{{action: {first}}}")
-                       + _rule("two", "hello", f"{{action: {second}}}"))
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("one", "hello", f"{{action: {first}}}")
+        + _rule("two", "hello", f"{{action: {second}}}"),
+    )
     assert evaluate(ruleset, _message()).action is expected
 
 
 def test_ties_keep_the_earlier_rule(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path, _rule("first", "hello", "{action: quarantine, reason: one}")
-                       + _rule("second", "hello", "{action: quarantine, reason: two}"))
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("first", "hello", "{action: quarantine, reason: one}")
+        + _rule("second", "hello", "{action: quarantine, reason: two}"),
+    )
     verdict = evaluate(ruleset, _message())
     assert (verdict.deciding_rule, verdict.reason) == ("first", "one")
 
 
 def test_accept_stop_first_wins_over_everything_after(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path, _rule("scored", "hello", "{score: 20}")
-                       + _rule("trusted", "hello", "{action: accept, stop: true}")
-                       + _rule("later", "hello", "{action: reject}"))
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("scored", "hello", "{score: 20}")
+        + _rule("trusted", "hello", "{action: accept, stop: true}")
+        + _rule("later", "hello", "{action: reject}"),
+    )
     verdict = evaluate(ruleset, _message())
     assert (verdict.action, verdict.deciding_rule, verdict.tag) == (Action.ACCEPT, "trusted", False)
     assert verdict.score == 20.0  # reported, but no threshold applies
@@ -86,30 +102,39 @@ def test_accept_stop_first_wins_over_everything_after(tmp_path: Path) -> None:
 
 
 def test_accept_stop_after_a_stronger_action_does_not_override(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path, _rule("tagger", "hello", "{action: tag}")
-                       + _rule("trusted", "hello", "{action: accept, stop: true}")
-                       + _rule("later", "hello", "{action: reject}"))
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("tagger", "hello", "{action: tag}")
+        + _rule("trusted", "hello", "{action: accept, stop: true}")
+        + _rule("later", "hello", "{action: reject}"),
+    )
     verdict = evaluate(ruleset, _message())
     assert (verdict.action, verdict.deciding_rule) == (Action.TAG, "tagger")
     assert "later" not in verdict.rules
 
 
 def test_other_stop_keeps_the_decision_and_applies_thresholds(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path, _rule("big", "hello", "{score: 11, stop: true}")
-                       + _rule("later", "hello", "{action: reject}"))
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("big", "hello", "{score: 11, stop: true}")
+        + _rule("later", "hello", "{action: reject}"),
+    )
     verdict = evaluate(ruleset, _message())
     assert (verdict.action, verdict.deciding_rule) == (Action.QUARANTINE, None)
     assert verdict.reason == "score 11 reached the quarantine threshold 10"
     assert verdict.rules == ("big",)
 
 
-@pytest.mark.parametrize(("scores", "expected", "tag"), [
-    ([1.5, 2], Action.ACCEPT, False),
-    ([2.5, 2.5], Action.TAG, True),
-    ([6, 4], Action.QUARANTINE, True),
-    ([10, 5], Action.REJECT, True),
-    ([20, -6], Action.QUARANTINE, True),  # negative scores count
-])
+@pytest.mark.parametrize(
+    ("scores", "expected", "tag"),
+    [
+        ([1.5, 2], Action.ACCEPT, False),
+        ([2.5, 2.5], Action.TAG, True),
+        ([6, 4], Action.QUARANTINE, True),
+        ([10, 5], Action.REJECT, True),
+        ([20, -6], Action.QUARANTINE, True),  # negative scores count
+    ],
+)
 def test_thresholds(tmp_path: Path, scores: list[float], expected: Action, tag: bool) -> None:
     rules = "".join(_rule(f"s{i}", "hello", f"{{score: {s}}}") for i, s in enumerate(scores))
     verdict = evaluate(_ruleset(tmp_path, rules), _message())
@@ -135,9 +160,11 @@ def test_no_thresholds_configured(tmp_path: Path) -> None:
 
 
 def test_shadow_rules_are_traced_and_never_act(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path, _rule("shadowed", "hello",
-                                       "{action: reject, score: 100, stop: true}", ", mode: shadow")
-                       + _rule("real", "hello", "{score: 1}"))
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("shadowed", "hello", "{action: reject, score: 100, stop: true}", ", mode: shadow")
+        + _rule("real", "hello", "{score: 1}"),
+    )
     verdict = evaluate(ruleset, _message())
     assert (verdict.action, verdict.score, verdict.rules) == (Action.ACCEPT, 1.0, ("real",))
     assert verdict.shadow_rules == ("shadowed",)
@@ -147,13 +174,25 @@ def test_shadow_rules_are_traced_and_never_act(tmp_path: Path) -> None:
 
 
 def test_modifiers_accumulate(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path, "".join([
-        _rule("a", "hello", "{add_header: {X-A: '1'}, bcc: [audit@example.org], "
-                            "subject_prefix: '[A] '}"),
-        _rule("b", "hello", "{add_header: {X-B: '2'}, remove_header: [X-Old], "
-                            "bcc: [audit@example.org, legal@example.org], subject_prefix: '[B] '}"),
-        _rule("c", "nomatch", "{add_header: {X-C: '3'}}"),
-    ]))
+    ruleset = _ruleset(
+        tmp_path,
+        "".join(
+            [
+                _rule(
+                    "a",
+                    "hello",
+                    "{add_header: {X-A: '1'}, bcc: [audit@example.org], subject_prefix: '[A] '}",
+                ),
+                _rule(
+                    "b",
+                    "hello",
+                    "{add_header: {X-B: '2'}, remove_header: [X-Old], "
+                    "bcc: [audit@example.org, legal@example.org], subject_prefix: '[B] '}",
+                ),
+                _rule("c", "nomatch", "{add_header: {X-C: '3'}}"),
+            ]
+        ),
+    )
     verdict = evaluate(ruleset, _message())
     assert verdict.add_headers == (("X-A", "1"), ("X-B", "2"))
     assert verdict.remove_headers == ("X-Old",)
@@ -165,15 +204,19 @@ def test_redirect(tmp_path: Path) -> None:
     ruleset = _ruleset(tmp_path, _rule("moved", "hello", "{redirect: [new@example.org]}"))
     verdict = evaluate(ruleset, _message())
     assert (verdict.action, verdict.redirect) == (Action.REDIRECT, ("new@example.org",))
-    beaten = _ruleset(tmp_path, _rule("moved", "hello", "{redirect: [new@example.org]}")
-                      + _rule("q", "hello", "{action: quarantine}"))
+    beaten = _ruleset(
+        tmp_path,
+        _rule("moved", "hello", "{redirect: [new@example.org]}")
+        + _rule("q", "hello", "{action: quarantine}"),
+    )
     verdict = evaluate(beaten, _message())
     assert (verdict.action, verdict.redirect) == (Action.QUARANTINE, ())
 
 
 def test_rule_replies_and_defaults(tmp_path: Path) -> None:
-    custom = _ruleset(tmp_path,
-                      _rule("r", "hello", "{action: reject, reply: '550 5.7.0 Go away now'}"))
+    custom = _ruleset(
+        tmp_path, _rule("r", "hello", "{action: reject, reply: '550 5.7.0 Go away now'}")
+    )
     assert evaluate(custom, _message()).reply == SmtpReply(550, "5.7.0", "Go away now")
     later = _ruleset(tmp_path, _rule("t", "hello", "{action: tempfail}"))
     deferred = SmtpReply(451, "4.7.1", "Message deferred by policy")
@@ -183,8 +226,9 @@ def test_rule_replies_and_defaults(tmp_path: Path) -> None:
 
 
 def test_trace_lists_every_rule_in_order(tmp_path: Path) -> None:
-    rules = "".join(_rule(f"r{i}", "hello" if i % 3 == 0 else f"miss{i}", "{score: 0.5}")
-                    for i in range(12))
+    rules = "".join(
+        _rule(f"r{i}", "hello" if i % 3 == 0 else f"miss{i}", "{score: 0.5}") for i in range(12)
+    )
     rules += "- {name: neg, if: {not: {body: {contains: absent}}}, then: {score: 0.25}}\n"
     verdict = evaluate(_ruleset(tmp_path, rules), _message())
     assert [t.rule for t in verdict.trace] == [f"r{i}" for i in range(12)] + ["neg"]
@@ -194,15 +238,18 @@ def test_trace_lists_every_rule_in_order(tmp_path: Path) -> None:
 
 
 def test_evaluation_is_deterministic(tmp_path: Path) -> None:
-    ruleset = _ruleset(tmp_path,
-                       _rule("a", "hello", "{score: 6}") + _rule("b", "text", "{score: 1}"))
+    ruleset = _ruleset(
+        tmp_path, _rule("a", "hello", "{score: 6}") + _rule("b", "text", "{score: 1}")
+    )
     message = _message()
     assert evaluate(ruleset, message) == evaluate(ruleset, message)
 
 
 def test_scanned_size_is_capped(tmp_path: Path) -> None:
-    rules = "- {name: deep, if: {body: {contains: needle}}, then: {score: 1}}\n" \
-            "- {name: deepraw, if: {raw: {contains: needle}}, then: {score: 1}}\n"
+    rules = (
+        "- {name: deep, if: {body: {contains: needle}}, then: {score: 1}}\n"
+        "- {name: deepraw, if: {raw: {contains: needle}}, then: {score: 1}}\n"
+    )
     capped = _ruleset(tmp_path, rules, max_scan_bytes=1000)
     assert evaluate(capped, _message(body="x" * 5000 + " needle")).rules == ()
     assert evaluate(capped, _message(body="needle " + "x" * 5000)).rules == ("deep", "deepraw")
@@ -227,25 +274,32 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_header_only_rules_never_decode_the_body(tmp_path: Path, spy: list[str]) -> None:
-    ruleset = _ruleset(tmp_path, _rule("s", "hello", "{score: 1}")
-                       + "- {name: h, if: {header: {name: Date, exists: false}}, "
-                         "then: {score: 1}}\n")
+    ruleset = _ruleset(
+        tmp_path,
+        _rule("s", "hello", "{score: 1}")
+        + "- {name: h, if: {header: {name: Date, exists: false}}, "
+        "then: {score: 1}}\n",
+    )
     assert evaluate(ruleset, _message()).rules == ("s", "h")
     assert "header_values" in spy
     assert not {"body_text", "urls", "attachments"} & set(spy)
 
 
 def test_envelope_only_rules_never_parse(tmp_path: Path, spy: list[str]) -> None:
-    ruleset = _ruleset(tmp_path, "- {name: e, if: {sender: {domain: {equals: example.org}}}, "
-                                 "then: {score: 1}}\n")
+    ruleset = _ruleset(
+        tmp_path, "- {name: e, if: {sender: {domain: {equals: example.org}}}, then: {score: 1}}\n"
+    )
     assert evaluate(ruleset, _message()).rules == ("e",)
     assert spy == []
 
 
 def test_accept_stop_at_the_top_skips_content_scanning(tmp_path: Path, spy: list[str]) -> None:
-    ruleset = _ruleset(tmp_path, "- {name: trusted, if: {sender: {equals: a@example.org}}, "
-                                 "then: {action: accept, stop: true}}\n"
-                       "- {name: gtube, if: {body: {contains: GTUBE}}, then: {action: reject}}\n")
+    ruleset = _ruleset(
+        tmp_path,
+        "- {name: trusted, if: {sender: {equals: a@example.org}}, "
+        "then: {action: accept, stop: true}}\n"
+        "- {name: gtube, if: {body: {contains: GTUBE}}, then: {action: reject}}\n",
+    )
     verdict = evaluate(ruleset, _message(body="GTUBE"))
     assert (verdict.action, verdict.rules) == (Action.ACCEPT, ("trusted",))
     assert "body_text" not in spy

@@ -41,15 +41,44 @@ _EVERY_FIELD = textwrap.dedent("""\
         then: {action: tag}
     """)
 
-_fragments = st.sampled_from([
-    b"From: ", b"To: ", b"Subject: ", b"Content-Type: multipart/mixed; boundary=b\r\n",
-    b"Content-Type: text/html\r\n", b"Content-Transfer-Encoding: base64\r\n",
-    b"Content-Transfer-Encoding: quoted-printable\r\n",
-    b"Content-Disposition: attachment; filename*=",
-    b"--b\r\n", b"--b--\r\n", b"\r\n", b"\n", b"=?utf-8?b?", b"?=", b"<a href=\"http://", b"\">",
-    b"</a>", b"PK\x03\x04", b"PK\x05\x06", b"MZ", b"=E2=80", b"\x00", b"\xff\xfe", b"@", b"<>",
-    b"\"", b"(", b")", b";", b":", b",", b"www.example.com", b"\t", b" ",
-])
+_fragments = st.sampled_from(
+    [
+        b"From: ",
+        b"To: ",
+        b"Subject: ",
+        b"Content-Type: multipart/mixed; boundary=b\r\n",
+        b"Content-Type: text/html\r\n",
+        b"Content-Transfer-Encoding: base64\r\n",
+        b"Content-Transfer-Encoding: quoted-printable\r\n",
+        b"Content-Disposition: attachment; filename*=",
+        b"--b\r\n",
+        b"--b--\r\n",
+        b"\r\n",
+        b"\n",
+        b"=?utf-8?b?",
+        b"?=",
+        b'<a href="http://',
+        b'">',
+        b"</a>",
+        b"PK\x03\x04",
+        b"PK\x05\x06",
+        b"MZ",
+        b"=E2=80",
+        b"\x00",
+        b"\xff\xfe",
+        b"@",
+        b"<>",
+        b'"',
+        b"(",
+        b")",
+        b";",
+        b":",
+        b",",
+        b"www.example.com",
+        b"\t",
+        b" ",
+    ]
+)
 _messages = st.one_of(
     st.binary(max_size=4096),
     st.lists(st.one_of(_fragments, st.binary(max_size=40)), max_size=120).map(b"".join),
@@ -64,20 +93,26 @@ def _every_field(tmp: Path) -> RuleSet:
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=_messages, sender=st.sampled_from(["", "a@example.org", "@", "x"]),
-       client_ip=st.sampled_from([None, "192.0.2.1", "garbage", "IPv6:::1"]))
-def test_random_bytes_never_raise_with_the_shipped_rules(raw: bytes, sender: str,
-                                                         client_ip: str | None) -> None:
+@given(
+    raw=_messages,
+    sender=st.sampled_from(["", "a@example.org", "@", "x"]),
+    client_ip=st.sampled_from([None, "192.0.2.1", "garbage", "IPv6:::1"]),
+)
+def test_random_bytes_never_raise_with_the_shipped_rules(
+    raw: bytes, sender: str, client_ip: str | None
+) -> None:
     verdict = evaluate(_SHIPPED_SET, Message(Envelope(sender, ("b@example.org",), client_ip), raw))
     assert isinstance(verdict.action, Action)
     assert len(verdict.trace) == len(_SHIPPED_SET.rules)
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(raw=_messages, helo=st.sampled_from([None, "", "mx.example.org", "\x00"]))
-def test_random_bytes_never_raise_on_any_field(tmp_path: Path, raw: bytes,
-                                               helo: str | None) -> None:
+def test_random_bytes_never_raise_on_any_field(
+    tmp_path: Path, raw: bytes, helo: str | None
+) -> None:
     ruleset = _every_field(tmp_path)
     envelope = Envelope("a@example.org", ("b@example.org",), "192.0.2.1", None, helo)
     verdict = evaluate(ruleset, Message(envelope, raw))
@@ -88,12 +123,14 @@ def test_random_bytes_never_raise_on_any_field(tmp_path: Path, raw: bytes,
 
 def test_catastrophic_regex_runs_in_linear_time(tmp_path: Path) -> None:
     """(a+)+$ takes exponential time on a backtracking engine; RE2 answers at once."""
-    (tmp_path / "redos.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "redos.yaml").write_text(
+        textwrap.dedent("""\
         rules:
           - {name: redos, if: {body: {regex: '(a+)+$', case: sensitive}}, then: {score: 1}}
           - {name: redos-raw, if: {raw: {regex: '^(a|aa)+$'}}, then: {score: 1}}
           - {name: redos-subject, if: {subject: {regex: '(x+x+)+y'}}, then: {score: 1}}
-        """))
+        """)
+    )
     ruleset = load_ruleset(tmp_path / "redos.yaml")
     attack = "a" * 50_000 + "!"
     raw = f"Subject: {'x' * 5000}\r\n\r\n{attack}\r\n".encode()
@@ -103,6 +140,11 @@ def test_catastrophic_regex_runs_in_linear_time(tmp_path: Path) -> None:
     assert verdict.rules == ()
     # Generous bound for a shared CI machine; a backtracking engine would not finish at all.
     assert elapsed < 1.0, f"took {elapsed:.3f}s"
-    matching = evaluate(ruleset, Message(Envelope("a@example.org", ("b@example.org",)),
-                                         b"Subject: s\r\n\r\n" + b"a" * 50_000 + b"\r\n"))
+    matching = evaluate(
+        ruleset,
+        Message(
+            Envelope("a@example.org", ("b@example.org",)),
+            b"Subject: s\r\n\r\n" + b"a" * 50_000 + b"\r\n",
+        ),
+    )
     assert matching.rules == ("redos",)

@@ -27,7 +27,8 @@ def _rule_file(*names: str) -> str:
     """A rules: section with one trivial rule per name."""
     return "rules:\n" + "".join(
         f"  - {{name: {name}, if: {{subject: {{contains: x}}}}, then: {{score: 1}}}}\n"
-        for name in names)
+        for name in names
+    )
 
 
 def _one_rule(tmp_path: Path, body: str) -> tuple[Path, list[str]]:
@@ -35,8 +36,11 @@ def _one_rule(tmp_path: Path, body: str) -> tuple[Path, list[str]]:
     (tmp_path / "lists").mkdir(exist_ok=True)
     (tmp_path / "lists" / "known.txt").write_text("a@example.org\n")
     path = tmp_path / "rules.yaml"
-    path.write_text("lists:\n  known: lists/known.txt\nrules:\n  - name: r\n"
-                    + textwrap.indent(body, "    ") + "\n")
+    path.write_text(
+        "lists:\n  known: lists/known.txt\nrules:\n  - name: r\n"
+        + textwrap.indent(body, "    ")
+        + "\n"
+    )
     return path, _problems(path)
 
 
@@ -52,60 +56,111 @@ def _position(path: Path, token: str) -> tuple[int, int]:
 X = "if: {subject: {contains: x}}\n"
 
 
-@pytest.mark.parametrize(("body", "token", "expected"), [
-    ("if: {subjct: {contains: x}}\nthen: {score: 1}", "subjct",
-     "unknown condition 'subjct'; did you mean 'subject'?"),
-    ("iff: {subject: {contains: x}}\nthen: {score: 1}", "iff",
-     "unknown key 'iff' in a rule; did you mean 'if'?"),
-    ("if: {subject: {contans: x}}\nthen: {score: 1}", "contans",
-     "unknown key 'contans' in subject matcher; did you mean 'contains'?"),
-    (X + "then: {acton: reject}", "acton", "did you mean 'action'?"),
-    (X + "then: {action: rejct}", "rejct", "unknown action 'rejct'"),
-    (X + "then: {score: high}", "high", "score must be a number, got a string"),
-    (X + "then: {stop: 1}", "1}", "stop must be true or false"),
-    ("if: {subject: [contains, x]}\nthen: {score: 1}", "[", "must be a mapping, got a list"),
-    ("if: {subject: hello}\nthen: {score: 1}", "hello", "expected a matcher such as {contains:"),
-    ("if: {subject: {regex: '(?=x)'}}\nthen: {score: 1}", "'(?=x)'",
-     "lookaround is not supported"),
-    ("if: {subject: {regex: '(a)\\1'}}\nthen: {score: 1}", "'(a)",
-     "backreferences are not supported"),
-    ("if: {subject: {regex: '(unclosed'}}\nthen: {score: 1}", "'(unclosed'",
-     "invalid regex: missing )"),
-    ("if: {subject: {regex: ['ok', 'x\\Z']}}\nthen: {score: 1}", "'x", "use \\z"),
-    ("if: {sender: {in_list: knwon}}\nthen: {score: 1}", "knwon",
-     "unknown list 'knwon'; did you mean 'known'?"),
-    ("if: {client_ip: {in: [10.0.0.0/33]}}\nthen: {score: 1}", "10.0.0.0/33",
-     "bad CIDR '10.0.0.0/33'"),
-    ("if: {size: {gt: 10X}}\nthen: {score: 1}", "10X", "bad size '10X'"),
-    ("if: {size: {gt: -1}}\nthen: {score: 1}", "-1", "must not be negative"),
-    ("if: {subject: {contains: x, regex: y}}\nthen: {score: 1}", "{contains",
-     "exactly one of"),
-    ("if: {subject: {contains: x, case: upper}}\nthen: {score: 1}", "upper", "case must be"),
-    ("if: {any: []}\nthen: {score: 1}", "[]", "'any:' needs at least one condition"),
-    ("if: {}\nthen: {score: 1}", "{}", "empty condition"),
-    ("if: {sender: {name: {equals: x}}}\nthen: {score: 1}", "name", "no display name"),
-    ("if: {header: {contains: x}}\nthen: {score: 1}", "{contains", "'header:' needs a name"),
-    ("if: {header: {name: 'Bad Name', exists: true}}\nthen: {score: 1}", "'Bad Name'",
-     "not a valid header name"),
-    ("if: {header: {name: X, exists: true, contains: y}}\nthen: {score: 1}", "exists",
-     "either exists or a matcher"),
-    ("if: {url: {text_domain_mismatch: false}}\nthen: {score: 1}", "false", "only takes true"),
-    ("if: {attachment: {archive: {name: {glob: x}}}}\nthen: {score: 1}", "name",
-     "did you mean 'filename'?"),
-    (X + "then: {action: reject, reply: '451 4.7.1 later'}", "'451",
-     "reply for reject must be '5xx 5.x.y text'"),
-    (X + "then: {action: tempfail, reply: '451 later'}", "'451",
-     "reply for tempfail must be '4xx 4.x.y text'"),
-    (X + "then: {action: tag, reply: '554 5.7.1 no'}", "'554",
-     "reply: only applies to action reject or tempfail"),
-    (X + "then: {action: reject, redirect: [a@example.org]}", "redirect",
-     "cannot go with action reject"),
-    (X + "then: {action: redirect}", "redirect", "action redirect needs redirect:"),
-    (X + "then: {bcc: [not-an-address]}", "not-an-address", "is not an email address"),
-    (X + "then: {add_header: {'X Bad': v}}", "'X Bad'", "not a valid header name"),
-    (X + "then: {}", "{}", "'then:' needs an action"),
-    (X + "then: {score: 1}\nmode: dry", "dry", "mode must be 'enforce' or 'shadow'"),
-])
+@pytest.mark.parametrize(
+    ("body", "token", "expected"),
+    [
+        (
+            "if: {subjct: {contains: x}}\nthen: {score: 1}",
+            "subjct",
+            "unknown condition 'subjct'; did you mean 'subject'?",
+        ),
+        (
+            "iff: {subject: {contains: x}}\nthen: {score: 1}",
+            "iff",
+            "unknown key 'iff' in a rule; did you mean 'if'?",
+        ),
+        (
+            "if: {subject: {contans: x}}\nthen: {score: 1}",
+            "contans",
+            "unknown key 'contans' in subject matcher; did you mean 'contains'?",
+        ),
+        (X + "then: {acton: reject}", "acton", "did you mean 'action'?"),
+        (X + "then: {action: rejct}", "rejct", "unknown action 'rejct'"),
+        (X + "then: {score: high}", "high", "score must be a number, got a string"),
+        (X + "then: {stop: 1}", "1}", "stop must be true or false"),
+        ("if: {subject: [contains, x]}\nthen: {score: 1}", "[", "must be a mapping, got a list"),
+        (
+            "if: {subject: hello}\nthen: {score: 1}",
+            "hello",
+            "expected a matcher such as {contains:",
+        ),
+        (
+            "if: {subject: {regex: '(?=x)'}}\nthen: {score: 1}",
+            "'(?=x)'",
+            "lookaround is not supported",
+        ),
+        (
+            "if: {subject: {regex: '(a)\\1'}}\nthen: {score: 1}",
+            "'(a)",
+            "backreferences are not supported",
+        ),
+        (
+            "if: {subject: {regex: '(unclosed'}}\nthen: {score: 1}",
+            "'(unclosed'",
+            "invalid regex: missing )",
+        ),
+        ("if: {subject: {regex: ['ok', 'x\\Z']}}\nthen: {score: 1}", "'x", "use \\z"),
+        (
+            "if: {sender: {in_list: knwon}}\nthen: {score: 1}",
+            "knwon",
+            "unknown list 'knwon'; did you mean 'known'?",
+        ),
+        (
+            "if: {client_ip: {in: [10.0.0.0/33]}}\nthen: {score: 1}",
+            "10.0.0.0/33",
+            "bad CIDR '10.0.0.0/33'",
+        ),
+        ("if: {size: {gt: 10X}}\nthen: {score: 1}", "10X", "bad size '10X'"),
+        ("if: {size: {gt: -1}}\nthen: {score: 1}", "-1", "must not be negative"),
+        ("if: {subject: {contains: x, regex: y}}\nthen: {score: 1}", "{contains", "exactly one of"),
+        ("if: {subject: {contains: x, case: upper}}\nthen: {score: 1}", "upper", "case must be"),
+        ("if: {any: []}\nthen: {score: 1}", "[]", "'any:' needs at least one condition"),
+        ("if: {}\nthen: {score: 1}", "{}", "empty condition"),
+        ("if: {sender: {name: {equals: x}}}\nthen: {score: 1}", "name", "no display name"),
+        ("if: {header: {contains: x}}\nthen: {score: 1}", "{contains", "'header:' needs a name"),
+        (
+            "if: {header: {name: 'Bad Name', exists: true}}\nthen: {score: 1}",
+            "'Bad Name'",
+            "not a valid header name",
+        ),
+        (
+            "if: {header: {name: X, exists: true, contains: y}}\nthen: {score: 1}",
+            "exists",
+            "either exists or a matcher",
+        ),
+        ("if: {url: {text_domain_mismatch: false}}\nthen: {score: 1}", "false", "only takes true"),
+        (
+            "if: {attachment: {archive: {name: {glob: x}}}}\nthen: {score: 1}",
+            "name",
+            "did you mean 'filename'?",
+        ),
+        (
+            X + "then: {action: reject, reply: '451 4.7.1 later'}",
+            "'451",
+            "reply for reject must be '5xx 5.x.y text'",
+        ),
+        (
+            X + "then: {action: tempfail, reply: '451 later'}",
+            "'451",
+            "reply for tempfail must be '4xx 4.x.y text'",
+        ),
+        (
+            X + "then: {action: tag, reply: '554 5.7.1 no'}",
+            "'554",
+            "reply: only applies to action reject or tempfail",
+        ),
+        (
+            X + "then: {action: reject, redirect: [a@example.org]}",
+            "redirect",
+            "cannot go with action reject",
+        ),
+        (X + "then: {action: redirect}", "redirect", "action redirect needs redirect:"),
+        (X + "then: {bcc: [not-an-address]}", "not-an-address", "is not an email address"),
+        (X + "then: {add_header: {'X Bad': v}}", "'X Bad'", "not a valid header name"),
+        (X + "then: {}", "{}", "'then:' needs an action"),
+        (X + "then: {score: 1}\nmode: dry", "dry", "mode must be 'enforce' or 'shadow'"),
+    ],
+)
 def test_located_problem(tmp_path: Path, body: str, token: str, expected: str) -> None:
     path, problems = _one_rule(tmp_path, body)
     line, col = _position(path, token)
@@ -119,7 +174,9 @@ def test_missing_if_is_reported_at_the_rule(tmp_path: Path) -> None:
 
 
 def test_every_problem_of_a_file_at_once(tmp_path: Path) -> None:
-    path = _write(tmp_path / "rules.yaml", """\
+    path = _write(
+        tmp_path / "rules.yaml",
+        """\
         rules:
           - name: Bad Name
             if: {subject: {contains: x}}
@@ -133,22 +190,31 @@ def test_every_problem_of_a_file_at_once(tmp_path: Path) -> None:
           - name: fine
             if: {subjet: {contains: x}}
             then: {score: 1}
-        """)
+        """,
+    )
     problems = _problems(path)
     assert [p.split(": ", 1)[0] for p in problems] == [
-        f"{path}:2:11", f"{path}:6:24", f"{path}:8:11", f"{path}:9:28", f"{path}:12:10"]
+        f"{path}:2:11",
+        f"{path}:6:24",
+        f"{path}:8:11",
+        f"{path}:9:28",
+        f"{path}:12:10",
+    ]
     assert "bad rule name 'Bad Name'" in problems[0]
     assert "duplicate rule name 'ok' (first defined at" in problems[2]
 
 
 def test_duplicate_yaml_key_is_located(tmp_path: Path) -> None:
-    path = _write(tmp_path / "rules.yaml", """\
+    path = _write(
+        tmp_path / "rules.yaml",
+        """\
         rules:
           - name: a
             if: {subject: {contains: x}}
             then: {score: 1}
             then: {score: 2}
-        """)
+        """,
+    )
     problems = _problems(path)
     assert problems == [f"{path}:5:5: duplicate key 'then' (first defined at line 4)"]
 
@@ -181,9 +247,11 @@ def test_problems_across_files_and_duplicate_names_across_files(tmp_path: Path) 
     second = _write(tmp_path / "20-b.yaml", _rule_file("same") + "scorez: {}\n")
     problems = _problems(tmp_path)
     assert problems[0].startswith(
-        f"{second}:2:12: duplicate rule name 'same' (first defined at {first}:2:12)")
+        f"{second}:2:12: duplicate rule name 'same' (first defined at {first}:2:12)"
+    )
     assert problems[1].startswith(
-        f"{second}:3:1: unknown key 'scorez' in a rule file; did you mean 'scores'?")
+        f"{second}:3:1: unknown key 'scorez' in a rule file; did you mean 'scores'?"
+    )
 
 
 def test_empty_directory_and_missing_path(tmp_path: Path) -> None:
@@ -194,23 +262,30 @@ def test_empty_directory_and_missing_path(tmp_path: Path) -> None:
 def test_lists_load_relative_to_their_rule_file(tmp_path: Path) -> None:
     (tmp_path / "conf" / "lists").mkdir(parents=True)
     (tmp_path / "conf" / "lists" / "bad.txt").write_text(
-        "# header\n\nspam.example\n  evil.example  # trailing comment\n")
-    _write(tmp_path / "conf" / "rules.yaml", """\
+        "# header\n\nspam.example\n  evil.example  # trailing comment\n"
+    )
+    _write(
+        tmp_path / "conf" / "rules.yaml",
+        """\
         lists: {bad: lists/bad.txt}
         rules:
           - {name: a, if: {sender: {in_list: bad}}, then: {action: reject}}
-        """)
+        """,
+    )
     ruleset = load_ruleset(tmp_path / "conf" / "rules.yaml")
     assert ruleset.lists == ("bad",)
 
 
 def test_missing_list_file_and_bad_cidr_entry_are_located(tmp_path: Path) -> None:
     (tmp_path / "nets.txt").write_text("10.0.0.0/8\n\n  300.1.2.3\n")
-    path = _write(tmp_path / "rules.yaml", """\
+    path = _write(
+        tmp_path / "rules.yaml",
+        """\
         lists: {nets: nets.txt, gone: gone.txt}
         rules:
           - {name: a, if: {client_ip: {in_list: nets}}, then: {action: accept}}
-        """)
+        """,
+    )
     problems = _problems(path)
     assert any(p.startswith(f"{path}:1:31: list 'gone': cannot read") for p in problems), problems
     wanted = f"{tmp_path / 'nets.txt'}:3:3: list 'nets': not an IP address or CIDR: '300.1.2.3'"
@@ -218,22 +293,28 @@ def test_missing_list_file_and_bad_cidr_entry_are_located(tmp_path: Path) -> Non
 
 
 def test_thresholds_and_tag_settings(tmp_path: Path) -> None:
-    path = _write(tmp_path / "rules.yaml", """\
+    path = _write(
+        tmp_path / "rules.yaml",
+        """\
         scores: {tag: 4, quarantine: 8.5}
         tag: {subject_prefix: "[SPAM] "}
         rules: []
-        """)
+        """,
+    )
     ruleset = load_ruleset(path)
     thresholds = ruleset.thresholds
     assert (thresholds.tag, thresholds.quarantine, thresholds.reject) == (4.0, 8.5, None)
     assert ruleset.tag_subject_prefix == "[SPAM] "
 
 
-@pytest.mark.parametrize(("scores", "expected"), [
-    ("{tag: 10, quarantine: 5}", "scores quarantine (5) must be above tag (10)"),
-    ("{tag: five}", "scores tag must be a number"),
-    ("{tags: 5}", "did you mean 'tag'?"),
-])
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        ("{tag: 10, quarantine: 5}", "scores quarantine (5) must be above tag (10)"),
+        ("{tag: five}", "scores tag must be a number"),
+        ("{tags: 5}", "did you mean 'tag'?"),
+    ],
+)
 def test_bad_thresholds(tmp_path: Path, scores: str, expected: str) -> None:
     path = _write(tmp_path / "rules.yaml", f"scores: {scores}\nrules: []\n")
     assert any(expected in p for p in _problems(path))
@@ -246,7 +327,9 @@ def test_thresholds_may_be_set_once_across_files(tmp_path: Path) -> None:
 
 
 def test_rule_fields_are_compiled(tmp_path: Path) -> None:
-    path = _write(tmp_path / "rules.yaml", """\
+    path = _write(
+        tmp_path / "rules.yaml",
+        """\
         rules:
           - name: full
             description: everything
@@ -262,7 +345,8 @@ def test_rule_fields_are_compiled(tmp_path: Path) -> None:
               add_header: {X-Checked: "yes"}
               remove_header: X-Old
               subject_prefix: "[X] "
-        """)
+        """,
+    )
     rule = load_ruleset(path).rules[0]
     assert rule.action is Action.REJECT
     assert rule.reply == SmtpReply(550, "5.7.1", "Go away")
@@ -273,15 +357,20 @@ def test_rule_fields_are_compiled(tmp_path: Path) -> None:
     assert rule.subject_prefix == "[X] "
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("{raw: 'Subject: x', expect: {action: rejct}}", "unknown action 'rejct'"),
-    ("{raw: 'Subject: x', expect: {rules: [nope]}}", "unknown rule 'nope'"),
-    ("{expect: {action: accept}}", "exactly one of message: (a file) or raw: (text)"),
-    ("{raw: 'Subject: x'}", "a test case needs expect:"),
-    ("{raw: 'Subject: x', expect: {}}", "expect: needs at least one of"),
-    ("{raw: 'Subject: x', expect: {action: accept, score_atleast: 1}}",
-     "did you mean 'score_at_least'?"),
-])
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("{raw: 'Subject: x', expect: {action: rejct}}", "unknown action 'rejct'"),
+        ("{raw: 'Subject: x', expect: {rules: [nope]}}", "unknown rule 'nope'"),
+        ("{expect: {action: accept}}", "exactly one of message: (a file) or raw: (text)"),
+        ("{raw: 'Subject: x'}", "a test case needs expect:"),
+        ("{raw: 'Subject: x', expect: {}}", "expect: needs at least one of"),
+        (
+            "{raw: 'Subject: x', expect: {action: accept, score_atleast: 1}}",
+            "did you mean 'score_at_least'?",
+        ),
+    ],
+)
 def test_bad_test_cases(tmp_path: Path, case: str, expected: str) -> None:
     path = _write(tmp_path / "rules.yaml", _rule_file("a") + f"tests:\n  - {case}\n")
     problems = _problems(path)
@@ -289,7 +378,9 @@ def test_bad_test_cases(tmp_path: Path, case: str, expected: str) -> None:
 
 
 def test_test_case_defaults_and_paths(tmp_path: Path) -> None:
-    path = _write(tmp_path / "rules.yaml", """\
+    path = _write(
+        tmp_path / "rules.yaml",
+        """\
         rules: []
         tests:
           - message: mails/one.eml
@@ -301,7 +392,8 @@ def test_test_case_defaults_and_paths(tmp_path: Path) -> None:
             client_ip: 192.0.2.1
             helo: mx.example.org
             expect: {action: accept, tag: false}
-        """)
+        """,
+    )
     first, second = load_ruleset(path).tests
     assert first.message_path == str(tmp_path / "mails" / "one.eml")
     assert first.raw is None
