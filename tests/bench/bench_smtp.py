@@ -219,72 +219,83 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None
     )
 
 
+_SENDER = """
+import smtplib, sys, time, pathlib
+port, path, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+raw = pathlib.Path(path).read_bytes()
+if mode == "once":
+    with smtplib.SMTP("127.0.0.1", port, timeout=300) as smtp:
+        smtp.sendmail("a@example.org", ["b@example.net"], raw)
+else:
+    stop = pathlib.Path(mode)
+    while not stop.exists():
+        started = time.perf_counter()
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+            smtp.sendmail("a@example.org", ["b@example.net"], raw)
+        print(round((time.perf_counter() - started) * 1000, 2), flush=True)
+"""
+
+
 def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
     """10 clients send a 20 MB message at once while another sends small ones: peak RSS growth
-    of filterd and the small messages' p99 latency."""
-    import smtplib
+    of filterd and the small messages' latency. Every client is its own process, so the
+    clients do not slow each other down (smtplib holds the GIL while it dot-stuffs 20 MB)."""
     import threading
 
-    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (20 * 1024 * 1024 // 1000)
-    small = b"Subject: small\r\n\r\n" + b"z" * 2000 + b"\r\n"
-    config_extra = workdir / "large.yaml"
+    big = workdir / "big.eml"
+    big.write_bytes(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (20 * 1024 * 1024 // 1000))
+    small = workdir / "small.eml"
+    small.write_bytes(b"Subject: small\r\n\r\n" + b"z" * 2000 + b"\r\n")
+    stop_file = workdir / "stop-small"
+    config = workdir / "large.yaml"
     port = free_port()
-    config_extra.write_text(
+    config.write_text(
         f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{sink.port}\nrules: {REPO / 'rules'}\n"
         f"state_dir: {workdir / 'state-large'}\nmetrics: {{listen: null}}\nlog: {{level: warning}}\n"
-        "workers: 1\nlimits: {max_message_size: 30M, spool_threshold: 1M}\n"
+        f"workers: {args.workers}\nlimits: {{max_message_size: 30M, spool_threshold: 1M}}\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "filterd", "serve", "-c", str(config_extra)], cwd=REPO
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "filterd", "serve", "-c", str(config)], cwd=REPO)
     wait_port(port)
-    latencies: list[float] = []
+    time.sleep(1.0)
     peak = [0.0]
-    stop = threading.Event()
-
-    def send_small() -> None:
-        while not stop.is_set():
-            started = time.perf_counter()
-            with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
-                smtp.sendmail("a@example.org", ["b@example.net"], small)
-            latencies.append((time.perf_counter() - started) * 1000)
-
-    def send_big() -> None:
-        with smtplib.SMTP("127.0.0.1", port, timeout=300) as smtp:
-            smtp.sendmail("a@example.org", ["b@example.net"], big)
+    sampling = threading.Event()
 
     def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_mb([proc.pid]))
+        while not sampling.is_set():
+            peak[0] = max(peak[0], rss_mb(family(proc.pid)))
             time.sleep(0.02)
 
+    def sender(path: Path, mode: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", _SENDER, str(port), str(path), mode],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
     try:
-        send_small()  # warm up once
-        stop.clear()
-        baseline = rss_mb([proc.pid])
+        subprocess.run([sys.executable, "-c", _SENDER, str(port), str(small), "once"], check=True)
+        baseline = rss_mb(family(proc.pid))
         sampler = threading.Thread(target=sample)
-        smalls = threading.Thread(target=send_small)
-        bigs = [threading.Thread(target=send_big) for _ in range(10)]
-        latencies.clear()
-        started = time.perf_counter()
         sampler.start()
-        smalls.start()
-        for thread in bigs:
-            thread.start()
-        for thread in bigs:
-            thread.join()
+        smalls = sender(small, str(stop_file))
+        time.sleep(0.5)
+        started = time.perf_counter()
+        bigs = [sender(big, "once") for _ in range(10)]
+        codes = [b.wait(600) for b in bigs]
         elapsed = time.perf_counter() - started
-        stop.set()
-        smalls.join()
+        stop_file.write_text("")
+        out, _ = smalls.communicate(timeout=120)
+        sampling.set()
         sampler.join()
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    lat = sorted(latencies)
+        proc.wait(60)
+    lat = sorted(float(line) for line in out.split())
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
     print(
-        f"\nlarge: 10 x 20 MB at once in {elapsed:.1f} s; filterd RSS {baseline:.0f} MB before, "
-        f"peak {peak[0]:.0f} MB (+{peak[0] - baseline:.0f} MB); {len(lat)} small messages meanwhile, "
+        f"\nlarge: 10 x 20 MB at once in {elapsed:.1f} s (failed senders: {sum(1 for c in codes if c)}), "
+        f"workers={args.workers}; filterd RSS {baseline:.0f} MB before, peak {peak[0]:.0f} MB "
+        f"(+{peak[0] - baseline:.0f} MB); {len(lat)} small messages meanwhile, "
         f"median {statistics.median(lat) if lat else float('nan'):.0f} ms, p99 {p99:.0f} ms"
     )
 
@@ -337,13 +348,19 @@ def main() -> None:
                 runs.setdefault("regex1000", []).append(
                     measure_filterd("filterd, shipped + 1,000 regex", workdir, sink, many, args)
                 )
+        print_table(runs, args)
         if "latency" in wanted:
             measure_latency(workdir, sink, args)
         if "large" in wanted:
             measure_large(workdir, sink, args)
     finally:
         sink.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
+
+def print_table(runs: dict[str, list[Result]], args: argparse.Namespace) -> None:
+    if not runs:
+        return
     direct = statistics.median(r.rate for r in runs["direct"]) if "direct" in runs else None
     print(
         f"\n{args.messages} messages of {args.size} B, {args.sessions} sessions, new connection per message, "
@@ -357,9 +374,9 @@ def main() -> None:
         ratio = f"{rate / direct:.1%}" if direct else "-"
         print(
             f"{results[0].name:34} {rate:9.0f} {ratio:>10} "
-            f"{statistics.median(cpu) if cpu else float('nan'):11.2f} {max(rss) if rss else float('nan'):12.1f}"
+            f"{statistics.median(cpu) if cpu else float('nan'):11.2f} {max(rss) if rss else float('nan'):12.1f}",
+            flush=True,
         )
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
