@@ -8,7 +8,9 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
 from filterd.rules import json_schema, load_ruleset
 from filterd.rules.commands import check, run_tests, scan, schema
@@ -228,14 +230,11 @@ def test_shipped_schema_file_is_current() -> None:
 @pytest.mark.parametrize("path", sorted(SHIPPED.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_rule_files_carry_the_schema_comment_and_validate(path: Path) -> None:
     assert path.read_text().splitlines()[0] == "# yaml-language-server: $schema=rules.schema.json"
-    jsonschema = pytest.importorskip("jsonschema")
-    yaml = pytest.importorskip("yaml")
     validator = jsonschema.Draft7Validator(json_schema())
     assert [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))] == []
 
 
 def test_schema_rejects_what_check_rejects() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft7Validator(json_schema())
     bad = {
         "rules": [
