@@ -145,25 +145,12 @@ class Daemon:
         """Build a new rule set beside the old one; swap only if it is valid."""
         self.notifier.reloading()
         started = time.perf_counter()
-        try:
-            config = (
-                load_config(self.config_path).with_overrides(**self.overrides)
-                if self.config_path
-                else self.config
-            )
-            ruleset = await asyncio.to_thread(
-                load_ruleset, config.rules, max_scan_bytes=config.limits.max_scan_bytes
-            )
-        except ConfigError as exc:
-            self._count_reload(success=False)
-            log.error("reload_failed", problems=[str(p) for p in exc.problems])
-        except Exception as exc:  # a reload must never take the daemon down
-            self._count_reload(success=False)
-            log.error("reload_failed", error=repr(exc))
-        else:
+        loaded = await load_for_reload(self.config_path, self.overrides, self.config)
+        self._count_reload(success=loaded is not None)
+        if loaded is not None:
+            config, ruleset = loaded
             self.ruleset = ruleset  # one reference swap: in-flight messages keep their set
             self.metrics.set_rule_names(ruleset.rule_names)
-            self._count_reload(success=True)
             log.info(
                 "config_reloaded",
                 rules=len(ruleset.rule_names),
@@ -252,6 +239,25 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.relay.close()
+
+
+async def load_for_reload(
+    config_path: str | None, overrides: dict[str, object], current: Config
+) -> tuple[Config, RuleSet] | None:
+    """The config and rule set a SIGHUP asks for, built off the event loop; None (logged with
+    every problem) when either is invalid. A reload must never take the daemon down."""
+    try:
+        config = load_config(config_path).with_overrides(**overrides) if config_path else current
+        ruleset = await asyncio.to_thread(
+            load_ruleset, config.rules, max_scan_bytes=config.limits.max_scan_bytes
+        )
+    except ConfigError as exc:
+        log.error("reload_failed", problems=[str(p) for p in exc.problems])
+        return None
+    except Exception as exc:
+        log.error("reload_failed", error=repr(exc))
+        return None
+    return config, ruleset
 
 
 async def start_retention(

@@ -242,14 +242,7 @@ class FilterdHandler:
         try:
             reply = await txn.begin(sender, options, self._xforward(session))
         except RelayError as exc:
-            self.metrics.relay_error(exc.reason)
-            log.warning(
-                "relay_failed",
-                stage="mail",
-                reason=exc.reason,
-                detail=exc.detail,
-                session=state.session_id,
-            )
+            self._relay_failed("mail", exc, state)
             return TEMPFAIL_INTERNAL.render()
         if reply.code != 250:
             await txn.finish()
@@ -279,14 +272,7 @@ class FilterdHandler:
         try:
             reply = await state.txn.add_recipient(address)
         except RelayError as exc:
-            self.metrics.relay_error(exc.reason)
-            log.warning(
-                "relay_failed",
-                stage="rcpt",
-                reason=exc.reason,
-                detail=exc.detail,
-                session=state.session_id,
-            )
+            self._relay_failed("rcpt", exc, state)
             await self._end_transaction(session, broken=True)
             # Keep the client's transaction open but failed: every later RCPT and the DATA get
             # 451 too (never a 5xx that would bounce mail a retry would deliver).
@@ -295,6 +281,16 @@ class FilterdHandler:
         if reply.code in (250, 251):
             envelope.rcpt_tos.append(address)
         return reply.as_reply().render()
+
+    def _relay_failed(self, stage: str, exc: RelayError, state: SessionState) -> None:
+        self.metrics.relay_error(exc.reason)
+        log.warning(
+            "relay_failed",
+            stage=stage,
+            reason=exc.reason,
+            detail=exc.detail,
+            session=state.session_id,
+        )
 
     async def handle_RSET(self, server: SMTP, session: AioSession, envelope: AioEnvelope) -> str:
         await self._end_transaction(session)

@@ -29,9 +29,8 @@ from collections.abc import Sequence
 import structlog
 
 from filterd.actions.quarantine import QuarantineStore
-from filterd.app import start_retention
-from filterd.config import Config, load_config
-from filterd.errors import ConfigError
+from filterd.app import load_for_reload, start_retention
+from filterd.config import Config
 from filterd.observe import Metrics, make_registry, mark_process_dead, start_metrics_server
 from filterd.rules import load_ruleset
 from filterd.sdnotify import Notifier, watchdog_loop
@@ -138,24 +137,10 @@ class Supervisor:
     async def reload(self) -> None:
         """Validate once here, so an invalid set is refused (and counted) once; then fan out."""
         self.notifier.reloading()
-        try:
-            config = (
-                load_config(self.config_path).with_overrides(**self.overrides)
-                if self.config_path
-                else self.config
-            )
-            ruleset = await asyncio.to_thread(
-                load_ruleset, config.rules, max_scan_bytes=config.limits.max_scan_bytes
-            )
-        except ConfigError as exc:
-            self.metrics.reload(success=False)
-            log.error("reload_failed", problems=[str(p) for p in exc.problems])
-        except Exception as exc:  # a reload must never take the daemon down
-            self.metrics.reload(success=False)
-            log.error("reload_failed", error=repr(exc))
-        else:
-            self.metrics.set_rule_names(ruleset.rule_names)
-            self.metrics.reload(success=True)
+        loaded = await load_for_reload(self.config_path, self.overrides, self.config)
+        self.metrics.reload(success=loaded is not None)
+        if loaded is not None:
+            self.metrics.set_rule_names(loaded[1].rule_names)
             self.fan_out(signal.SIGHUP)
         self.notifier.ready()
 
