@@ -387,12 +387,21 @@ class RelayTransaction:
             conn, pooled = await self.client.acquire()
             self.conn = conn
             try:
+                lines = []
                 if xforward is not None and conn.supports("XFORWARD"):
-                    for line in xforward.commands(conn.extensions["XFORWARD"].split()):
-                        reply = await conn.command(line)
-                        if reply.code != 250:
-                            break
-                return await conn.command(self._mail_command(sender, options))
+                    lines = xforward.commands(conn.extensions["XFORWARD"].split())
+                lines.append(self._mail_command(sender, options))
+                if conn.supports("PIPELINING") and len(lines) > 1:
+                    # XFORWARD and MAIL in one write (RFC 2920): one round trip instead of two.
+                    # A refused XFORWARD only loses the client information; MAIL decides.
+                    payload = "".join(line + "\r\n" for line in lines)
+                    await conn.send(payload.encode("utf-8", "surrogateescape"))
+                    replies = [await conn.read_reply() for _ in lines]
+                    return replies[-1]
+                for line in lines[:-1]:
+                    if (await conn.command(line)).code != 250:
+                        break
+                return await conn.command(lines[-1])
             except RelayError as exc:
                 self.conn = None
                 await conn.close()
