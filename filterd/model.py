@@ -6,7 +6,7 @@ Nothing here does I/O or imports another filterd module except ``errors``.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Action(enum.Enum):
@@ -133,4 +133,4 @@ class Outcome:
     delivered: tuple[str, ...] = ()  # recipients the next hop accepted
     next_hop_reply: str = ""
     quarantine_id: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    quarantine_size: int | None = None  # entries held after this one was stored

@@ -83,8 +83,8 @@ class MessageProcessor:
             error = f"internal: {exc!r}"[:300]
             outcome = Outcome(Action.TEMPFAIL, TEMPFAIL_INTERNAL)
         duration = time.perf_counter() - started
-        if "quarantine_size" in outcome.extra:
-            self.metrics.set_quarantine_size(int(outcome.extra["quarantine_size"]))
+        if outcome.quarantine_size is not None:
+            self.metrics.set_quarantine_size(outcome.quarantine_size)
         action = _accounted_action(outcome)
         self.metrics.message_processed(
             action.value, duration, message.size, verdict.rules, verdict.shadow_rules

@@ -16,7 +16,6 @@ import re
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -684,7 +683,3 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             if spool is not None:
                 spool.discard()
             raise
-
-
-def sessions_in_flight(handler: FilterdHandler) -> Sequence[asyncio.Task[Any]]:
-    return list(handler.in_flight)

@@ -90,7 +90,7 @@ class Executor:
                 action,
                 SmtpReply(250, "2.0.0", f"Ok: quarantined as {entry_id}"),
                 quarantine_id=entry_id,
-                extra={"quarantine_size": str(held)},
+                quarantine_size=held,
             )
         return await self._deliver(verdict, message, txn)
 
