@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -39,7 +37,7 @@ from tests.faults.accounting import (
 from tests.faults.conftest import assert_still_serving, write_rules
 from tests.faults.figures import record
 from tests.faults.soak import FaultPlan, SoakClient, run_clients
-from tests.support.daemon import REPO, Daemon
+from tests.support.daemon import Daemon
 from tests.support.faultclient import scrape, wait_until
 from tests.support.nexthop import NextHop
 
@@ -205,22 +203,7 @@ def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path, workers
         restarted = _daemon(tmp_path, hop).start()
         try:
             assert_still_serving(restarted, hop)
-            listed = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "filterd",
-                    "quarantine",
-                    "list",
-                    "-c",
-                    str(restarted.config_path),
-                    "--json",
-                ],
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-                check=False,
-            )
+            listed = restarted.quarantine("list", "--json")
             assert listed.returncode == 0, listed.stderr
             listed_tokens = Counter(
                 token_of((quarantine / f"{e['id']}.eml").read_bytes())

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ import pytest
 
 from tests.faults.accounting import delta, message, messages_by_action, quarantined_tokens, token_of
 from tests.faults.conftest import RELAY_TIMEOUT, assert_still_serving, new_token, write_rules
-from tests.support.daemon import REPO, Daemon
+from tests.support.daemon import Daemon
 from tests.support.faultclient import RawClient, Reply, scrape, stuff
 from tests.support.nexthop import NextHop
 
@@ -278,23 +276,7 @@ def test_after_all_faults_the_quarantine_index_agrees_with_the_files(
     qd: Daemon, hop: NextHop
 ) -> None:
     _assert_stores_again(qd, hop)
-    listed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "filterd",
-            "quarantine",
-            "list",
-            "-c",
-            str(qd.config_path),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-        env=dict(os.environ),
-    )
+    listed = qd.quarantine("list", "--json")
     assert listed.returncode == 0, listed.stderr
     ids = sorted(entry["id"] for entry in json.loads(listed.stdout))
     on_disk = sorted(p.stem for p in _folder(qd).glob("*.json"))

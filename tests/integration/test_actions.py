@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import smtplib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CORPUS, corpus_manifest
-from tests.support.daemon import REPO, Daemon
+from tests.support.daemon import Daemon
 from tests.support.nexthop import NextHop
 
 RULES = """
@@ -68,14 +67,7 @@ def send(daemon: Daemon, raw: bytes, rcpts: tuple[str, ...] = ("b@example.net",)
 
 
 def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "filterd", "quarantine", *args, "-c", str(daemon.config_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
+    return daemon.quarantine(*args)
 
 
 def test_accept_strips_forged_spam_headers(daemon: Daemon, nexthop: NextHop) -> None:

@@ -113,6 +113,17 @@ class Daemon:
         self.proc = None
         return code
 
+    def quarantine(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``filterd quarantine ARGS -c <this daemon's config>`` and capture its output."""
+        return subprocess.run(
+            [sys.executable, "-m", "filterd", "quarantine", *args, "-c", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+
     def logs(self) -> list[dict[str, Any]]:
         lines = []
         for line in self.log_path.read_text(errors="replace").splitlines():
