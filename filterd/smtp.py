@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import logging
 import re
 import ssl
 import time
@@ -19,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import aiosmtpd.smtp
 import structlog
 from aiosmtpd.smtp import SMTP, login_always_fail
 from aiosmtpd.smtp import Envelope as AioEnvelope
@@ -38,6 +40,25 @@ _SIMPLE_PATH = re.compile(r'<((?:[^<>\s"\\(),;:@\[\]]+@[^<>\s"\\(),;:@\[\]]+)?)>
 _SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
 _DATA_CHUNK = 65536
 _session_ids = itertools.count(1)
+
+
+def _sanitized_log_if_enabled(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's ``sanitized_log``, but returning at once when the logger would drop the line.
+
+    aiosmtpd logs every command line at INFO and scrubs the arguments first, before the
+    logger's level is consulted; filterd keeps that logger at WARNING, so the scrubbing was
+    pure cost (several calls per message).
+    """
+    logger = getattr(func, "__self__", None)
+    level = _METHOD_LEVELS.get(getattr(func, "__name__", ""), logging.CRITICAL)
+    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(level):
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
+_METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
+aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled  # module global its methods look up
 
 
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -140,6 +161,7 @@ class FilterdHandler:
         self.accepting = True
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.protocols: set[FilterdSMTP] = set()
+        self._acl_cache: dict[str, bool] = {}
 
     # --- admission -------------------------------------------------------------------------
     def admit(self, session: AioSession) -> str | None:
@@ -169,6 +191,16 @@ class FilterdHandler:
         return None
 
     def _allowed(self, client_ip: str) -> bool:
+        # Parsing an address and walking the networks costs more than the rest of admission;
+        # clients come back, so the answer is remembered per address (bounded).
+        allowed = self._acl_cache.get(client_ip)
+        if allowed is None:
+            if len(self._acl_cache) >= 4096:
+                self._acl_cache.clear()
+            allowed = self._acl_cache[client_ip] = self._check_networks(client_ip)
+        return allowed
+
+    def _check_networks(self, client_ip: str) -> bool:
         try:
             address = ipaddress.ip_address(client_ip.split("%", 1)[0])
         except ValueError:
@@ -237,20 +269,14 @@ class FilterdHandler:
     ) -> str:
         state = _state(session)
         sender = "" if address == "<>" else address
+        # No next-hop I/O yet: MAIL travels with the first RCPT (see RelayTransaction.begin).
         txn = self.relay.transaction()
-        try:
-            reply = await txn.begin(sender, options, self._xforward(session))
-        except RelayError as exc:
-            self._relay_failed("mail", exc, state)
-            return TEMPFAIL_INTERNAL.render()
-        if reply.code != 250:
-            await txn.finish()
-            return reply.as_reply().render()
+        txn.begin(sender, options, self._xforward(session))
         state.txn = txn
         state.recipients_tried = 0
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        return reply.as_reply().render()
+        return "250 2.1.0 Ok"
 
     async def handle_RCPT(
         self,
@@ -531,6 +557,16 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             task = self.loop.create_task(self.filterd_handler.closed(session))
             self.filterd_handler.in_flight.add(task)
             task.add_done_callback(self.filterd_handler.in_flight.discard)
+
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd's push formats a debug log line and awaits drain() for every reply; while
+        # the transport is open and not paused neither is needed: just write. Anything else
+        # (a paused or closing transport) takes aiosmtpd's path, which waits or raises.
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            data = status.encode("utf-8") if isinstance(status, str) else status
+            self._writer.write(data + b"\r\n")
+            return
+        await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         if "\x00" in arg:

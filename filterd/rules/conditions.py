@@ -9,6 +9,7 @@ Python work per message follows the rules that match, not the size of the rule s
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -363,6 +364,11 @@ class MessageSize(Condition):
 def parse_client_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not text:
         return None
+    return _parse_client_ip(text)
+
+
+@functools.lru_cache(maxsize=4096)  # the same clients come back; parsing costs more than a lookup
+def _parse_client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip().strip("[]")
     if text[:5].lower() == "ipv6:":
         text = text[5:]  # Postfix XFORWARD writes IPv6 clients as IPv6:2001:db8::1

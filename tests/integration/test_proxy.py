@@ -102,13 +102,30 @@ def test_a_recipient_refused_by_the_next_hop_is_refused_and_the_other_delivered(
     assert received.recipients == ["b@example.net"]
 
 
-def test_next_hop_down_gives_451_at_mail(tmp_path: Path, empty_rules: Path) -> None:
+def test_next_hop_down_gives_451_at_the_first_rcpt(tmp_path: Path, empty_rules: Path) -> None:
     from tests.support.daemon import free_port
 
+    # MAIL travels to the next hop with the first RCPT, so that is where its failure shows.
     with Daemon(tmp_path, free_port(), rules=empty_rules) as daemon, client(daemon.port) as smtp:
-        code, text = smtp.mail("a@example.org")
+        assert smtp.mail("a@example.org")[0] == 250
+        code, text = smtp.rcpt("b@example.net")
+        assert smtp.docmd("DATA")[0] == 451
     assert code == 451
     assert text.startswith(b"4.3.0")
+
+
+def test_a_sender_the_next_hop_refuses_is_refused_at_rcpt(
+    daemon: Daemon, nexthop: NextHop
+) -> None:
+    nexthop.behaviour.mail_reply = "550 5.7.1 Sender refused here"
+    with client(daemon.port) as smtp:
+        assert smtp.mail("a@example.org")[0] == 250
+        first = smtp.rcpt("b@example.net")
+        second = smtp.rcpt("c@example.net")  # MAIL is tried again, and refused again
+        assert smtp.docmd("DATA")[0] == 554  # no recipient was accepted
+    assert first == (550, b"5.7.1 Sender refused here")
+    assert second == first
+    assert nexthop.messages == []
 
 
 @pytest.mark.parametrize(

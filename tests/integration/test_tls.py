@@ -84,7 +84,8 @@ def test_relay_tls_with_an_untrusted_certificate_is_a_451(
     with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
         with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
             smtp.ehlo("client.test")
-            code, text = smtp.mail("a@example.org")
+            assert smtp.mail("a@example.org")[0] == 250
+            code, text = smtp.rcpt("b@example.net")
     assert (code, text[:5]) == (451, b"4.3.0")
     assert nexthop.messages == []
 
@@ -96,5 +97,6 @@ def test_relay_tls_required_but_not_offered_is_a_451(
     with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
         with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
             smtp.ehlo("client.test")
-            code, _ = smtp.mail("a@example.org")
+            assert smtp.mail("a@example.org")[0] == 250
+            code, _ = smtp.rcpt("b@example.net")
     assert code == 451
