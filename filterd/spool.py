@@ -72,17 +72,18 @@ def iter_lines_blocks(path: str, offset: int, block_size: int = READ_BLOCK) -> I
     """The file from ``offset`` in blocks that each end at a line end (except maybe the last)."""
     with open(path, "rb") as handle:
         handle.seek(offset)
-        carry = b""
+        # A line longer than a block grows ``carry`` block by block: appending to a bytearray
+        # and searching only the new block keeps that linear when blocks are small.
+        carry = bytearray()
         while True:
             data = handle.read(block_size)
             if not data:
                 break
-            data = carry + data
             cut = data.rfind(b"\n")
             if cut < 0:
-                carry = data
+                carry += data
                 continue
-            carry = data[cut + 1 :]
-            yield data[: cut + 1]
+            yield bytes(carry) + data[: cut + 1] if carry else data[: cut + 1]
+            carry = bytearray(data[cut + 1 :])
         if carry:
-            yield carry
+            yield bytes(carry)
