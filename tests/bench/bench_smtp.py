@@ -239,65 +239,93 @@ else:
 def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
     """10 clients send a 20 MB message at once while another sends small ones: peak RSS growth
     of filterd and the small messages' latency. Every client is its own process, so the
-    clients do not slow each other down (smtplib holds the GIL while it dot-stuffs 20 MB)."""
+    clients do not slow each other down (smtplib holds the GIL while it dot-stuffs 20 MB).
+
+    ``--large-sink`` picks the next hop: ``smtp-sink`` drains one connection until its socket is
+    empty, so under 10 concurrent 20 MB transfers a small transaction on another connection
+    waits behind megabytes of queued data; ``fair`` (tests/bench/fair_sink.py) reads every
+    connection in turn, as a real next hop with a process per connection does. ``both`` runs
+    the measurement once per sink."""
     import threading
 
     big = workdir / "big.eml"
     big.write_bytes(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (20 * 1024 * 1024 // 1000))
     small = workdir / "small.eml"
     small.write_bytes(b"Subject: small\r\n\r\n" + b"z" * 2000 + b"\r\n")
-    stop_file = workdir / "stop-small"
-    config = workdir / "large.yaml"
-    port = free_port()
-    config.write_text(
-        f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{sink.port}\nrules: {REPO / 'rules'}\n"
-        f"state_dir: {workdir / 'state-large'}\nmetrics: {{listen: null}}\nlog: {{level: warning}}\n"
-        f"workers: {args.workers}\nlimits: {{max_message_size: 30M, spool_threshold: 1M}}\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "filterd", "serve", "-c", str(config)], cwd=REPO)
-    wait_port(port)
-    time.sleep(1.0)
-    peak = [0.0]
-    sampling = threading.Event()
 
-    def sample() -> None:
+    def sample(proc: subprocess.Popen[bytes], peak: list[float], sampling: threading.Event) -> None:
         while not sampling.is_set():
             peak[0] = max(peak[0], rss_mb(family(proc.pid)))
             time.sleep(0.02)
 
-    def sender(path: Path, mode: str) -> subprocess.Popen[str]:
+    def sender(port: int, path: Path, mode: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-c", _SENDER, str(port), str(path), mode],
             stdout=subprocess.PIPE,
             text=True,
         )
 
-    try:
-        subprocess.run([sys.executable, "-c", _SENDER, str(port), str(small), "once"], check=True)
-        baseline = rss_mb(family(proc.pid))
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        smalls = sender(small, str(stop_file))
-        time.sleep(0.5)
-        started = time.perf_counter()
-        bigs = [sender(big, "once") for _ in range(10)]
-        codes = [b.wait(600) for b in bigs]
-        elapsed = time.perf_counter() - started
-        stop_file.write_text("")
-        out, _ = smalls.communicate(timeout=120)
-        sampling.set()
-        sampler.join()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    lat = sorted(float(line) for line in out.split())
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
-    print(
-        f"\nlarge: 10 x 20 MB at once in {elapsed:.1f} s (failed senders: {sum(1 for c in codes if c)}), "
-        f"workers={args.workers}; filterd RSS {baseline:.0f} MB before, peak {peak[0]:.0f} MB "
-        f"(+{peak[0] - baseline:.0f} MB); {len(lat)} small messages meanwhile, "
-        f"median {statistics.median(lat) if lat else float('nan'):.0f} ms, p99 {p99:.0f} ms"
-    )
+    sinks = {"smtp-sink": ["smtp-sink"], "fair": ["fair"], "both": ["smtp-sink", "fair"]}
+    for which in sinks[args.large_sink]:
+        fair: subprocess.Popen[bytes] | None = None
+        if which == "fair":
+            label, relay_port = "fair asyncio sink", free_port()
+            fair = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "bench" / "fair_sink.py"), str(relay_port)]
+            )
+            wait_port(relay_port)
+        else:
+            label, relay_port = "smtp-sink", sink.port
+        stop_file = workdir / f"stop-small-{which}"
+        config = workdir / "large.yaml"
+        port = free_port()
+        config.write_text(
+            f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{relay_port}\nrules: {REPO / 'rules'}\n"
+            f"state_dir: {workdir / f'state-large-{which}'}\nmetrics: {{listen: null}}\n"
+            f"log: {{level: warning}}\nworkers: {args.workers}\n"
+            f"limits: {{max_message_size: 30M, spool_threshold: 1M}}\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "filterd", "serve", "-c", str(config)], cwd=REPO
+        )
+        peak = [0.0]
+        sampling = threading.Event()
+        try:
+            wait_port(port)
+            time.sleep(1.0)
+            subprocess.run(
+                [sys.executable, "-c", _SENDER, str(port), str(small), "once"], check=True
+            )
+            baseline = rss_mb(family(proc.pid))
+            sampler = threading.Thread(target=sample, args=(proc, peak, sampling))
+            sampler.start()
+            smalls = sender(port, small, str(stop_file))
+            time.sleep(0.5)
+            started = time.perf_counter()
+            bigs = [sender(port, big, "once") for _ in range(10)]
+            codes = [b.wait(600) for b in bigs]
+            elapsed = time.perf_counter() - started
+            stop_file.write_text("")
+            out, _ = smalls.communicate(timeout=120)
+            sampling.set()
+            sampler.join()
+        finally:
+            sampling.set()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            if fair is not None:
+                fair.terminate()
+                fair.wait(10)
+        lat = sorted(float(line) for line in out.split())
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
+        print(
+            f"\nlarge (next hop: {label}): 10 x 20 MB at once in {elapsed:.1f} s "
+            f"(failed senders: {sum(1 for c in codes if c)}), "
+            f"workers={args.workers}; filterd RSS {baseline:.0f} MB before, peak {peak[0]:.0f} MB "
+            f"(+{peak[0] - baseline:.0f} MB); {len(lat)} small messages meanwhile, "
+            f"median {statistics.median(lat) if lat else float('nan'):.0f} ms, p99 {p99:.0f} ms",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -309,6 +337,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--only", help="comma-separated subset: direct,naive,empty,shipped,regex1000,latency,large"
+    )
+    parser.add_argument(
+        "--large-sink",
+        choices=("smtp-sink", "fair", "both"),
+        default="both",
+        help="next hop for 'large': Postfix smtp-sink, tests/bench/fair_sink.py, or each in turn",
     )
     args = parser.parse_args()
     wanted = set((args.only or "direct,naive,empty,shipped,regex1000,latency,large").split(","))
