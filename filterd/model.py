@@ -6,6 +6,7 @@ Nothing here does I/O or imports another filterd module except ``errors``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -120,7 +121,8 @@ class Verdict:
     redirect: tuple[str, ...] = ()
     tag: bool = False  # add X-Spam-* headers (score reached the tag threshold or action tag)
     required_score: float | None = None  # the tag threshold, for X-Spam-Status
-    trace: tuple[RuleTrace, ...] = ()
+    # Per rule, in order. The pipeline's is built on first use (see rules.pipeline.LazyTrace).
+    trace: Sequence[RuleTrace] = ()
     shadow_rules: tuple[str, ...] = ()  # shadow rules that matched (counted, never acted)
 
 

@@ -330,7 +330,7 @@ class QuarantineStore:
             queue_id=env.queue_id,
             message_id=message_id,
             rules=verdict.rules,
-            trace=verdict.trace,
+            trace=tuple(verdict.trace),
             sha256=hashlib.sha256(message.raw).hexdigest(),
         )
         written: list[Path] = []

@@ -181,6 +181,8 @@ class PatternMatch:
         return None
 
     def describe(self, scan: MessageScan, item: int) -> str:
+        if not scan.quote:
+            return f"{self.label} matched"
         value = scan.encoded(self.field)[item]
         found = self.regex.search(value)
         excerpt = _as_text(found.group(0) if found is not None else value[:200])

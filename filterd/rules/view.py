@@ -50,6 +50,7 @@ class MessageScan:
         "_scanners",
         "_values",
         "message",
+        "quote",
     )
 
     def __init__(
@@ -64,6 +65,9 @@ class MessageScan:
         self._encoded: dict[str, list[bytes]] = {}
         self._hits: dict[str, list[frozenset[int]]] = {}
         self._archive_index: tuple[list[ArchiveMember], list[tuple[int, int]]] | None = None
+        # Whether pattern matches quote the text they matched (a second regex search per
+        # matched pattern): off while deciding, on when the trace is built.
+        self.quote = False
 
     @property
     def parsed(self) -> ParsedMessage:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import filterd.rules.matchers
 import filterd.rules.view
 from filterd.mime import ParsedMessage
 from filterd.model import Action, Envelope, Message, SmtpReply
@@ -235,6 +236,32 @@ def test_trace_lists_every_rule_in_order(tmp_path: Path) -> None:
     assert verdict.rules == ("r0", "r3", "r6", "r9", "neg")
     assert all(t.detail for t in verdict.trace if t.matched)
     assert verdict.score == 2.25
+
+
+def test_the_trace_quotes_what_matched_and_is_built_only_when_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules = (
+        "- {name: money, if: {body: {regex: 'win \\$[0-9]+'}}, then: {score: 1}}\n"
+        "- {name: words, if: {subject: {contains: lottery}}, then: {score: 1}}\n"
+    )
+    ruleset = _ruleset(tmp_path, rules)
+    searches: list[int] = []
+    original = filterd.rules.matchers.PatternMatch.describe
+
+    def counting(self: object, scan: object, item: int) -> str:
+        searches.append(item)
+        return original(self, scan, item)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(filterd.rules.matchers.PatternMatch, "describe", counting)
+    verdict = evaluate(ruleset, _message(subject="lottery", body="you win $500 today"))
+    assert verdict.rules == ("money", "words")
+    deciding = len(searches)
+    trace = {t.rule: t.detail for t in verdict.trace}
+    assert '"win $500"' in trace["money"]  # the text the regex matched, quoted
+    assert '"lottery"' in trace["words"]
+    assert len(searches) > deciding  # quoting happened when the trace was read
+    assert verdict.trace == tuple(verdict.trace)  # and the trace is a stable sequence
 
 
 def test_evaluation_is_deterministic(tmp_path: Path) -> None:
