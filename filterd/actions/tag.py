@@ -157,6 +157,16 @@ def fold_header(name: str, value: str, eol: str = "\r\n") -> bytes:
     return f"{name}: {encoded}{eol}".encode("ascii")
 
 
+def _may_have_prefixed_field(raw: bytes, starts: tuple[bytes, ...]) -> bool:
+    """Whether a line of the header block starts with one of the lower-case ``starts``: a
+    cheap test that can say yes wrongly (then the full scan decides), never no wrongly."""
+    end = raw.find(b"\n\r\n")
+    end2 = raw.find(b"\n\n")
+    cut = min((e for e in (end, end2) if e >= 0), default=len(raw))
+    head = b"\n" + raw[: cut + 1].lower()
+    return any(b"\n" + start in head for start in starts)
+
+
 def remove_headers(raw: bytes, names: Iterable[str], *, prefixes: Iterable[str] = ()) -> bytes:
     """Remove every occurrence of the named fields and of fields whose name starts with a prefix.
 
@@ -167,6 +177,8 @@ def remove_headers(raw: bytes, names: Iterable[str], *, prefixes: Iterable[str] 
     starts = tuple(p.lower().encode("ascii", "replace") for p in prefixes if p)
     if not wanted and not starts:
         return raw
+    if not wanted and not _may_have_prefixed_field(raw, starts):
+        return raw  # the usual case (no X-Spam-* to strip): one search, no per-line work
     block = _scan(raw)
     pieces: list[bytes] = []
     kept_from = 0
