@@ -545,9 +545,12 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._parts_done.add(part)
         if len(self._parts_done) < 2:
             return
+        # aiosmtpd's connection_lost still cancels the timer and the task: those stay (a
+        # cancelled timer and a finished task hold nothing that refers back).
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
         self._smtp_methods = {}
-        self._writer = self._reader = self._timeout_handle = None
-        self._handler_coroutine = self._client_connected_cb = None
+        self._writer = self._reader = self._client_connected_cb = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # After STARTTLS aiosmtpd calls this again and creates a new Session: carry our state
@@ -566,7 +569,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         if self.session is not None and self.session.ssl is not None:
             result: bool | None = super().eof_received()
             return result
-        self._reader.feed_eof()
+        if self._reader is not None:
+            self._reader.feed_eof()
         return True
 
     async def handle_exception(self, error: Exception) -> str:
