@@ -160,9 +160,10 @@ def fold_header(name: str, value: str, eol: str = "\r\n") -> bytes:
 def _may_have_prefixed_field(raw: bytes, starts: tuple[bytes, ...]) -> bool:
     """Whether a line of the header block starts with one of the lower-case ``starts``: a
     cheap test that can say yes wrongly (then the full scan decides), never no wrongly."""
-    end = raw.find(b"\n\r\n")
-    end2 = raw.find(b"\n\n")
-    cut = min((e for e in (end, end2) if e >= 0), default=len(raw))
+    cut = raw.find(b"\n\r\n")
+    cut = len(raw) if cut < 0 else cut
+    bare = raw.find(b"\n\n", 0, cut)  # a bare-LF separator before it, if any
+    cut = bare if bare >= 0 else cut
     head = b"\n" + raw[: cut + 1].lower()
     return any(b"\n" + start in head for start in starts)
 

@@ -457,3 +457,28 @@ def test_removed_header_can_be_replaced() -> None:
     raw = b"X-Mailer: old\r\nSubject: s\r\n\r\nb"
     out = apply_modifications(raw, remove=["x-mailer"], add=[("X-Mailer", "new")])
     assert out == b"X-Mailer: new\r\nSubject: s\r\n\r\nb"
+
+
+@pytest.mark.parametrize(
+    ("raw", "has_field"),
+    [
+        (b"X-Spam-Flag: YES\r\n\r\nbody\r\n", True),
+        (b"Subject: a\r\nX-SPAM-Score: 9\r\n\r\nbody\r\n", True),
+        (b"Subject: a\nX-Spam-Status: Yes\n\nbody\n", True),
+        (b"Subject: a\r\n\r\nX-Spam-Flag: YES is only body text\r\n", False),
+        (b"Subject: a\n\nX-Spam-Flag: YES\n", False),
+        (b"Subject: a\r\n x-spam-flag: a folded line, not a field\r\n\r\nb\r\n", False),
+    ],
+)
+def test_forged_spam_fields_are_found_by_the_quick_check_and_removed(
+    raw: bytes, has_field: bool
+) -> None:
+    from filterd.actions.tag import _may_have_prefixed_field
+
+    # The quick check may say yes wrongly, never no: a forged field always reaches the scan.
+    if has_field:
+        assert _may_have_prefixed_field(raw, (b"x-spam-",))
+    cleaned = remove_headers(raw, [], prefixes=("X-Spam-",))
+    header = re.split(rb"\r?\n\r?\n", cleaned, maxsplit=1)[0]
+    assert not [line for line in header.splitlines() if line.lower().startswith(b"x-spam-")]
+    assert (cleaned != raw) is has_field
