@@ -468,6 +468,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self.filterd_handler = handler
         self.command_size_limits["XFORWARD"] = 1000
         self._parts_done: set[str] = set()  # "task" and "connection" ended (see below)
+        self._deadline = 0.0  # when the session times out (see _reset_timeout)
 
     def _init_fast(
         self,
@@ -591,6 +592,20 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             self.filterd_handler.in_flight.add(task)
             task.add_done_callback(self.filterd_handler.in_flight.discard)
         self._session_part_done("connection")
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels its timer and schedules a new one for every command; moving a
+        # deadline and letting the one timer re-arm itself when it fires early costs a clock
+        # read instead. (filterd always passes the same duration, so deadlines only move on.)
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+            return
+        self._timeout_cb()
 
     async def push(self, status: str | bytes) -> None:
         # aiosmtpd's push formats a debug log line and awaits drain() for every reply; while

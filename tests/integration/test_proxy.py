@@ -331,6 +331,24 @@ def test_idle_session_times_out(tmp_path: Path, nexthop: NextHop, empty_rules: P
             assert reader.readline() == b""  # closed by the server
 
 
+def test_each_command_restarts_the_session_timeout(
+    tmp_path: Path, nexthop: NextHop, empty_rules: Path
+) -> None:
+    extra = {"limits": {"session_timeout": 1}}
+    with Daemon(tmp_path, nexthop.port, rules=empty_rules, extra=extra) as daemon:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            started = time.monotonic()
+            for _ in range(6):  # 2.4 s of activity, more than two timeout periods
+                time.sleep(0.4)
+                sock.sendall(b"NOOP\r\n")
+                assert reader.readline().startswith(b"250")
+            assert time.monotonic() - started > 2
+            time.sleep(1.6)  # then idle for longer than the timeout
+            assert reader.readline() == b""
+
+
 def test_sigterm_lets_an_in_flight_message_finish_and_exits_0(
     tmp_path: Path, nexthop: NextHop, empty_rules: Path
 ) -> None:
