@@ -30,7 +30,8 @@ from filterd.observe import Metrics, make_registry, start_metrics_server
 from filterd.processor import MessageProcessor
 from filterd.rules import RuleSet, load_ruleset
 from filterd.sdnotify import Notifier, watchdog_loop
-from filterd.smtp import FilterdHandler, FilterdSMTP, IngressPolicy
+from filterd.smtp import FilterdHandler, IngressPolicy
+from filterd.smtp_protocol import FilterdSMTP
 
 log = structlog.get_logger("filterd")
 

@@ -1,9 +1,10 @@
-"""The SMTP ingress: the only module that imports aiosmtpd.
+"""The SMTP ingress, session side: aiosmtpd's handler hooks and the state of each session.
 
-It owns the wire: admission (networks ACL, connection limits), EHLO extensions, XFORWARD, the
-lock-step MAIL/RCPT forwarding to the next hop, a DATA reader that accepts long lines and bare LF
-and enforces SIZE, and the rule that every unexpected failure answers ``451 4.3.0`` (aiosmtpd's
-default would be a 500). What happens to a received message is delegated to a ``MessageSink``.
+It owns admission (networks ACL, connection limits), EHLO extensions, XFORWARD, the lock-step
+RCPT forwarding to the next hop (MAIL goes with the first RCPT), and the rule that every
+unexpected failure answers ``451 4.3.0`` (aiosmtpd's default would be a 500). The wire side
+(the protocol: command loop, DATA reader) is ``smtp_protocol.py``; what happens to a received
+message is delegated to a ``MessageSink``.
 """
 
 from __future__ import annotations
@@ -12,80 +13,30 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
-import logging
 import re
 import ssl
-import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiosmtpd.smtp
 import structlog
-from aiosmtpd.smtp import (
-    ALLOWED_BEFORE_STARTTLS,
-    BOGUS_LIMIT,
-    SMTP,
-    TLSSetupException,
-    login_always_fail,
-)
+from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session as AioSession
 
 from filterd.actions.relay import RelayClient, RelayTransaction, Xforward
 from filterd.errors import RelayError
 from filterd.model import TEMPFAIL_INTERNAL, Envelope, Message, SmtpReply
-from filterd.spool import SpoolFile, discard, read_prefix
+from filterd.spool import SpoolFile, read_prefix
+
+if TYPE_CHECKING:
+    from filterd.smtp_protocol import FilterdSMTP
 
 log = structlog.get_logger("filterd.smtp")
 
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 _XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
-# The common address forms, parsed without the email package's (slow, general) header parser.
-_SIMPLE_PATH = re.compile(r'<((?:[^<>\s"\\(),;:@\[\]]+@[^<>\s"\\(),;:@\[\]]+)?)>(.*)', re.DOTALL)
-_SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
-_DATA_CHUNK = 65536
 _session_ids = itertools.count(1)
-
-
-def _sanitized_log_if_enabled(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
-    """aiosmtpd's ``sanitized_log``, but returning at once when the logger would drop the line.
-
-    aiosmtpd logs every command line at INFO and scrubs the arguments first, before the
-    logger's level is consulted; filterd keeps that logger at WARNING, so the scrubbing was
-    pure cost (several calls per message).
-    """
-    logger = getattr(func, "__self__", None)
-    level = _METHOD_LEVELS.get(getattr(func, "__name__", ""), logging.CRITICAL)
-    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(level):
-        return
-    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
-
-
-_METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
-aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled  # module global its methods look up
-
-
-REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-_ANY_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
-
-
-def unstuff(block: bytes) -> bytes:
-    """CRLF for every line ending, then remove the dot-stuffing (``block`` starts at a line
-    ending). Clients that send bare LF stuff their dots after it too."""
-    if block.count(b"\r") != block.count(b"\n") or block.count(b"\r\n") != block.count(b"\n"):
-        block = _ANY_LINE_ENDING.sub(b"\r\n", block)
-    return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
-
-
-@dataclass(frozen=True)
-class DataResult:
-    """What DATA produced: the message (in memory or spooled), or the reply refusing it."""
-
-    raw: bytes
-    spool: SpoolFile | None
-    refusal: str | None
 
 
 class MessageSink(Protocol):
@@ -147,7 +98,7 @@ def _peer_ip(session: AioSession) -> str:
     return str(peer or "")
 
 
-def _state(session: AioSession) -> SessionState:
+def session_state(session: AioSession) -> SessionState:
     state: SessionState = session.filterd_state
     return state
 
@@ -273,7 +224,7 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        state = _state(session)
+        state = session_state(session)
         sender = "" if address == "<>" else address
         # No next-hop I/O yet: MAIL travels with the first RCPT (see RelayTransaction.begin).
         txn = self.relay.transaction()
@@ -292,7 +243,7 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        state = _state(session)
+        state = session_state(session)
         if state.relay_failed:
             return TEMPFAIL_INTERNAL.render()
         if state.txn is None:
@@ -343,7 +294,7 @@ class FilterdHandler:
 
     # --- helpers used by FilterdSMTP ------------------------------------------------------------
     def xforward_command(self, session: AioSession, arg: str | None) -> str:
-        state = _state(session)
+        state = session_state(session)
         if not arg:
             return "501 5.5.4 Syntax: XFORWARD attribute=value..."
         updates: dict[str, str] = {}
@@ -358,7 +309,7 @@ class FilterdHandler:
         return "250 2.0.0 Ok"
 
     def _xforward(self, session: AioSession) -> Xforward:
-        state = _state(session)
+        state = session_state(session)
         attrs = dict(state.xforward)
         # Without XFORWARD from our client, tell the next hop about the client we saw.
         attrs.setdefault("ADDR", state.client_ip)
@@ -379,7 +330,7 @@ class FilterdHandler:
             await (txn.abandon() if broken else txn.finish())
 
     def envelope_of(self, session: AioSession, envelope: AioEnvelope) -> Envelope:
-        state = _state(session)
+        state = session_state(session)
         sender = envelope.mail_from or ""
         xf = state.xforward
         return Envelope(
@@ -397,7 +348,7 @@ class FilterdHandler:
     async def deliver(
         self, session: AioSession, envelope: AioEnvelope, raw: bytes, spool: SpoolFile | None = None
     ) -> str:
-        state = _state(session)
+        state = session_state(session)
         txn = state.txn
         if txn is None:
             return TEMPFAIL_INTERNAL.render()
@@ -434,428 +385,3 @@ class FilterdHandler:
             # A connection that failed is marked broken by the relay client and closed, not pooled.
             await self._end_transaction(session)
         return reply.render()
-
-
-class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type information
-    """aiosmtpd's protocol with filterd's admission, XFORWARD, SIZE reply and DATA reader."""
-
-    # aiosmtpd's __init__ introspects the handler and itself with inspect.getmembers() for every
-    # connection (a fifth of the CPU of a short session). The results depend only on the class
-    # and the shared handler, so they are computed once and reused.
-    session: Any  # aiosmtpd's Session / Envelope / transport (set per connection and transaction)
-    _reader: Any  # aiosmtpd's streams, timer and task (set per connection)
-    _writer: Any
-    _timeout_handle: Any
-    _handler_coroutine: Any
-    envelope: Any
-    transport: Any
-    _smtp_method_names: tuple[str, ...] = ()
-    _shared: ClassVar[dict[int, tuple[dict[str, Any], dict[str, Any]]]] = {}
-
-    def __init__(self, handler: FilterdHandler, policy: IngressPolicy) -> None:
-        key = id(handler)
-        if key not in FilterdSMTP._shared:
-            super().__init__(
-                handler,
-                data_size_limit=policy.max_message_size,
-                enable_SMTPUTF8=True,
-                decode_data=False,
-                hostname=policy.hostname,
-                ident="filterd ESMTP",
-                timeout=policy.session_timeout,
-                auth_exclude_mechanism=["LOGIN", "PLAIN"],
-                tls_context=policy.tls_context,
-                require_starttls=policy.require_tls,
-            )
-            FilterdSMTP._shared = {key: (self._handle_hooks, self._auth_methods)}
-            FilterdSMTP._smtp_method_names = tuple(self._smtp_methods)
-        else:
-            self._init_fast(handler, policy, *FilterdSMTP._shared[key])
-        self.filterd_handler = handler
-        self.command_size_limits["XFORWARD"] = 1000
-        self._parts_done: set[str] = set()  # "task" and "connection" ended (see below)
-        self._deadline = 0.0  # when the session times out (see _reset_timeout)
-
-    def _init_fast(
-        self,
-        handler: FilterdHandler,
-        policy: IngressPolicy,
-        hooks: dict[str, Any],
-        auth_methods: dict[str, Any],
-    ) -> None:
-        """What SMTP.__init__ sets up, for the options filterd uses (aiosmtpd 1.4.x)."""
-        self.__ident__ = "filterd ESMTP"
-        self.loop = asyncio.get_running_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=self.loop,
-        )
-        self.event_handler = handler
-        self.data_size_limit = policy.max_message_size
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
-        self.hostname = policy.hostname
-        self.tls_context = policy.tls_context
-        self.require_starttls = bool(policy.tls_context and policy.require_tls)
-        self._timeout_duration = policy.session_timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None
-        self._authenticator = None
-        self._auth_callback = login_always_fail
-        self._auth_required = False
-        self._auth_methods = auth_methods
-        self._handle_hooks = hooks
-        self._ehlo_hook_ver = "new"
-        self._smtp_methods = {
-            name: getattr(self, "smtp_" + name) for name in self._smtp_method_names
-        }
-        self._enforce_call_limit = False
-
-    async def _handle_client(self) -> None:
-        try:
-            refusal = self.filterd_handler.admit(self.session)
-            if refusal is not None:
-                with contextlib.suppress(ConnectionError):
-                    await self.push(refusal)
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            self.filterd_handler.protocols.add(self)
-            await self._command_loop()
-        except asyncio.CancelledError:
-            # aiosmtpd ends every session by cancelling this task (after QUIT, or when the
-            # connection is lost). Ending it normally instead keeps the CancelledError, whose
-            # traceback holds this protocol, out of the finished task; see _session_part_done.
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
-        finally:
-            self._session_part_done("task")
-
-    async def _command_loop(self) -> None:
-        """aiosmtpd's command loop (1.4) for the options filterd uses: no PROXY protocol header,
-        no per-command call limits, no per-line logging; the same replies otherwise.
-
-        aiosmtpd's loop does that bookkeeping for every command line, a fifth of what a command
-        costs here; the commands themselves are still aiosmtpd's ``smtp_*`` methods.
-        """
-        await self.push(f"220 {self.hostname} {self.__ident__}")
-        reader = self._reader
-        bogus_budget = BOGUS_LIMIT
-        while self.transport is not None:
-            try:
-                try:
-                    line: bytes = await reader.readuntil()
-                except asyncio.LimitOverrunError as error:
-                    # Too long: read (and drop) to the end of the line, then refuse it.
-                    await reader.read(error.consumed)
-                    while True:
-                        try:
-                            await reader.readuntil()
-                            break
-                        except asyncio.LimitOverrunError as more:
-                            await reader.read(more.consumed)
-                    await self.push("500 Command line too long")
-                    continue
-                line = line.rstrip(b"\r\n")
-                if not line:
-                    await self.push("500 Error: bad syntax")
-                    continue
-                command_bytes, _, arg_bytes = line.partition(b" ")
-                try:
-                    command = command_bytes.upper().decode("ascii")
-                except UnicodeDecodeError:
-                    await self.push("500 Error: bad syntax")
-                    continue
-                # SMTPUTF8 is on: arguments decode as UTF-8, undecodable bytes kept (surrogates).
-                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
-                limit = (
-                    self.command_size_limits[command]
-                    if self.session.extended_smtp
-                    else self.command_size_limit
-                )
-                if len(line) > limit:
-                    await self.push("500 Command line too long")
-                    continue
-                if not self._tls_handshake_okay and command != "QUIT":
-                    await self.push("554 Command refused due to lack of security")
-                    continue
-                if (
-                    self.require_starttls
-                    and not self._tls_protocol
-                    and command not in ALLOWED_BEFORE_STARTTLS
-                ):
-                    await self.push("530 Must issue a STARTTLS command first")
-                    continue
-                method = self._smtp_methods.get(command)
-                if method is None:
-                    bogus_budget -= 1
-                    if bogus_budget < 1:
-                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
-                        self.transport.close()
-                        continue
-                    await self.push(f'500 Error: command "{command}" not recognized')
-                    continue
-                self._reset_timeout()
-                await method(arg)
-            except (asyncio.CancelledError, ConnectionResetError):
-                self._writer.close()
-                raise
-            except Exception as error:  # every failure becomes a reply, never a crash
-                await self._reply_to_failure(error)
-
-    async def _reply_to_failure(self, error: Exception) -> None:
-        """What aiosmtpd's loop does with an exception from a command: a failed TLS setup
-        closes the connection, anything else is answered (handle_exception: 451, never 5xx)."""
-        if isinstance(error, TLSSetupException):
-            self.transport.close()
-            self.connection_lost(error)
-            return
-        try:
-            status = await self.handle_exception(error)
-        except Exception:  # the handler itself failed: still answer
-            status = TEMPFAIL_INTERNAL.render()
-        await self.push(status)
-
-    def _session_part_done(self, part: str) -> None:
-        """Break this protocol's reference cycles once both its task and its connection ended.
-
-        aiosmtpd's protocol refers to itself through its bound command methods, its stream
-        writer and reader, and its timeout handle. Left alone, every finished session is cyclic
-        garbage (some 50 objects) that only the garbage collector frees, and its passes over
-        them cost milliseconds; freed by reference counting, they cost nothing.
-        """
-        self._parts_done.add(part)
-        if len(self._parts_done) < 2:
-            return
-        # aiosmtpd's connection_lost still cancels the timer and the task: those stay (a
-        # cancelled timer and a finished task hold nothing that refers back).
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        self._smtp_methods = {}
-        self._writer = self._reader = self._client_connected_cb = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # After STARTTLS aiosmtpd calls this again and creates a new Session: carry our state
-        # over, minus what RFC 3207 says to forget (XFORWARD attributes, like EHLO).
-        state = getattr(self.session, "filterd_state", None) if self.session is not None else None
-        super().connection_made(transport)
-        if state is not None:
-            self.session.filterd_state = state
-            state.xforward.clear()
-
-    def eof_received(self) -> bool | None:
-        # A client may half-close right after its last commands (Exim writes ".", "QUIT" and
-        # shuts down its side). aiosmtpd would cancel the session at once, dropping the
-        # message it already received; instead the reader sees end-of-input after the buffered
-        # commands are answered, and the transport stays open for the replies.
-        if self.session is not None and self.session.ssl is not None:
-            result: bool | None = super().eof_received()
-            return result
-        if self._reader is not None:
-            self._reader.feed_eof()
-        return True
-
-    async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, asyncio.IncompleteReadError) or self._reader.at_eof():
-            # End of input after a half-close: everything sent was answered; close quietly.
-            if self.transport is not None:
-                self.transport.close()
-            return "421 4.4.2 Connection closed"
-        status: str = await self.filterd_handler.handle_exception(error)
-        return status
-
-    def connection_lost(self, error: Exception | None) -> None:
-        session = self.session
-        self.filterd_handler.protocols.discard(self)
-        super().connection_lost(error)
-        if session is not None:
-            task = self.loop.create_task(self.filterd_handler.closed(session))
-            self.filterd_handler.in_flight.add(task)
-            task.add_done_callback(self.filterd_handler.in_flight.discard)
-        self._session_part_done("connection")
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        # aiosmtpd cancels its timer and schedules a new one for every command; moving a
-        # deadline and letting the one timer re-arm itself when it fires early costs a clock
-        # read instead. (filterd always passes the same duration, so deadlines only move on.)
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        if self._timeout_handle is None:
-            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
-
-    def _check_timeout(self) -> None:
-        if self.loop.time() < self._deadline:
-            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
-            return
-        self._timeout_cb()
-
-    async def push(self, status: str | bytes) -> None:
-        # aiosmtpd's push formats a debug log line and awaits drain() for every reply; while
-        # the transport is open and not paused neither is needed: just write. Anything else
-        # (a paused or closing transport) takes aiosmtpd's path, which waits or raises.
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
-            data = status.encode("utf-8") if isinstance(status, str) else status
-            self._writer.write(data + b"\r\n")
-            return
-        await super().push(status)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        if "\x00" in arg:
-            return None, None  # aiosmtpd answers 553 malformed address
-        match = _SIMPLE_PATH.fullmatch(arg)
-        if match:
-            return match.group(1) or "<>", match.group(2)
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
-
-    async def smtp_XFORWARD(self, arg: str | None) -> None:
-        if await self.check_helo_needed("EHLO"):
-            return
-        if self.envelope.mail_from:
-            await self.push("503 5.5.1 Error: XFORWARD not allowed inside a transaction")
-            return
-        await self.push(self.filterd_handler.xforward_command(self.session, arg))
-
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        size = _SIZE_PARAM.search(arg or "")
-        if size and self.data_size_limit and int(size.group(1)) > self.data_size_limit:
-            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
-            return
-        await super().smtp_MAIL(arg)
-
-    async def smtp_DATA(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        if _state(self.session).relay_failed:
-            await self.push(TEMPFAIL_INTERNAL.render())
-            return
-        if not self.envelope.rcpt_tos:
-            await self.push("554 5.5.1 Error: no valid recipients")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        started = time.monotonic()
-        try:
-            result = await self._read_data()
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception as exc:
-            # After 354 the client's bytes are message data until the end marker: if we cannot
-            # tell where that is any more, the connection must go, or data would run as commands.
-            log.error("data_failed", error=repr(exc), session=_state(self.session).session_id)
-            await self.filterd_handler.handle_RSET(self, self.session, self.envelope)
-            await self.push("421 4.3.0 Temporary internal error, closing connection")
-            self.transport.close()
-            return
-        if result.refusal is not None:
-            await self.filterd_handler.handle_RSET(self, self.session, self.envelope)
-            self._set_post_data_state()
-            await self.push(result.refusal)
-            return
-        spool = result.spool
-        log.debug(
-            "data_received",
-            size=spool.size if spool else len(result.raw),
-            seconds=round(time.monotonic() - started, 4),
-        )
-        try:
-            status = await self.filterd_handler.deliver(
-                self.session, self.envelope, result.raw, spool
-            )
-        finally:
-            if spool is not None:
-                discard(spool.path)
-        self._set_post_data_state()
-        await self.push(status)
-
-    async def _read_data(self) -> DataResult:
-        """Read up to the ``CRLF.CRLF`` end marker and return the un-dot-stuffed message.
-
-        Lines of any length pass; only ``<CRLF>.<CRLF>`` ends the data, and every line ending
-        (CRLF, bare LF, bare CR) becomes CRLF, so no ``<LF>.<LF>`` or ``<CR>.<CR>`` can end the
-        message at a lenient next hop, and the rules, the header edits and the next hop all see
-        the same lines. Past ``spool_threshold`` complete lines go to a spool file and only the
-        last partial line stays in memory. Too big, or a spool that cannot be written: the rest
-        is read and dropped up to the end marker, and the message is refused. Bytes after the
-        marker (a pipelined command) go back to the reader.
-        """
-        policy = self.filterd_handler.policy
-        limit = self.data_size_limit or 0
-        # A virtual line start, so the end marker and dot-stuffing look the same everywhere.
-        buf = bytearray(b"\r\n")
-        spool: SpoolFile | None = None
-        received = 0  # bytes already moved out of buf (to the spool, or dropped)
-        refusal: str | None = None
-        scanned = 0
-        try:
-            while True:
-                end = buf.find(b"\r\n.\r\n", max(0, scanned - 4))
-                if end >= 0:
-                    break
-                scanned = len(buf)
-                if refusal is None and limit and received + scanned > limit + 2 + 8192:
-                    refusal = REPLY_TOO_BIG
-                if (
-                    refusal or spool is not None or scanned > policy.spool_threshold
-                ) and scanned > 65536:
-                    # Move every complete line out of memory; keep the line ending before the
-                    # last partial line so the marker and the stuffing stay visible in buf.
-                    cut = buf.rfind(b"\n", 0, scanned - 5)
-                    if cut > 2:
-                        cut = cut - 1 if buf[cut - 1] == 0x0D else cut
-                        if refusal is None:
-                            try:
-                                if spool is None:
-                                    spool = SpoolFile(policy.spool_dir)
-                                    spool.write(unstuff(bytes(buf[:cut]))[2:])
-                                else:
-                                    spool.write(unstuff(bytes(buf[:cut])))
-                            except OSError as exc:
-                                log.error("spool_failed", error=str(exc))
-                                refusal = TEMPFAIL_INTERNAL.render()
-                        received += cut
-                        del buf[:cut]
-                        scanned = len(buf)
-                chunk = await self._reader.read(_DATA_CHUNK)
-                if not chunk:
-                    raise ConnectionResetError(  # noqa: TRY301 - the handler discards the spool
-                        "client closed the connection during DATA"
-                    )
-                self._reset_timeout()
-                buf += chunk
-            leftover = bytes(buf[end + 5 :])
-            if leftover:
-                # StreamReader has no unread(); aiosmtpd itself manipulates this buffer (STARTTLS).
-                self._reader._buffer[:0] = leftover
-            del buf[end + 2 :]
-            if refusal is None and limit and received + len(buf) - 2 > limit:
-                refusal = REPLY_TOO_BIG
-            if refusal is not None:
-                if spool is not None:
-                    spool.discard()
-                return DataResult(b"", None, refusal)
-            if spool is None:
-                return DataResult(unstuff(bytes(buf))[2:], None, None)
-            try:
-                spool.write(unstuff(bytes(buf)))
-                spool.close()
-            except OSError as exc:
-                log.error("spool_failed", error=str(exc))
-                spool.discard()
-                return DataResult(b"", None, TEMPFAIL_INTERNAL.render())
-            return DataResult(b"", spool, None)
-        except BaseException:
-            if spool is not None:
-                spool.discard()
-            raise

@@ -114,9 +114,7 @@ def test_next_hop_down_gives_451_at_the_first_rcpt(tmp_path: Path, empty_rules: 
     assert text.startswith(b"4.3.0")
 
 
-def test_a_sender_the_next_hop_refuses_is_refused_at_rcpt(
-    daemon: Daemon, nexthop: NextHop
-) -> None:
+def test_a_sender_the_next_hop_refuses_is_refused_at_rcpt(daemon: Daemon, nexthop: NextHop) -> None:
     nexthop.behaviour.mail_reply = "550 5.7.1 Sender refused here"
     with client(daemon.port) as smtp:
         assert smtp.mail("a@example.org")[0] == 250

@@ -20,7 +20,7 @@ import pytest
 
 from filterd.app import Daemon
 from filterd.config import HostPort, QuarantineConfig, default_config
-from filterd.smtp import FilterdSMTP
+from filterd.smtp_protocol import FilterdSMTP
 from tests.support.nexthop import NextHop
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nMessage-ID: <m@example.org>\r\n\r\nhi\r\n"
