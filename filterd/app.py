@@ -22,8 +22,9 @@ import structlog
 
 from filterd import __version__
 from filterd.actions import Executor, LazyQuarantine
+from filterd.actions.nexthop import NO_TLS, RelayTls
 from filterd.actions.quarantine import QuarantineStore, run_retention
-from filterd.actions.relay import NO_TLS, RelayClient, RelayTls
+from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
 from filterd.errors import ConfigError, QuarantineError
 from filterd.observe import Metrics, make_registry, start_metrics_server

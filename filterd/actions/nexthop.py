@@ -1,0 +1,304 @@
+"""One SMTP connection to the next hop: connect, greeting, EHLO, STARTTLS, and replies.
+
+Replies are parsed as bytes arrive (``_ReplyReader``, an asyncio Protocol) and handed to the one
+command waiting for them; every wait is bounded by the relay timeout. Transactions and the pool
+of these connections are ``relay.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import cast
+
+from filterd.errors import RelayError
+from filterd.model import SmtpReply
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class NextHopReply:
+    """A reply as the next hop sent it; ``as_reply`` keeps its code, enhanced code and text."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    def as_reply(self) -> SmtpReply:
+        last = self.lines[-1] if self.lines else ""
+        match = _ENHANCED.match(last)
+        if match:
+            return SmtpReply(self.code, match.group(1), match.group(2))
+        return SmtpReply(self.code, "", last)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.lines[-1] if self.lines else ''}".strip()
+
+
+_MAX_REPLY_LINE = 65536  # bytes without a line end before a reply counts as malformed
+_MAX_REPLY_LINES = 100
+
+
+class _ReplyReader(asyncio.Protocol):
+    """Splits what the next hop sends into replies as the bytes arrive.
+
+    A Protocol rather than a StreamReader: most replies arrive whole in one segment, so parsing
+    them in ``data_received`` and handing a finished reply to the one waiting command costs one
+    future per reply instead of a coroutine per line.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.lines: list[str] = []  # the lines of the reply being received
+        self.replies: deque[NextHopReply] = deque()
+        self.failure: RelayError | None = None  # set once; the connection is unusable after it
+        self.waiter: asyncio.Future[None] | None = None
+        self.drained: asyncio.Future[None] | None = None  # set while the transport is paused
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance() check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        start = 0
+        while self.failure is None:
+            newline = buffer.find(b"\n", start)
+            if newline < 0:
+                break
+            self._line(buffer[start:newline].decode("utf-8", "replace").rstrip("\r"))
+            start = newline + 1
+        del buffer[:start]
+        if len(buffer) > _MAX_REPLY_LINE:
+            self._fail(RelayError("protocol", "reply line too long"))
+        self._wake()
+
+    def _line(self, text: str) -> None:
+        if len(text) < 3 or not text[:3].isdigit():
+            self._fail(RelayError("protocol", f"malformed reply line {text[:80]!r}"))
+            return
+        self.lines.append(text[4:])
+        if len(text) == 3 or text[3] != "-":
+            self.replies.append(NextHopReply(int(text[:3]), tuple(self.lines)))
+            self.lines = []
+        elif len(self.lines) > _MAX_REPLY_LINES:
+            self._fail(RelayError("protocol", "reply with too many lines"))
+
+    def _fail(self, error: RelayError) -> None:
+        if self.failure is None:
+            self.failure = error
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done() and (self.replies or self.failure):
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: a next hop that stops sending is gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        detail = f"connection lost: {exc}" if exc else "next hop closed the connection"
+        if self.failure is None:
+            self.failure = RelayError("closed", detail)
+        self._wake()
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        drained, self.drained = self.drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+
+class NextHopConnection:
+    """One SMTP connection to the next hop, after the greeting and EHLO."""
+
+    def __init__(
+        self, transport: asyncio.Transport, protocol: _ReplyReader, timeout: float
+    ) -> None:
+        self.transport = transport
+        self.protocol = protocol
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}
+        self.broken = False
+
+    @property
+    def stale(self) -> bool:
+        """Closed, failed, or holding a reply nobody asked for (e.g. an idle-timeout 421)."""
+        protocol = self.protocol
+        return self.broken or protocol.failure is not None or bool(protocol.replies)
+
+    async def read_reply(self) -> NextHopReply:
+        protocol = self.protocol
+        if not protocol.replies and protocol.failure is None:
+            # One bound for the whole reply: a next hop trickling a long multi-line reply must
+            # not hold the client longer than relay_timeout. A timer handle, not
+            # asyncio.timeout(): this runs several times per message.
+            waiter = protocol.waiter = protocol.loop.create_future()
+            timer = protocol.loop.call_later(self.timeout, self._expire, waiter)
+            try:
+                await waiter
+            except BaseException:
+                self.broken = True  # cancelled mid-reply: the conversation state is unknown
+                raise
+            finally:
+                timer.cancel()
+                protocol.waiter = None
+        if protocol.replies:
+            return protocol.replies.popleft()
+        self.broken = True
+        assert protocol.failure is not None
+        raise protocol.failure
+
+    def _expire(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            self.protocol._fail(RelayError("timeout", "next hop did not answer in time"))
+            self.protocol._wake()
+
+    async def send(self, payload: bytes) -> None:
+        protocol = self.protocol
+        if protocol.failure is not None or self.transport.is_closing():
+            self.broken = True
+            raise protocol.failure or RelayError("closed", "next hop closed the connection")
+        self.transport.write(payload)
+        drained = protocol.drained
+        if drained is None:
+            return  # below the high-water mark: nothing to wait for
+        try:
+            async with asyncio.timeout(self.timeout):
+                await asyncio.shield(drained)
+        except TimeoutError as exc:
+            self.broken = True
+            protocol._fail(RelayError("timeout", "next hop did not read in time"))
+            raise RelayError("timeout", "next hop did not read in time") from exc
+        if protocol.failure is not None:
+            self.broken = True
+            raise protocol.failure
+
+    async def command(self, line: str) -> NextHopReply:
+        await self.send(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        return await self.read_reply()
+
+    def supports(self, extension: str) -> bool:
+        return extension.upper() in self.extensions
+
+    async def close(self) -> None:
+        if not self.broken and self.protocol.failure is None:
+            with contextlib.suppress(RelayError, TimeoutError):
+                await asyncio.wait_for(self.command("QUIT"), 2)
+        self.transport.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.protocol.lost), 2)
+        if not self.protocol.lost.done():
+            self.transport.abort()
+
+
+@dataclass(frozen=True)
+class RelayTls:
+    """STARTTLS to the next hop: ``opportunistic`` when offered, or ``required``."""
+
+    mode: str  # "none" | "opportunistic" | "required"
+    context: ssl.SSLContext | None = None
+    server_name: str | None = None
+
+
+NO_TLS = RelayTls("none")
+
+
+async def _ehlo(conn: NextHopConnection, helo: str) -> None:
+    ehlo = await conn.command(f"EHLO {helo}")
+    conn.extensions = {}
+    if ehlo.code == 250:
+        for entry in ehlo.lines[1:]:
+            name, _, params = entry.partition(" ")
+            conn.extensions[name.upper()] = params
+        return
+    helo_reply = await conn.command(f"HELO {helo}")
+    if helo_reply.code != 250:
+        raise RelayError("protocol", f"HELO refused: {helo_reply}")
+
+
+async def _starttls(conn: NextHopConnection, host: str, helo: str, tls: RelayTls) -> None:
+    if not conn.supports("STARTTLS"):
+        if tls.mode == "required":
+            raise RelayError(
+                "protocol", "next hop does not offer STARTTLS (relay_tls.mode: required)"
+            )
+        return
+    reply = await conn.command("STARTTLS")
+    if reply.code != 220:
+        if tls.mode == "required":
+            raise RelayError("protocol", f"STARTTLS refused: {reply}")
+        return
+    context = tls.context or ssl.create_default_context()
+    loop = conn.protocol.loop
+    try:
+        async with asyncio.timeout(conn.timeout):
+            transport = await loop.start_tls(
+                conn.transport, conn.protocol, context, server_hostname=tls.server_name or host
+            )
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        conn.broken = True
+        raise RelayError("protocol", f"TLS handshake with the next hop failed: {exc}") from exc
+    if transport is None:
+        conn.broken = True
+        raise RelayError("closed", "next hop closed the connection during the TLS handshake")
+    conn.transport = conn.protocol.transport = transport
+    await _ehlo(conn, helo)
+
+
+# The bound applies to each step and stays with the connection, so it is a parameter.
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    timeout: float,  # noqa: ASYNC109
+    helo: str,
+    tls: RelayTls = NO_TLS,
+) -> NextHopConnection:
+    """Connect, read the greeting, say EHLO (HELO as a fallback), STARTTLS if configured."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, protocol = await asyncio.wait_for(
+            loop.create_connection(lambda: _ReplyReader(loop), host, port), timeout
+        )
+    except TimeoutError as exc:
+        raise RelayError("connect", f"connecting to {host}:{port} timed out") from exc
+    except OSError as exc:
+        raise RelayError(
+            "connect", f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    conn = NextHopConnection(transport, protocol, timeout)
+    try:
+        greeting = await conn.read_reply()
+        if greeting.code != 220:
+            raise RelayError(  # noqa: TRY301 - the handler below closes the connection for every failure
+                "refused_4xx" if greeting.code < 500 else "refused_5xx", f"greeting: {greeting}"
+            )
+        await _ehlo(conn, helo)
+        if tls.mode != "none":
+            await _starttls(conn, host, helo, tls)
+    except BaseException:
+        conn.broken = True
+        await conn.close()
+        raise
+    return conn
