@@ -78,6 +78,21 @@ def relay_client(config: Config, *, pool_size: int | None = None) -> RelayClient
     )
 
 
+def handle_signals(
+    loop: asyncio.AbstractEventLoop,
+    *,
+    on_terminate: Callable[[], None],
+    on_reload: Callable[[], None],
+) -> None:
+    """SIGTERM and SIGINT stop (drain first), SIGHUP reloads: the daemon and the supervisor."""
+    for signum, callback in (
+        (signal.SIGTERM, on_terminate),
+        (signal.SIGINT, on_terminate),
+        (signal.SIGHUP, on_reload),
+    ):
+        loop.add_signal_handler(signum, callback)
+
+
 def ingress_policy(config: Config) -> IngressPolicy:
     limits = config.limits
     return IngressPolicy(
@@ -172,12 +187,7 @@ class Daemon:
     # --- run ---------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for signum, callback in (
-            (signal.SIGTERM, self.on_terminate),
-            (signal.SIGINT, self.on_terminate),
-            (signal.SIGHUP, self.on_reload),
-        ):
-            loop.add_signal_handler(signum, callback)
+        handle_signals(loop, on_terminate=self.on_terminate, on_reload=self.on_reload)
         policy = self.handler.policy
 
         def factory() -> FilterdSMTP:

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import aiosmtpd.smtp
 import structlog
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
@@ -25,6 +24,7 @@ from aiosmtpd.smtp import (
     SMTP,
     TLSSetupException,
     login_always_fail,
+    sanitize,
 )
 
 from filterd.model import TEMPFAIL_INTERNAL
@@ -32,30 +32,12 @@ from filterd.smtp import FilterdHandler, IngressPolicy, session_state
 from filterd.spool import SpoolFile, discard
 
 log = structlog.get_logger("filterd.smtp")
+_MAIL_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger
 
 # The common address forms, parsed without the email package's (slow, general) header parser.
 _SIMPLE_PATH = re.compile(r'<((?:[^<>\s"\\(),;:@\[\]]+@[^<>\s"\\(),;:@\[\]]+)?)>(.*)', re.DOTALL)
 _SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
 _DATA_CHUNK = 65536
-
-
-def _sanitized_log_if_enabled(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
-    """aiosmtpd's ``sanitized_log``, but returning at once when the logger would drop the line.
-
-    aiosmtpd logs every command line at INFO and scrubs the arguments first, before the
-    logger's level is consulted; filterd keeps that logger at WARNING, so the scrubbing was
-    pure cost (several calls per message).
-    """
-    logger = getattr(func, "__self__", None)
-    level = _METHOD_LEVELS.get(getattr(func, "__name__", ""), logging.CRITICAL)
-    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(level):
-        return
-    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
-
-
-_METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
-aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled  # module global its methods look up
 
 
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -194,6 +176,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         await self.push(f"220 {self.hostname} {self.__ident__}")
         reader = self._reader
         bogus_budget = BOGUS_LIMIT
+        # aiosmtpd's own trace of every command line, kept for `log: {level: debug}` (AUTH
+        # secrets masked, as aiosmtpd does); decided once per session, not per line.
+        trace = _MAIL_LOG.isEnabledFor(logging.DEBUG)
         while self.transport is not None:
             try:
                 try:
@@ -210,6 +195,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                     await self.push("500 Command line too long")
                     continue
                 line = line.rstrip(b"\r\n")
+                if trace:
+                    _MAIL_LOG.debug("%r >> %r", self.session.peer, sanitize(line))
                 if not line:
                     await self.push("500 Error: bad syntax")
                     continue

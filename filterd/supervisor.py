@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import structlog
 
 from filterd.actions.quarantine import QuarantineStore
-from filterd.app import load_for_reload, start_retention
+from filterd.app import handle_signals, load_for_reload, start_retention
 from filterd.config import Config
 from filterd.observe import Metrics, make_registry, mark_process_dead, start_metrics_server
 from filterd.rules import load_ruleset
@@ -146,12 +146,7 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for signum, callback in (
-            (signal.SIGTERM, self.on_terminate),
-            (signal.SIGINT, self.on_terminate),
-            (signal.SIGHUP, self.on_reload),
-        ):
-            loop.add_signal_handler(signum, callback)
+        handle_signals(loop, on_terminate=self.on_terminate, on_reload=self.on_reload)
         ruleset = load_ruleset(self.config.rules, max_scan_bytes=self.config.limits.max_scan_bytes)
         self.metrics.set_rule_names(ruleset.rule_names)
         servers = []

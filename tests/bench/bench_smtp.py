@@ -71,16 +71,25 @@ def proc_cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def proc_peak_rss_mb(pids: list[int]) -> float:
+def proc_status_mb(pids: list[int], field: str) -> float:
+    """Sum of a /proc/PID/status memory field (VmRSS now, VmHWM peak) over ``pids``, in MB."""
     total = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except OSError:
             continue
     return total / 1024
+
+
+def proc_peak_rss_mb(pids: list[int]) -> float:
+    return proc_status_mb(pids, "VmHWM")
+
+
+def rss_mb(pids: list[int]) -> float:
+    return proc_status_mb(pids, "VmRSS")
 
 
 def family(pid: int) -> list[int]:
@@ -188,18 +197,6 @@ def measure_naive(sink: Sink, args: argparse.Namespace) -> Result:
         proc.terminate()
         proc.wait(10)
     return Result("naive relay", rate, cpu * 1000 / args.messages, rss)
-
-
-def rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
 
 
 def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ import smtplib
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +27,7 @@ from typing import Literal
 import pytest
 
 from .filterd_proc import FilterdProcess
-from .mailsink import MailSink, PassthroughFilter
+from .mailsink import Delivery, MailSink, PassthroughFilter
 from .postfix import POSTFIX, Mode, Ports, PostfixInstance
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
@@ -102,6 +102,11 @@ def smtp_error_codes(exc: smtplib.SMTPException) -> set[int]:
     return set()
 
 
+def delivered(message_id: str, rcpt: str = RECIPIENT) -> Callable[[Delivery], bool]:
+    """The sink delivery of message ``message_id`` to ``rcpt``."""
+    return lambda d: d.header("Message-ID") == message_id and rcpt in d.rcpt_tos
+
+
 @dataclass
 class Stack:
     mode: Mode
@@ -111,6 +116,12 @@ class Stack:
     postfix: PostfixInstance
     filterd: FilterdProcess | None = None
     passthrough: PassthroughFilter | None = None
+
+    @property
+    def running_filterd(self) -> FilterdProcess:
+        """filterd of this stack (the harness self-test runs a stack without it)."""
+        assert self.filterd is not None
+        return self.filterd
 
     def send(
         self,

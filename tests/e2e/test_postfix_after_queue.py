@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from .filterd_proc import FilterdProcess
 from .mailsink import Delivery, MailSink
 from .postfix import Mode, Ports, PostfixInstance
 from .stack import (
@@ -25,6 +24,7 @@ from .stack import (
     Stack,
     body_of,
     corpus_message,
+    delivered,
     header_of,
     manifest_files,
     new_message_id,
@@ -43,20 +43,11 @@ def stack() -> Iterator[Stack]:
         yield running
 
 
-def delivered(message_id: str, rcpt: str = RECIPIENT) -> Callable[[Delivery], bool]:
-    return lambda d: d.header("Message-ID") == message_id and rcpt in d.rcpt_tos
-
-
 def bounce_for(message_id: str, sender: str = SENDER) -> Callable[[Delivery], bool]:
     """A Postfix DSN (null sender) to ``sender`` that returns the message ``message_id``."""
     return lambda d: (
         d.mail_from in ("", "<>") and sender in d.rcpt_tos and message_id.encode() in d.data
     )
-
-
-def filterd_of(stack: Stack) -> FilterdProcess:
-    assert stack.filterd is not None
-    return stack.filterd
 
 
 @pytest.mark.parametrize(
@@ -71,7 +62,7 @@ def test_ham_is_delivered_unchanged(stack: Stack, name: str, sender: str) -> Non
     assert delivery.mail_from in ((sender,) if sender else ("", "<>"))
     assert body_of(delivery.data) == body_of(raw)
     assert delivery.header("Subject") == header_of(raw, "Subject")
-    event = filterd_of(stack).message_event(mid)
+    event = stack.running_filterd.message_event(mid)
     assert event["action"] == "accept"
 
 
@@ -79,7 +70,7 @@ def test_ham_is_delivered_unchanged(stack: Stack, name: str, sender: str) -> Non
 def test_reject_is_bounced_by_postfix(stack: Stack, name: str) -> None:
     mid = new_message_id()
     assert stack.send(corpus_message(name, mid)) == {}  # after-queue: Postfix took it
-    event = filterd_of(stack).message_event(mid)
+    event = stack.running_filterd.message_event(mid)
     assert event["action"] == "reject"
     dsn = stack.sink.wait_for(bounce_for(mid))
     report = dsn.data.decode("utf-8", "replace")
@@ -95,7 +86,7 @@ def test_quarantine_keeps_the_message_out_of_the_mailbox(stack: Stack, name: str
     mid = new_message_id()
     raw = corpus_message(name, mid)
     assert stack.send(raw) == {}
-    event = filterd_of(stack).message_event(mid)
+    event = stack.running_filterd.message_event(mid)
     assert event["action"] == "quarantine"
     first = stack.postfix.queue_id_for(mid)
     # Postfix handed it over with a 250: the filter owns it now, nothing is retried or bounced.
@@ -104,7 +95,7 @@ def test_quarantine_keeps_the_message_out_of_the_mailbox(stack: Stack, name: str
     assert stack.sink.matching(delivered(mid)) == []
     assert stack.sink.matching(bounce_for(mid)) == []
     subject = header_of(raw, "Subject")
-    entries = filterd_of(stack).quarantine_list()
+    entries = stack.running_filterd.quarantine_list()
     assert any(
         e["sender"] == SENDER and RECIPIENT in e["recipients"] and e["subject"] == subject
         for e in entries
@@ -116,7 +107,7 @@ def test_xforward_is_seen_logged_and_passed_on(stack: Stack) -> None:
     stack.send(simple_message(mid, "xforward check"), recipients=(HOLD_RECIPIENT,))
     first = stack.postfix.queue_id_for(mid)
     # Seen: filterd's line carries Postfix's queue id and the original client's HELO.
-    event = filterd_of(stack).message_event(mid)
+    event = stack.running_filterd.message_event(mid)
     assert event["queue_id"] == first
     assert event["helo"] == CLIENT_HELO
     assert event["client_ip"] == "127.0.0.1"
@@ -148,7 +139,7 @@ def test_recipient_refused_by_reinjection_is_bounced_alone(stack: Stack) -> None
 
 
 def test_filterd_down_defers_and_nothing_is_lost(stack: Stack) -> None:
-    filterd = filterd_of(stack)
+    filterd = stack.running_filterd
     mid = new_message_id()
     assert filterd.stop() == 0  # SIGTERM: drain and exit 0
     try:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from .filterd_proc import FilterdProcess
 from .mailsink import Delivery
 from .postfix import Mode
 from .stack import (
@@ -25,6 +24,7 @@ from .stack import (
     Stack,
     body_of,
     corpus_message,
+    delivered,
     header_of,
     manifest_files,
     new_message_id,
@@ -44,18 +44,9 @@ def stack() -> Iterator[Stack]:
         yield running
 
 
-def delivered(message_id: str, rcpt: str = RECIPIENT) -> Callable[[Delivery], bool]:
-    return lambda d: d.header("Message-ID") == message_id and rcpt in d.rcpt_tos
-
-
 def any_copy(message_id: str) -> Callable[[Delivery], bool]:
     """Any sink delivery that carries the message, as itself or inside a bounce."""
     return lambda d: message_id.encode() in d.data
-
-
-def filterd_of(stack: Stack) -> FilterdProcess:
-    assert stack.filterd is not None
-    return stack.filterd
 
 
 @pytest.mark.parametrize(
@@ -70,7 +61,7 @@ def test_ham_is_delivered_unchanged(stack: Stack, name: str, sender: str) -> Non
     assert delivery.mail_from in ((sender,) if sender else ("", "<>"))
     assert body_of(delivery.data) == body_of(raw)
     assert delivery.header("Subject") == header_of(raw, "Subject")
-    assert filterd_of(stack).message_event(mid)["action"] == "accept"
+    assert stack.running_filterd.message_event(mid)["action"] == "accept"
 
 
 @pytest.mark.parametrize("name", manifest_files("reject"))
@@ -79,7 +70,7 @@ def test_reject_reaches_the_client_in_the_dialogue(stack: Stack, name: str) -> N
     with pytest.raises(smtplib.SMTPDataError) as refused:
         stack.send(corpus_message(name, mid))
     assert 500 <= refused.value.smtp_code < 600
-    event = filterd_of(stack).message_event(mid)
+    event = stack.running_filterd.message_event(mid)
     assert event["action"] == "reject"
     # Refused in the dialogue: nothing queued (the hold queue has other tests' mail), nothing
     # delivered, no bounce.
@@ -92,10 +83,10 @@ def test_quarantine_accepts_and_keeps_the_message(stack: Stack, name: str) -> No
     mid = new_message_id()
     raw = corpus_message(name, mid)
     assert stack.send(raw) == {}  # the client sees 250: the quarantine copy is safe
-    assert filterd_of(stack).message_event(mid)["action"] == "quarantine"
+    assert stack.running_filterd.message_event(mid)["action"] == "quarantine"
     assert stack.sink.matching(any_copy(mid)) == []
     subject = header_of(raw, "Subject")
-    entries = filterd_of(stack).quarantine_list()
+    entries = stack.running_filterd.quarantine_list()
     assert any(
         e["sender"] == SENDER and RECIPIENT in e["recipients"] and e["subject"] == subject
         for e in entries
@@ -105,7 +96,7 @@ def test_quarantine_accepts_and_keeps_the_message(stack: Stack, name: str) -> No
 def test_xforward_is_seen_logged_and_passed_on(stack: Stack) -> None:
     mid = new_message_id()
     assert stack.send(simple_message(mid, "xforward check"), recipients=(HOLD_RECIPIENT,)) == {}
-    event = filterd_of(stack).message_event(mid)
+    event = stack.running_filterd.message_event(mid)
     assert event["helo"] == CLIENT_HELO
     assert event["client_ip"] == "127.0.0.1"
     # Before the queue there is no queue id yet: Postfix sends IDENT=[UNAVAILABLE], which
@@ -132,7 +123,7 @@ def test_recipient_refused_by_reinjection_reaches_the_client(stack: Stack) -> No
 
 
 def test_filterd_down_tempfails_and_nothing_is_lost(stack: Stack) -> None:
-    filterd = filterd_of(stack)
+    filterd = stack.running_filterd
     mid = new_message_id()
     raw = corpus_message("ham-plain.eml", mid)
     assert filterd.stop() == 0
