@@ -19,20 +19,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session as AioSession
 
 from filterd.actions.relay import RelayClient, RelayTransaction, Xforward
 from filterd.errors import RelayError
+from filterd.logsetup import get_logger
 from filterd.model import TEMPFAIL_INTERNAL, Envelope, Message, SmtpReply
 from filterd.spool import SpoolFile, read_prefix
 
 if TYPE_CHECKING:
     from filterd.smtp_protocol import FilterdSMTP
 
-log = structlog.get_logger("filterd.smtp")
+log = get_logger("filterd.smtp")
 
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 _XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
@@ -166,10 +166,12 @@ class FilterdHandler:
             address = address.ipv4_mapped
         return any(address in net for net in self.policy.networks)
 
-    async def closed(self, session: AioSession) -> None:
+    def closed(self, session: AioSession) -> RelayTransaction | None:
+        """Account for a session whose connection ended; returns the next-hop transaction it
+        left open (to abandon), if any. A delivery in progress keeps its transaction."""
         state: SessionState | None = getattr(session, "filterd_state", None)
         if state is None or not state.admitted:
-            return
+            return None
         state.admitted = False
         self.active.discard(state)
         self.per_client[state.client_ip] -= 1
@@ -178,7 +180,8 @@ class FilterdHandler:
         self.metrics.session_closed()
         if state.txn is not None and not state.delivering:
             txn, state.txn = state.txn, None
-            await txn.abandon()
+            return txn
+        return None
 
     def close_sessions(self, reply: str) -> int:
         """Say ``reply`` to every open session and close it (shutdown); returns how many."""
@@ -364,24 +367,21 @@ class FilterdHandler:
             )
         # Once the whole message is here, its delivery runs to the end even if the client
         # vanishes meanwhile: the next hop may already have it, so it must be logged and
-        # counted, and the next-hop connection must not be closed under it.
+        # counted, and the next-hop connection must not be closed under it. The session's
+        # protocol does not cancel its task while ``delivering`` is set (FilterdSMTP.
+        # connection_lost), so this runs in the session's own task; ``in_flight`` lets a
+        # shutdown wait for it even after the session is gone.
         state.delivering = True
-        task = asyncio.get_running_loop().create_task(self._deliver(message, txn, state, session))
-        self.in_flight.add(task)
-        task.add_done_callback(self.in_flight.discard)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
-
-    async def _deliver(
-        self, message: Message, txn: RelayTransaction, state: SessionState, session: AioSession
-    ) -> str:
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight.add(task)
         try:
             reply = await self.sink.process(message, txn, state.session_id)
         finally:
             state.delivering = False
-            # A connection that failed is marked broken by the relay client and closed, not pooled.
+            if task is not None:
+                self.in_flight.discard(task)
+            # A connection that failed is marked broken by the relay client and closed, not
+            # pooled.
             await self._end_transaction(session)
         return reply.render()

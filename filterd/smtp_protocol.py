@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import structlog
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
     BOGUS_LIMIT,
@@ -27,11 +26,12 @@ from aiosmtpd.smtp import (
     sanitize,
 )
 
+from filterd.logsetup import get_logger
 from filterd.model import TEMPFAIL_INTERNAL
-from filterd.smtp import FilterdHandler, IngressPolicy, session_state
+from filterd.smtp import FilterdHandler, IngressPolicy, SessionState, session_state
 from filterd.spool import SpoolFile, discard
 
-log = structlog.get_logger("filterd.smtp")
+log = get_logger("filterd.smtp")
 _MAIL_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger
 
 # The common address forms, parsed without the email package's (slow, general) header parser.
@@ -289,11 +289,23 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # message it already received; instead the reader sees end-of-input after the buffered
         # commands are answered, and the transport stays open for the replies.
         if self.session is not None and self.session.ssl is not None:
-            result: bool | None = super().eof_received()
-            return result
+            # TLS has no half-close: the session ends (aiosmtpd's behaviour), but never in the
+            # middle of a delivery.
+            self._end_session_task()
+            return False
         if self._reader is not None:
             self._reader.feed_eof()
         return True
+
+    def _end_session_task(self) -> None:
+        """Cancel the session's task, as aiosmtpd does when the client goes, unless it is
+        delivering a message: that runs to its end (see FilterdHandler.deliver), and the
+        command loop then stops by itself because the transport is gone."""
+        state: SessionState | None = getattr(self.session, "filterd_state", None)
+        if state is not None and state.delivering:
+            return
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, asyncio.IncompleteReadError) or self._reader.at_eof():
@@ -307,11 +319,24 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
         self.filterd_handler.protocols.discard(self)
-        super().connection_lost(error)
+        # aiosmtpd's connection_lost (1.4), except that a delivery in progress is not
+        # cancelled (see _end_session_task).
+        if _MAIL_LOG.isEnabledFor(logging.INFO):
+            _MAIL_LOG.info("%r connection lost", session.peer if session else None)
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        if self._original_transport is not None:
+            # After STARTTLS our transport is the TLS one; the TCP one must close too.
+            self._original_transport.close()
+        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        self._end_session_task()
+        self.transport = None
         if session is not None:
-            task = self.loop.create_task(self.filterd_handler.closed(session))
-            self.filterd_handler.in_flight.add(task)
-            task.add_done_callback(self.filterd_handler.in_flight.discard)
+            abandoned = self.filterd_handler.closed(session)
+            if abandoned is not None:
+                task = self.loop.create_task(abandoned.abandon())
+                self.filterd_handler.in_flight.add(task)
+                task.add_done_callback(self.filterd_handler.in_flight.discard)
         self._session_part_done("connection")
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -332,7 +357,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # aiosmtpd's push formats a debug log line and awaits drain() for every reply; while
         # the transport is open and not paused neither is needed: just write. Anything else
         # (a paused or closing transport) takes aiosmtpd's path, which waits or raises.
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
+        if self.transport is None:
+            return  # the client is gone (its delivery ran to the end): nobody to answer
+        if not self._paused and not self.transport.is_closing():
             data = status.encode("utf-8") if isinstance(status, str) else status
             self._writer.write(data + b"\r\n")
             return
