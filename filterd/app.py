@@ -18,8 +18,6 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
-import structlog
-
 from filterd import __version__
 from filterd.actions import Executor, LazyQuarantine
 from filterd.actions.nexthop import NO_TLS, RelayTls
@@ -27,6 +25,7 @@ from filterd.actions.quarantine import QuarantineStore, run_retention
 from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
 from filterd.errors import ConfigError, QuarantineError
+from filterd.logsetup import get_logger
 from filterd.observe import Metrics, make_registry, start_metrics_server
 from filterd.processor import MessageProcessor
 from filterd.rules import RuleSet, load_ruleset
@@ -34,7 +33,7 @@ from filterd.sdnotify import Notifier, watchdog_loop
 from filterd.smtp import FilterdHandler, IngressPolicy
 from filterd.smtp_protocol import FilterdSMTP
 
-log = structlog.get_logger("filterd")
+log = get_logger("filterd")
 
 PURGE_INTERVAL_SECONDS = 3600.0
 EXIT_FORCED = 1

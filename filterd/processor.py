@@ -13,15 +13,14 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import structlog
-
 from filterd.actions import Executor
 from filterd.actions.relay import RelayTransaction
 from filterd.errors import FilterdError, QuarantineError, RelayError
+from filterd.logsetup import get_logger
 from filterd.model import TEMPFAIL_INTERNAL, Action, Message, Outcome, SmtpReply, Verdict
 from filterd.rules import RuleSet, evaluate
 
-log = structlog.get_logger("filterd")
+log = get_logger("filterd")
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)

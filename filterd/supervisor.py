@@ -26,16 +26,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-import structlog
-
 from filterd.actions.quarantine import QuarantineStore
 from filterd.app import handle_signals, load_for_reload, start_retention
 from filterd.config import Config
+from filterd.logsetup import get_logger
 from filterd.observe import Metrics, make_registry, mark_process_dead, start_metrics_server
 from filterd.rules import load_ruleset
 from filterd.sdnotify import Notifier, watchdog_loop
 
-log = structlog.get_logger("filterd.supervisor")
+log = get_logger("filterd.supervisor")
 
 WORKER_FDS_FLAG = "--worker-fds"
 RESTART_BACKOFF_SECONDS = 1.0

@@ -547,6 +547,29 @@ def test_level_filtering_and_chatty_library_loggers() -> None:
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_a_module_logger_is_bound_once_not_per_call() -> None:
+    # Binding a structlog logger runs the logger factory and builds the wrapper: too costly
+    # for every line of the per-message path. (Reconfiguring still reaches the logger: see
+    # test_level_filtering_and_chatty_library_loggers.)
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    made: list[tuple[object, ...]] = []
+    factory = structlog.get_config()["logger_factory"]
+
+    def counting_factory(*args: object) -> object:
+        made.append(args)
+        return factory(*args)
+
+    structlog.configure(logger_factory=counting_factory)
+    log = get_logger("filterd.x")
+    log.info("one")
+    log.info("two")
+    log.debug("below the level")
+    assert [e["event"] for e in _json_lines(out.getvalue())] == ["one", "two"]
+    assert len(made) == 1
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_reconfiguring_replaces_the_handler_and_keeps_one_object_per_line() -> None:
     first, second = io.StringIO(), io.StringIO()
     configure_logging("json", "info", stream=first)
