@@ -349,8 +349,15 @@ class FilterdHandler:
         )
 
     async def deliver(
-        self, session: AioSession, envelope: AioEnvelope, raw: bytes, spool: SpoolFile | None = None
+        self,
+        session: AioSession,
+        envelope: AioEnvelope,
+        raw: bytes,
+        spool: SpoolFile | None,
+        session_task: asyncio.Task[Any] | None,
     ) -> str:
+        """Process a received message and return the reply to the final dot. ``session_task``
+        is the session's task this runs in (see below)."""
         state = session_state(session)
         txn = state.txn
         if txn is None:
@@ -372,15 +379,14 @@ class FilterdHandler:
         # connection_lost), so this runs in the session's own task; ``in_flight`` lets a
         # shutdown wait for it even after the session is gone.
         state.delivering = True
-        task = asyncio.current_task()
-        if task is not None:
-            self.in_flight.add(task)
+        if session_task is not None:
+            self.in_flight.add(session_task)
         try:
             reply = await self.sink.process(message, txn, state.session_id)
         finally:
             state.delivering = False
-            if task is not None:
-                self.in_flight.discard(task)
+            if session_task is not None:
+                self.in_flight.discard(session_task)
             # A connection that failed is marked broken by the relay client and closed, not
             # pooled.
             await self._end_transaction(session)

@@ -75,7 +75,15 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     envelope: Any
     transport: Any
     _smtp_method_names: tuple[str, ...] = ()
-    _shared: ClassVar[dict[int, tuple[dict[str, Any], dict[str, Any]]]] = {}
+    # aiosmtpd sizes its StreamReader by this (1001), and a StreamReader stops reading from
+    # the socket whenever it holds more than twice its limit: with 1001 every DATA segment
+    # over 2 KB paused and resumed the transport (two epoll changes per message, and per
+    # chunk of a large one). Command lines are still held to RFC 5321's lengths by the command
+    # loop (command_size_limits); the limit only bounds how much one line may buffer.
+    line_length_limit = _DATA_CHUNK
+    _shared: ClassVar[
+        dict[int, tuple[dict[str, Any], dict[str, Any], asyncio.AbstractEventLoop]]
+    ] = {}
 
     def __init__(self, handler: FilterdHandler, policy: IngressPolicy) -> None:
         key = id(handler)
@@ -92,7 +100,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 tls_context=policy.tls_context,
                 require_starttls=policy.require_tls,
             )
-            FilterdSMTP._shared = {key: (self._handle_hooks, self._auth_methods)}
+            FilterdSMTP._shared = {key: (self._handle_hooks, self._auth_methods, self.loop)}
             FilterdSMTP._smtp_method_names = tuple(self._smtp_methods)
         else:
             self._init_fast(handler, policy, *FilterdSMTP._shared[key])
@@ -107,10 +115,13 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         policy: IngressPolicy,
         hooks: dict[str, Any],
         auth_methods: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         """What SMTP.__init__ sets up, for the options filterd uses (aiosmtpd 1.4.x)."""
         self.__ident__ = "filterd ESMTP"
-        self.loop = asyncio.get_running_loop()
+        # get_running_loop() costs a getpid() system call (CPython checks for a fork); the
+        # loop the first session saw serves while it runs.
+        self.loop = loop if loop.is_running() else asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
             asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
@@ -430,7 +441,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         )
         try:
             status = await self.filterd_handler.deliver(
-                self.session, self.envelope, result.raw, spool
+                self.session, self.envelope, result.raw, spool, self._handler_coroutine
             )
         finally:
             if spool is not None:
