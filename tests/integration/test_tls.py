@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import shutil
 import smtplib
+import socket
 import ssl
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,36 @@ def test_relay_tls_required_but_not_offered_is_a_451(
             assert smtp.mail("a@example.org")[0] == 250
             code, _ = smtp.rcpt("b@example.net")
     assert code == 451
+
+
+def test_a_tls_client_vanishing_after_the_final_dot_still_gets_its_message_delivered(
+    tmp_path: Path, nexthop: NextHop, rules: Path
+) -> None:
+    # The next hop may already have the message when the client goes, so the delivery must
+    # complete and be logged once, over TLS as in the clear (the plain case, with its metrics,
+    # is in tests/faults/test_client_faults.py).
+    cert, key = self_signed(tmp_path)
+    extra = {"tls": {"cert": str(cert), "key": str(key)}}
+    nexthop.behaviour.delay["dot"] = 1.0
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        smtp = smtplib.SMTP("127.0.0.1", daemon.port, timeout=20)
+        smtp.ehlo("client.test")
+        smtp.starttls(context=client_context(cert))
+        smtp.ehlo("client.test")
+        assert smtp.mail("a@example.org")[0] == 250
+        assert smtp.rcpt("b@example.net")[0] == 250
+        smtp.putcmd("data")
+        assert smtp.getreply()[0] == 354
+        smtp.send(PLAIN + b".\r\n")
+        deadline = time.monotonic() + 10
+        while nexthop.data_ends < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert nexthop.data_ends == 1, "the message never reached the next hop"
+        assert smtp.sock is not None
+        # Gone (a reset) while the next hop holds its reply to the dot.
+        smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        smtp.sock.close()
+        [line] = daemon.wait_event("message_processed")
+        assert line["action"] == "accept"
+        assert line["reply"].startswith("250")
+    assert [m.data for m in nexthop.wait_for(1)] == [PLAIN]
