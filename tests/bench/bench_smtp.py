@@ -240,8 +240,10 @@ def bench_payload(size: int) -> bytes:
         b"Date: Mon, 30 Nov 2026 12:00:00 +0000\r\nMessage-Id: <bench@example.org>\r\n\r\n"
     )
     lines = []
-    while len(head) + sum(len(line) for line in lines) < size:
+    length = len(head)
+    while length < size:
         lines.append(b"%d" % len(lines) + b"X" * 76 + b"\r\n")
+        length += len(lines[-1])
     return head + b"".join(lines) + b".\r\n"
 
 
