@@ -116,6 +116,8 @@ class FilterdHandler:
         self.active: set[SessionState] = set()
         self.per_client: Counter[str] = Counter()
         self.accepting = True
+        # Session work running in a task (a delivery, a next-hop command): a shutdown waits
+        # for it (see FilterdSMTP._advance).
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.protocols: set[FilterdSMTP] = set()
         self._acl_cache: dict[str, bool] = {}
@@ -354,10 +356,8 @@ class FilterdHandler:
         envelope: AioEnvelope,
         raw: bytes,
         spool: SpoolFile | None,
-        session_task: asyncio.Task[Any] | None,
     ) -> str:
-        """Process a received message and return the reply to the final dot. ``session_task``
-        is the session's task this runs in (see below)."""
+        """Process a received message and return the reply to the final dot."""
         state = session_state(session)
         txn = state.txn
         if txn is None:
@@ -375,18 +375,14 @@ class FilterdHandler:
         # Once the whole message is here, its delivery runs to the end even if the client
         # vanishes meanwhile: the next hop may already have it, so it must be logged and
         # counted, and the next-hop connection must not be closed under it. The session's
-        # protocol does not cancel its task while ``delivering`` is set (FilterdSMTP.
-        # connection_lost), so this runs in the session's own task; ``in_flight`` lets a
-        # shutdown wait for it even after the session is gone.
+        # protocol does not cancel the session while ``delivering`` is set (FilterdSMTP.
+        # _end_session_task), and a shutdown waits for it in ``in_flight`` even after the
+        # session is gone.
         state.delivering = True
-        if session_task is not None:
-            self.in_flight.add(session_task)
         try:
             reply = await self.sink.process(message, txn, state.session_id)
         finally:
             state.delivering = False
-            if session_task is not None:
-                self.in_flight.discard(session_task)
             # A connection that failed is marked broken by the relay client and closed, not
             # pooled.
             await self._end_transaction(session)

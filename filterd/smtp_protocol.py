@@ -1,10 +1,11 @@
 """The SMTP ingress, wire side: filterd's aiosmtpd protocol subclass.
 
 It owns what happens on the connection: the per-connection set-up (without aiosmtpd's
-per-connection introspection), the command loop over aiosmtpd's ``smtp_*`` command methods, the
-replies, the session timer, the DATA reader (long lines, bare LF and CR, dot-stuffing, SIZE,
-spooling past ``limits.spool_threshold``), and freeing a finished session without the cyclic
-garbage collector. The session side (hooks, admission, relaying) is ``smtp.py``.
+per-connection introspection), the command loop over aiosmtpd's ``smtp_*`` command methods and
+how it is driven (see ``_advance``), the replies, the session timer, the DATA reader (long lines,
+bare LF and CR, dot-stuffing, SIZE, spooling past ``limits.spool_threshold``), and freeing a
+finished session without the cyclic garbage collector. The session side (hooks, admission,
+relaying) is ``smtp.py``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
     BOGUS_LIMIT,
+    MISSING,
     SMTP,
     TLSSetupException,
     login_always_fail,
@@ -59,6 +62,65 @@ class DataResult:
     raw: bytes
     spool: SpoolFile | None
     refusal: str | None
+
+
+class _Resumption(Coroutine[Any, Any, None]):
+    """The coroutine a task runs to take over a session coroutine that ``_advance`` stepped
+    outside any task and that is now suspended on ``pending``: every step the task makes
+    (send, or throw: a cancellation) goes to the session coroutine, as if the task had run it
+    from the start. It finishes when the session coroutine does, or when it suspends on its
+    reader again: the protocol then drives it itself (``_advance``)."""
+
+    __slots__ = ("_coro", "_pending", "_protocol", "_started")
+
+    def __init__(
+        self, protocol: FilterdSMTP, coro: Coroutine[Any, Any, None], pending: object
+    ) -> None:
+        self._protocol = protocol
+        self._coro = coro
+        self._pending = pending
+        self._started = False
+
+    def send(self, value: Any) -> Any:
+        if not self._started:
+            # The task's first step: hand it the future the coroutine already waits on.
+            self._started = True
+            pending, self._pending = self._pending, None
+            return pending
+        return self._relay(self._coro.send, value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        # Also before the first step (a task cancelled before it ran): the coroutine is
+        # suspended already, so it is the one to see the exception.
+        self._started = True
+        self._pending = None
+        return self._relay(self._coro.throw, typ if val is None else val)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("_Resumption is run by a task, not awaited")
+
+    def _relay(self, step: Any, arg: Any) -> Any:
+        protocol = self._protocol
+        try:
+            pending = step(arg)
+        except BaseException:
+            protocol._session = None
+            self._release()
+            raise
+        if protocol._waits_for_input(pending):
+            protocol._parked = pending
+            self._release()
+            raise StopIteration
+        return pending
+
+    def _release(self) -> None:
+        # The finished task keeps this object: drop what would tie the protocol into a
+        # reference cycle (protocol -> task -> this -> protocol).
+        self._protocol = self._coro = None  # type: ignore[assignment]
 
 
 class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type information
@@ -108,6 +170,11 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self.command_size_limits["XFORWARD"] = 1000
         self._parts_done: set[str] = set()  # "task" and "connection" ended (see below)
         self._deadline = 0.0  # when the session times out (see _reset_timeout)
+        # The session's coroutine (_handle_client) while it runs, and the reader's future it
+        # is suspended on while no task holds it (see _advance).
+        self._session: Coroutine[Any, Any, None] | None = None
+        self._parked: asyncio.Future[None] | None = None
+        self._quit = False
 
     def _init_fast(
         self,
@@ -157,6 +224,60 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         }
         self._enforce_call_limit = False
 
+    # --- driving the session ------------------------------------------------------------------
+    # aiosmtpd runs each session in a task that waits on a StreamReader: every command line
+    # then costs a future, a scheduled wake-up, an extra event-loop pass and a task step before
+    # any SMTP work happens. Here the session's coroutine is stepped straight from
+    # data_received while it only waits for input, so a command that needs no I/O (EHLO, MAIL,
+    # NOOP, QUIT...) is answered within the callback that read it. When the coroutine waits on
+    # anything else (the next hop, a delivery, a TLS handshake) a task takes it over, and hands
+    # it back once it waits for input again (_Resumption).
+
+    def _waits_for_input(self, pending: Any) -> bool:
+        reader = self._reader
+        return pending is not None and reader is not None and pending is reader._waiter
+
+    def _advance(self, exc: BaseException | None = None) -> None:
+        """Run the session coroutine (or throw ``exc`` into it) until it next suspends."""
+        coro = self._session
+        if coro is None:
+            return
+        self._parked = None
+        try:
+            pending = coro.send(None) if exc is None else coro.throw(exc)
+        except StopIteration:
+            self._session = None
+            return
+        except BaseException as error:
+            self._session = None
+            if not isinstance(error, Exception):
+                raise  # KeyboardInterrupt and the like: the loop's business
+            # _handle_client answers every failure itself: this is a last resort.
+            log.error("session_failed", error=repr(error), exc_info=error)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self._waits_for_input(pending):
+            self._parked = pending
+            return
+        task = self.loop.create_task(_Resumption(self, coro, pending))
+        self._handler_coroutine = task
+        # A shutdown waits for it (it may be a delivery: see FilterdHandler.deliver).
+        in_flight = self.filterd_handler.in_flight
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+
+    def _input_arrived(self) -> None:
+        parked = self._parked
+        if parked is not None and parked.done():
+            self._advance()
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.feed_data(data)
+            self._input_arrived()
+
     async def _handle_client(self) -> None:
         try:
             refusal = self.filterd_handler.admit(self.session)
@@ -169,9 +290,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             self.filterd_handler.protocols.add(self)
             await self._command_loop()
         except asyncio.CancelledError:
-            # aiosmtpd ends every session by cancelling this task (after QUIT, or when the
-            # connection is lost). Ending it normally instead keeps the CancelledError, whose
-            # traceback holds this protocol, out of the finished task; see _session_part_done.
+            # A lost connection cancels the session (_end_session_task). Ending normally
+            # instead keeps the CancelledError, whose traceback holds this protocol, out of a
+            # finished task; see _session_part_done.
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
         finally:
@@ -190,7 +311,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # aiosmtpd's own trace of every command line, kept for `log: {level: debug}` (AUTH
         # secrets masked, as aiosmtpd does); decided once per session, not per line.
         trace = _MAIL_LOG.isEnabledFor(logging.DEBUG)
-        while self.transport is not None:
+        while self.transport is not None and not self._quit:
             try:
                 try:
                     line: bytes = await reader.readuntil()
@@ -286,13 +407,27 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._writer = self._reader = self._client_connected_cb = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # After STARTTLS aiosmtpd calls this again and creates a new Session: carry our state
-        # over, minus what RFC 3207 says to forget (XFORWARD attributes, like EHLO).
-        state = getattr(self.session, "filterd_state", None) if self.session is not None else None
-        super().connection_made(transport)
-        if state is not None:
-            self.session.filterd_state = state
-            state.xforward.clear()
+        if self._original_transport is not None:
+            # After STARTTLS aiosmtpd calls this again and creates a new Session: carry our
+            # state over, minus what RFC 3207 says to forget (XFORWARD attributes, like EHLO).
+            state = getattr(self.session, "filterd_state", None)
+            super().connection_made(transport)
+            if state is not None:
+                self.session.filterd_state = state
+                state.xforward.clear()
+            return
+        # aiosmtpd's set-up of a new connection (1.4), except that the session is driven by
+        # _advance instead of a task.
+        self._set_rset_state()
+        self.session = self._create_session()
+        self.session.peer = transport.get_extra_info("peername")
+        self._reset_timeout()
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        if _MAIL_LOG.isEnabledFor(logging.INFO):
+            _MAIL_LOG.info("Peer: %r", self.session.peer)
+        self._session = self._handle_client()
+        self._advance()
 
     def eof_received(self) -> bool | None:
         # A client may half-close right after its last commands (Exim writes ".", "QUIT" and
@@ -306,6 +441,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return False
         if self._reader is not None:
             self._reader.feed_eof()
+            self._input_arrived()
         return True
 
     def _end_session_task(self) -> None:
@@ -315,7 +451,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         state: SessionState | None = getattr(self.session, "filterd_state", None)
         if state is not None and state.delivering:
             return
-        if self._handler_coroutine is not None:
+        if self._parked is not None:
+            self._advance(asyncio.CancelledError())
+        elif self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
 
     async def handle_exception(self, error: Exception) -> str:
@@ -393,6 +531,17 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         await self.push(self.filterd_handler.xforward_command(self.session, arg))
 
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        # aiosmtpd's QUIT, which ends the session by cancelling its task; here the command
+        # loop ends after it.
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        status = await self._call_handler_hook("QUIT")
+        await self.push("221 Bye" if status is MISSING else status)
+        self._quit = True
+        self.transport.close()
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         size = _SIZE_PARAM.search(arg or "")
         if size and self.data_size_limit and int(size.group(1)) > self.data_size_limit:
@@ -441,7 +590,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         )
         try:
             status = await self.filterd_handler.deliver(
-                self.session, self.envelope, result.raw, spool, self._handler_coroutine
+                self.session, self.envelope, result.raw, spool
             )
         finally:
             if spool is not None:

@@ -184,8 +184,9 @@ class NextHopConnection:
         if drained is None:
             return  # below the high-water mark: nothing to wait for
         try:
-            async with asyncio.timeout(self.timeout):
-                await asyncio.shield(drained)
+            # wait_for, not asyncio.timeout(): this may run before the session's first
+            # suspension, outside any task (see FilterdSMTP._advance).
+            await asyncio.wait_for(asyncio.shield(drained), self.timeout)
         except TimeoutError as exc:
             self.broken = True
             protocol._fail(RelayError("timeout", "next hop did not read in time"))

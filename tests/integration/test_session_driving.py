@@ -1,0 +1,103 @@
+"""How a session's coroutine is driven: straight from the protocol's callbacks while it only
+waits for the client, by a task while it waits on anything else (FilterdSMTP._advance).
+
+Commands that need no I/O must be answered without any task (the point: each task step costs
+an event-loop pass per command); a session that relays a message hands over to a task for the
+next hop's replies and still delivers. This runs the real ingress in-process, so the tasks it
+creates are visible, against a real next hop on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import smtplib
+from collections.abc import Coroutine, Generator
+from pathlib import Path
+from typing import Any
+
+from filterd.app import Daemon
+from filterd.config import HostPort, QuarantineConfig, default_config
+from filterd.smtp_protocol import FilterdSMTP
+from tests.support.nexthop import NextHop
+
+MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nMessage-ID: <m@example.org>\r\n\r\nhi\r\n"
+
+
+def _commands_only(port: int) -> list[int]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        codes = [smtp.ehlo()[0], smtp.noop()[0], smtp.mail("a@example.org")[0]]
+        codes += [smtp.rset()[0], smtp.helo()[0]]
+    return codes
+
+
+def _one_message(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+
+
+def _run(tmp_path: Path, nexthop: NextHop, client: Any) -> tuple[Any, list[str]]:
+    """Serve one client in-process; returns its result and the names of the coroutines of
+    every task created meanwhile."""
+    config = dataclasses.replace(
+        default_config(),
+        relay=HostPort("127.0.0.1", nexthop.port),
+        state_dir=str(tmp_path / "state"),
+        quarantine=QuarantineConfig(path=str(tmp_path / "state" / "quarantine")),
+        metrics_listen=None,
+        workers=1,
+    )
+    created: list[str] = []
+
+    def counting_factory(
+        loop: asyncio.AbstractEventLoop, coro: Generator[Any, None, Any] | Coroutine[Any, Any, Any]
+    ) -> asyncio.Task[Any]:
+        created.append(type(coro).__name__ + ":" + getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop)
+
+    async def main() -> Any:
+        daemon = Daemon(config, None, {})
+        loop = asyncio.get_running_loop()
+        policy = daemon.handler.policy
+        server = await loop.create_server(
+            lambda: FilterdSMTP(daemon.handler, policy), "127.0.0.1", 0
+        )
+        port: int = server.sockets[0].getsockname()[1]
+        loop.set_task_factory(counting_factory)
+        try:
+            result = await loop.run_in_executor(None, client, port)
+            for _ in range(100):  # until the session is accounted for
+                if not daemon.handler.active and not daemon.handler.in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            assert not daemon.handler.active
+            return result
+        finally:
+            loop.set_task_factory(None)
+            server.close()
+            await server.wait_closed()
+            await daemon.relay.close()
+
+    return asyncio.run(main()), created
+
+
+def test_commands_without_io_are_answered_without_any_task(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
+    codes, created = _run(tmp_path, nexthop, _commands_only)
+    assert codes == [250, 250, 250, 250, 250]
+    # aiosmtpd would have run this session in a task of its own (asyncio's own event loop
+    # also makes one to accept each connection: not the session's).
+    assert [name for name in created if "_accept_connection" not in name] == []
+
+
+def test_waiting_on_the_next_hop_hands_the_session_to_a_task_and_back(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
+    _, created = _run(tmp_path, nexthop, _one_message)
+    assert len(nexthop.messages) == 1
+    # One task for the RCPT (connecting to the next hop and its reply), one for the delivery;
+    # each ends when the session waits for the client again, so the commands in between run
+    # without one. (Connecting may add asyncio's own helper task for its timeout.)
+    resumptions = [name for name in created if name.startswith("_Resumption")]
+    assert len(resumptions) == 2, created
