@@ -451,7 +451,13 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         state: SessionState | None = getattr(self.session, "filterd_state", None)
         if state is not None and state.delivering:
             return
-        if self._parked is not None:
+        parked = self._parked
+        if parked is not None:
+            if parked.done() and not parked.cancelled():
+                # A reset connection leaves its error on the reader's future; the coroutine is
+                # cancelled instead of reading it, so take it here (or asyncio would log it as
+                # "never retrieved" when the future is freed).
+                parked.exception()
             self._advance(asyncio.CancelledError())
         elif self._handler_coroutine is not None:
             self._handler_coroutine.cancel()

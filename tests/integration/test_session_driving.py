@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import smtplib
+import socket
+import struct
 from collections.abc import Coroutine, Generator
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,11 @@ def _one_message(port: int) -> None:
         smtp.sendmail("a@example.org", ["b@example.net"], MESSAGE)
 
 
-def _run(tmp_path: Path, nexthop: NextHop, client: Any) -> tuple[Any, list[str]]:
+def _run(
+    tmp_path: Path, nexthop: NextHop, client: Any, reports: list[dict[str, Any]] | None = None
+) -> tuple[Any, list[str]]:
     """Serve one client in-process; returns its result and the names of the coroutines of
-    every task created meanwhile."""
+    every task created meanwhile. What the event loop reports as errors goes to ``reports``."""
     config = dataclasses.replace(
         default_config(),
         relay=HostPort("127.0.0.1", nexthop.port),
@@ -64,6 +69,8 @@ def _run(tmp_path: Path, nexthop: NextHop, client: Any) -> tuple[Any, list[str]]
         )
         port: int = server.sockets[0].getsockname()[1]
         loop.set_task_factory(counting_factory)
+        if reports is not None:
+            loop.set_exception_handler(lambda _loop, context: reports.append(context))
         try:
             result = await loop.run_in_executor(None, client, port)
             for _ in range(100):  # until the session is accounted for
@@ -71,6 +78,7 @@ def _run(tmp_path: Path, nexthop: NextHop, client: Any) -> tuple[Any, list[str]]
                     break
                 await asyncio.sleep(0.01)
             assert not daemon.handler.active
+            gc.collect()  # an unretrieved exception is reported when its future is freed
             return result
         finally:
             loop.set_task_factory(None)
@@ -101,3 +109,27 @@ def test_waiting_on_the_next_hop_hands_the_session_to_a_task_and_back(
     # without one. (Connecting may add asyncio's own helper task for its timeout.)
     resumptions = [name for name in created if name.startswith("_Resumption")]
     assert len(resumptions) == 2, created
+
+
+def _reset_after_ehlo(port: int) -> int:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    reader.readline()  # the greeting
+    sock.sendall(b"EHLO client.example\r\n")
+    while (line := reader.readline())[3:4] == b"-":
+        pass
+    # Close with a reset (SO_LINGER 0) while the session waits for the next command.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return int(line[:3])
+
+
+def test_a_reset_while_waiting_for_a_command_ends_the_session_quietly(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
+    """The reset's error lands on the future the session waits on; ending the session must
+    consume it, or asyncio reports "exception was never retrieved" for every such client."""
+    reports: list[dict[str, Any]] = []
+    code, _ = _run(tmp_path, nexthop, _reset_after_ehlo, reports)
+    assert code == 250
+    assert reports == []
