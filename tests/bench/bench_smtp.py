@@ -9,7 +9,8 @@ reported:
     filterd ...   smtp-source -> filterd (0 rules / shipped rules / shipped + 1,000 regex) -> smtp-sink
 
 For filterd the CPU time (user+system) of its processes per message and their peak RSS are read
-from /proc. Then the latency run (one session, one message at a time) and the large-message run
+from /proc. Then the latency run (one session, one message at a time; with a minimal Python
+proxy, ``minimal_proxy.py``, timed beside filterd as a reference) and the large-message run
 (10 x 20 MB at once beside a client sending small messages), the latter with smtp-sink and with
 a fair asyncio next hop (``fair_sink.py``; see ``--large-sink``). Run as root or as a user
 smtp-sink may run as:
@@ -253,23 +254,40 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None
     Two measures: the mean from smtp-source (total time of 500 messages / 500), and the median
     of per-message times from a small client of our own that alternates direct and filterd
     message by message, so both see the same moments of a noisy machine. The target is on the
-    median; the mean also carries every stall of the shared machine.
+    median; the mean also carries every stall of the shared machine. The same client also
+    times tests/bench/minimal_proxy.py in the same alternation: the least a Python proxy adds
+    for this dialogue here, as a reference for what part of filterd's added time is its own.
     """
     count = 500
     direct, filtered = [], []
     payload = bench_payload(args.size)
     per_direct: list[float] = []
     per_filterd: list[float] = []
+    per_minimal: list[float] = []
     proc, port = start_filterd(workdir, sink.port, REPO / "rules", 1)
+    minimal_port = free_port()
+    minimal = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "bench" / "minimal_proxy.py"),
+            str(minimal_port),
+            str(sink.port),
+        ]
+    )
     try:
+        wait_port(minimal_port)
         run_source(port, 50, 1, args.size)
+        run_source(minimal_port, 50, 1, args.size)
         for _ in range(args.runs):
             direct.append(1000 / run_source(sink.port, count, 1, args.size))
             filtered.append(1000 / run_source(port, count, 1, args.size))
             for _ in range(count):
                 per_direct.append(timed_message(sink.port, payload) * 1000)
+                per_minimal.append(timed_message(minimal_port, payload) * 1000)
                 per_filterd.append(timed_message(port, payload) * 1000)
     finally:
+        minimal.terminate()
+        minimal.wait(10)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     d, f = statistics.median(direct), statistics.median(filtered)
@@ -284,6 +302,11 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None
         f"per message ({len(per_filterd)} each, alternating): median direct {md:.2f} ms, "
         f"filterd {mf:.2f} ms, added {mf - md:.2f} ms "
         f"(p10/p90 direct {qd[0]:.2f}/{qd[-1]:.2f}, filterd {qf[0]:.2f}/{qf[-1]:.2f})"
+    )
+    mm = statistics.median(per_minimal)
+    print(
+        f"minimal Python proxy, same client and alternation (tests/bench/minimal_proxy.py): "
+        f"median {mm:.2f} ms, added {mm - md:.2f} ms"
     )
 
 
