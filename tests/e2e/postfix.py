@@ -409,13 +409,16 @@ class PostfixInstance:
             check=False,
         ).returncode
 
-    def wait_in_queue(self, queue_id: str, queue_name: str, *, timeout: float = 30.0) -> None:
-        """Wait until ``postqueue -j`` lists the message in ``queue_name`` (hold, deferred...)."""
+    def wait_in_queue(
+        self, queue_id: str, queue_name: str, *, or_in: str | None = None, timeout: float = 30.0
+    ) -> None:
+        """Wait until ``postqueue -j`` lists the message in ``queue_name`` (hold, deferred...),
+        or in ``or_in`` when that is given."""
         deadline = time.monotonic() + timeout
         next_kick = time.monotonic() + 3.0
         while True:
             where = {m["queue_id"]: m["queue_name"] for m in self.queue()}
-            if where.get(queue_id) == queue_name:
+            if where.get(queue_id) in (queue_name, or_in):
                 return
             now = time.monotonic()
             if now > deadline:
