@@ -307,7 +307,7 @@ class PostfixInstance:
         Right after ``postfix start`` the SMTP port can be open while qmgr is not serving its
         trigger socket yet: ``postkick`` then dies of SIGPIPE. cleanup's "new mail" wake-up
         sent in that window is lost too, and the message waits in ``incoming`` for qmgr's
-        300 s timer. So start() waits until a harmless "scan incoming" request goes through.
+        300 s timer. So start() waits until a harmless scan request goes through.
         """
         deadline = time.monotonic() + timeout
         while self.kick_incoming_scan() != 0:
@@ -395,15 +395,17 @@ class PostfixInstance:
         return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
     def kick_incoming_scan(self) -> int:
-        """Ask qmgr to scan the incoming queue (``postkick public qmgr I``); postkick's status.
+        """Ask qmgr to scan the incoming queue, time stamps ignored (``postkick public qmgr
+        AI``); postkick's status.
 
-        cleanup wakes qmgr with one write to its FIFO. If that wake-up is missed (seen once on
-        a loaded machine: a finished queue file sat in ``incoming`` for 30 s), Postfix only
-        looks again at qmgr's periodic wake-up, 300 s later. Mail is not lost either way; the
-        kick keeps a test from waiting for that timer.
+        A message can sit in ``incoming`` longer than a test waits: when qmgr finds a queue
+        file still locked by the delivery agent that just deferred it ("skipped, still being
+        delivered", seen right after ``postfix start``), it puts the file back into incoming
+        with its time stamp set ahead, and ordinary scans skip it until then. ``A`` makes the
+        scan take it anyway. Mail is not lost either way; the kick keeps a test from waiting.
         """
         return subprocess.run(
-            [str(POSTKICK), "-c", str(self.config_dir), "public", "qmgr", "I"],
+            [str(POSTKICK), "-c", str(self.config_dir), "public", "qmgr", "AI"],
             capture_output=True,
             timeout=30,
             check=False,

@@ -165,9 +165,9 @@ def test_undo_releases_mail_queued_for_filterd() -> None:
             client.sendmail(SENDER, [RECIPIENT], simple_message(mid, "queued for filterd"))
         first = postfix.queue_id_for(mid)
         # The try at filterd failed and the message waits, queued for filterd. Usually in the
-        # deferred queue; right after `postfix start` qmgr has been seen to put a message it
-        # was delivering back into incoming instead ("skipped, still being delivered"), where
-        # it stays until something scans incoming again. The undo requeues both.
+        # deferred queue; right after `postfix start` qmgr has been seen to put it back into
+        # incoming instead ("skipped, still being delivered": see kick_incoming_scan). The
+        # undo requeues both.
         postfix.wait_log(rf"{first}: to=<{RECIPIENT}>.*status=deferred")
         postfix.wait_in_queue(first, "deferred", or_in="incoming")
         started = time.monotonic()
