@@ -120,6 +120,7 @@ def _reset_after_ehlo(port: int) -> int:
         pass
     # Close with a reset (SO_LINGER 0) while the session waits for the next command.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reader.close()  # the socket's file descriptor closes only once its file object has
     sock.close()
     return int(line[:3])
 
