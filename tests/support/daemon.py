@@ -82,6 +82,10 @@ class Daemon:
         )
         try:
             wait_port(self.port)
+            if self.metrics_port is not None:
+                # The metrics listener can come up a moment after the SMTP one (with workers,
+                # the supervisor serves it): a scrape right after start must not be refused.
+                wait_port(self.metrics_port)
         except TimeoutError:
             self.stop()
             raise RuntimeError("filterd did not start:\n" + self.log_path.read_text()) from None
