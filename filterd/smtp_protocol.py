@@ -94,7 +94,12 @@ class _Resumption(Coroutine[Any, Any, None]):
         # suspended already, so it is the one to see the exception.
         self._started = True
         self._pending = None
-        return self._relay(self._coro.throw, typ if val is None else val)
+        exc = typ if val is None else val
+        del typ, val, tb  # see _relay: no frame here may keep the exception
+        try:
+            return self._relay(self._coro.throw, exc)
+        finally:
+            exc = None
 
     def close(self) -> None:
         if self._coro is not None:
@@ -106,11 +111,22 @@ class _Resumption(Coroutine[Any, Any, None]):
     def _relay(self, step: Any, arg: Any) -> Any:
         protocol = self._protocol
         try:
-            pending = step(arg)
-        except BaseException:
+            try:
+                pending = step(arg)
+            finally:
+                # ``arg`` may be the exception thrown in; its traceback's frames refer back to
+                # this frame (their caller), so keeping it here would make a reference cycle
+                # holding the whole session.
+                arg = None
+        except BaseException as error:  # the session coroutine ended
             protocol._session = None
             self._release()
-            raise
+            if isinstance(error, StopIteration) or not isinstance(error, Exception):
+                raise  # finished, or cancelled (KeyboardInterrupt...): the task's business
+            # A failure is ended here, not stored in the task: a task holding the exception
+            # would also hold this protocol (traceback -> frames), and nobody reads it.
+            protocol._session_failed(error)
+            raise StopIteration from None
         if protocol._waits_for_input(pending):
             protocol._parked = pending
             self._release()
@@ -244,7 +260,10 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         self._parked = None
         try:
-            pending = coro.send(None) if exc is None else coro.throw(exc)
+            try:
+                pending = coro.send(None) if exc is None else coro.throw(exc)
+            finally:
+                exc = None  # as in _Resumption._relay: no cycle through this frame
         except StopIteration:
             self._session = None
             return
@@ -252,10 +271,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             self._session = None
             if not isinstance(error, Exception):
                 raise  # KeyboardInterrupt and the like: the loop's business
-            # _handle_client answers every failure itself: this is a last resort.
-            log.error("session_failed", error=repr(error), exc_info=error)
-            if self.transport is not None:
-                self.transport.close()
+            self._session_failed(error)
             return
         if self._waits_for_input(pending):
             self._parked = pending
@@ -266,6 +282,12 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         in_flight = self.filterd_handler.in_flight
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
+
+    def _session_failed(self, error: Exception) -> None:
+        # _handle_client answers every failure itself: this is a last resort.
+        log.error("session_failed", error=repr(error), exc_info=error)
+        if self.transport is not None:
+            self.transport.close()
 
     def _input_arrived(self) -> None:
         parked = self._parked
@@ -289,10 +311,11 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 return
             self.filterd_handler.protocols.add(self)
             await self._command_loop()
-        except asyncio.CancelledError:
-            # A lost connection cancels the session (_end_session_task). Ending normally
-            # instead keeps the CancelledError, whose traceback holds this protocol, out of a
-            # finished task; see _session_part_done.
+        except (asyncio.CancelledError, ConnectionError):
+            # A lost connection cancels the session (_end_session_task), or shows as an error
+            # from the stream (a reply written as it goes). Ending normally instead keeps the
+            # exception, whose traceback holds this protocol, out of a finished task; see
+            # _session_part_done.
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
         finally:

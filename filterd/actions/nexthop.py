@@ -3,6 +3,10 @@
 Replies are parsed as bytes arrive (``_ReplyReader``, an asyncio Protocol) and handed to the one
 command waiting for them; every wait is bounded by the relay timeout. Transactions and the pool
 of these connections are ``relay.py``.
+
+No wait here uses ``asyncio.timeout()`` or (since Python 3.12 built on it) ``asyncio.wait_for``:
+both need a current task, and an SMTP session runs its first steps outside any task
+(``FilterdSMTP._advance``). Bounds are timer handles or ``asyncio.wait`` instead.
 """
 
 from __future__ import annotations
@@ -12,13 +16,38 @@ import contextlib
 import re
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from filterd.errors import RelayError
 from filterd.model import SmtpReply
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.DOTALL)
+_T = TypeVar("_T")
+
+
+async def _finished_within(future: asyncio.Future[Any], seconds: float) -> bool:
+    """Whether ``future`` is done within ``seconds``; it is not cancelled either way."""
+    done, _ = await asyncio.wait((future,), timeout=seconds)
+    return bool(done)
+
+
+async def _bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
+    """``asyncio.wait_for`` that also works outside a task (see the module docstring):
+    the result of ``awaitable``, or TimeoutError after ``seconds`` (and it is cancelled)."""
+    future = asyncio.ensure_future(awaitable)
+    try:
+        finished = await _finished_within(future, seconds)
+    except BaseException:
+        future.cancel()
+        raise
+    if not finished:
+        future.cancel()
+        # Its outcome no longer matters, but must be read, or asyncio logs it when freed.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise TimeoutError
+    return future.result()
 
 
 @dataclass(frozen=True)
@@ -183,14 +212,10 @@ class NextHopConnection:
         drained = protocol.drained
         if drained is None:
             return  # below the high-water mark: nothing to wait for
-        try:
-            # wait_for, not asyncio.timeout(): this may run before the session's first
-            # suspension, outside any task (see FilterdSMTP._advance).
-            await asyncio.wait_for(asyncio.shield(drained), self.timeout)
-        except TimeoutError as exc:
+        if not await _finished_within(drained, self.timeout):
             self.broken = True
             protocol._fail(RelayError("timeout", "next hop did not read in time"))
-            raise RelayError("timeout", "next hop did not read in time") from exc
+            raise RelayError("timeout", "next hop did not read in time")
         if protocol.failure is not None:
             self.broken = True
             raise protocol.failure
@@ -205,11 +230,9 @@ class NextHopConnection:
     async def close(self) -> None:
         if not self.broken and self.protocol.failure is None:
             with contextlib.suppress(RelayError, TimeoutError):
-                await asyncio.wait_for(self.command("QUIT"), 2)
+                await _bounded(self.command("QUIT"), 2)
         self.transport.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), 2)
-        if not self.protocol.lost.done():
+        if not await _finished_within(self.protocol.lost, 2):
             self.transport.abort()
 
 
@@ -253,10 +276,12 @@ async def _starttls(conn: NextHopConnection, host: str, helo: str, tls: RelayTls
     context = tls.context or ssl.create_default_context()
     loop = conn.protocol.loop
     try:
-        async with asyncio.timeout(conn.timeout):
-            transport = await loop.start_tls(
+        transport = await _bounded(
+            loop.start_tls(
                 conn.transport, conn.protocol, context, server_hostname=tls.server_name or host
-            )
+            ),
+            conn.timeout,
+        )
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         conn.broken = True
         raise RelayError("protocol", f"TLS handshake with the next hop failed: {exc}") from exc
@@ -279,7 +304,7 @@ async def open_connection(
     """Connect, read the greeting, say EHLO (HELO as a fallback), STARTTLS if configured."""
     loop = asyncio.get_running_loop()
     try:
-        transport, protocol = await asyncio.wait_for(
+        transport, protocol = await _bounded(
             loop.create_connection(lambda: _ReplyReader(loop), host, port), timeout
         )
     except TimeoutError as exc:
