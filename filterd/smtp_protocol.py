@@ -248,6 +248,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     # NOOP, QUIT...) is answered within the callback that read it. When the coroutine waits on
     # anything else (the next hop, a delivery, a TLS handshake) a task takes it over, and hands
     # it back once it waits for input again (_Resumption).
+    # So what a command runs before its first suspension has no current task: it must not use
+    # asyncio.timeout(), nor asyncio.wait_for (built on it since Python 3.12), nor anything
+    # else that asks for asyncio.current_task().
 
     def _waits_for_input(self, pending: Any) -> bool:
         reader = self._reader
