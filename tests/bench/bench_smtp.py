@@ -179,18 +179,24 @@ def measure_filterd(
     return Result(name, rate, cpu * 1000 / args.messages, rss)
 
 
-def measure_naive(sink: Sink, args: argparse.Namespace) -> Result:
+def start_bench_relay(script: str, next_hop_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """Start one of the reference relays in tests/bench (``script LISTEN_PORT NEXT_HOP_PORT``)
+    on a free port; returns it and its port once it listens."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tests" / "bench" / "naive_relay.py"),
-            str(port),
-            str(sink.port),
-        ]
+        [sys.executable, str(REPO / "tests" / "bench" / script), str(port), str(next_hop_port)]
     )
     try:
         wait_port(port)
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc, port
+
+
+def measure_naive(sink: Sink, args: argparse.Namespace) -> Result:
+    proc, port = start_bench_relay("naive_relay.py", sink.port)
+    try:
         run_source(port, min(200, args.messages), args.sessions, args.size)
         cpu_before = proc_cpu_seconds([proc.pid])
         rate = run_source(port, args.messages, args.sessions, args.size)
@@ -265,17 +271,8 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None
     per_filterd: list[float] = []
     per_minimal: list[float] = []
     proc, port = start_filterd(workdir, sink.port, REPO / "rules", 1)
-    minimal_port = free_port()
-    minimal = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tests" / "bench" / "minimal_proxy.py"),
-            str(minimal_port),
-            str(sink.port),
-        ]
-    )
+    minimal, minimal_port = start_bench_relay("minimal_proxy.py", sink.port)
     try:
-        wait_port(minimal_port)
         run_source(port, 50, 1, args.size)
         run_source(minimal_port, 50, 1, args.size)
         for _ in range(args.runs):

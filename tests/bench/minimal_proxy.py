@@ -13,8 +13,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, ClassVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.bench.fair_sink import loop_factory
 
 
 class NextHop(asyncio.Protocol):
@@ -139,14 +144,6 @@ async def serve(listen: int, next_hop: int) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     server.close()
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def main() -> None:
