@@ -1,0 +1,79 @@
+"""The message processor answers first and accounts right after: the reply to the final dot
+does not wait for the metrics and the ``message_processed`` line, which follow in the event
+loop's next pass, before any further input is read."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from filterd.actions import Executor, LazyQuarantine
+from filterd.actions.relay import RelayClient, RelayTransaction
+from filterd.model import Envelope, Message
+from filterd.observe import Metrics
+from filterd.processor import MessageProcessor
+from filterd.rules import load_ruleset
+
+
+def _processor(tmp_path: Path, registry: CollectorRegistry) -> MessageProcessor:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        textwrap.dedent(
+            """\
+            rules:
+              - {name: no-offers, if: {subject: {contains: offer}}, then: {action: reject}}
+            """
+        )
+    )
+    ruleset = load_ruleset(rules)
+    executor = Executor(LazyQuarantine(str(tmp_path / "quarantine")))
+    return MessageProcessor(lambda: ruleset, executor, Metrics(registry))
+
+
+def _rejected(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("filterd_messages_total", {"action": "reject"})
+
+
+def test_the_reply_comes_before_the_accounting(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    processor = _processor(tmp_path, registry)
+    message = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        b"From: a@example.org\r\nSubject: an offer\r\n\r\nbody\r\n",
+    )
+    # A rejected message never reaches the next hop: the transaction stays unused.
+    txn = RelayTransaction(RelayClient("127.0.0.1", 9, timeout=1.0, helo="localhost"))
+
+    async def run() -> tuple[int, float | None, float | None]:
+        reply = await processor.process(message, txn, "s1")
+        counted_with_the_reply = _rejected(registry)
+        await asyncio.sleep(0)  # one pass of the event loop
+        return reply.code, counted_with_the_reply, _rejected(registry)
+
+    code, at_reply, after_one_pass = asyncio.run(run())
+    assert code == 554
+    assert at_reply == 0.0  # not counted yet when the reply is handed back
+    assert after_one_pass == 1.0
+
+
+def test_each_message_is_accounted_once_across_event_loops(tmp_path: Path) -> None:
+    """The processor keeps the loop it schedules on; a new loop (a test's, a restart's) must
+    be picked up, not the closed one."""
+    registry = CollectorRegistry()
+    processor = _processor(tmp_path, registry)
+    message = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        b"Subject: offer\r\n\r\nbody\r\n",
+    )
+    txn = RelayTransaction(RelayClient("127.0.0.1", 9, timeout=1.0, helo="localhost"))
+
+    async def one() -> None:
+        await processor.process(message, txn, "s")
+        await asyncio.sleep(0)
+
+    asyncio.run(one())
+    asyncio.run(one())
+    assert _rejected(registry) == 2.0
