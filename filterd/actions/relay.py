@@ -292,10 +292,14 @@ class RelayTransaction:
 
     async def send_data(self, raw: bytes) -> NextHopReply:
         assert self.conn is not None
-        reply = await self.conn.command("DATA")
+        await self.conn.send(b"DATA\r\n")
+        # The wire form (dot-stuffed, end marker) is made while DATA travels to the next hop
+        # and back, not after its 354 arrives: that keeps it off the message's latency.
+        wire = encode_data(raw)
+        reply = await self.conn.read_reply()
         if reply.code != 354:
             return reply
-        await self.conn.send(encode_data(raw))
+        await self.conn.send(wire)
         self.data_sent = True
         reply = await self.conn.read_reply()
         self.completed = True  # after the reply to the data the next hop is between transactions
