@@ -41,6 +41,13 @@ _MAIL_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger
 _SIMPLE_PATH = re.compile(r'<((?:[^<>\s"\\(),;:@\[\]]+@[^<>\s"\\(),;:@\[\]]+)?)>(.*)', re.DOTALL)
 _SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
 _DATA_CHUNK = 65536
+# RFC 5321's 512 bytes per command line; after EHLO, MAIL may be longer by what the parameters
+# of the announced extensions take (RFC 1870's SIZE 26, RFC 6531's SMTPUTF8 10: filterd always
+# announces both). aiosmtpd keeps its limits in a dict shared by all sessions (a class
+# attribute) that every EHLO enlarges and every full SMTP.__init__ clears; filterd's sessions
+# skip that __init__ (_init_fast), so that dict only grows and is not used here.
+_COMMAND_LIMIT = 512
+_EXTENDED_COMMAND_LIMITS = {"MAIL": _COMMAND_LIMIT + 26 + 10, "XFORWARD": 1000}
 
 
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -157,7 +164,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     # the socket whenever it holds more than twice its limit: with 1001 every DATA segment
     # over 2 KB paused and resumed the transport (two epoll changes per message, and per
     # chunk of a large one). Command lines are still held to RFC 5321's lengths by the command
-    # loop (command_size_limits); the limit only bounds how much one line may buffer.
+    # loop (_EXTENDED_COMMAND_LIMITS); the limit only bounds how much one line may buffer.
     line_length_limit = _DATA_CHUNK
     _shared: ClassVar[
         dict[int, tuple[dict[str, Any], dict[str, Any], asyncio.AbstractEventLoop]]
@@ -183,7 +190,6 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         else:
             self._init_fast(handler, policy, *FilterdSMTP._shared[key])
         self.filterd_handler = handler
-        self.command_size_limits["XFORWARD"] = 1000
         self._parts_done: set[str] = set()  # "task" and "connection" ended (see below)
         self._deadline = 0.0  # when the session times out (see _reset_timeout)
         # The session's coroutine (_handle_client) while it runs, and the reader's future it
@@ -367,9 +373,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 # SMTPUTF8 is on: arguments decode as UTF-8, undecodable bytes kept (surrogates).
                 arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
                 limit = (
-                    self.command_size_limits[command]
+                    _EXTENDED_COMMAND_LIMITS.get(command, _COMMAND_LIMIT)
                     if self.session.extended_smtp
-                    else self.command_size_limit
+                    else _COMMAND_LIMIT
                 )
                 if len(line) > limit:
                     await self.push("500 Command line too long")

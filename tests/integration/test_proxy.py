@@ -206,6 +206,26 @@ def test_size_over_the_limit_is_refused_at_mail_and_at_data(
     assert len(nexthop.wait_for(1)) == 1
 
 
+def test_command_line_limits_hold_in_every_session(daemon: Daemon) -> None:
+    """RFC 5321's 512 bytes per command line, plus what SIZE and SMTPUTF8 add to MAIL (26 and
+    10): the same in the hundredth session as in the first, however many EHLOs came before."""
+    mail_limit = 512 + 26 + 10
+    for _ in range(5):
+        with client(daemon.port) as smtp:
+            smtp.ehlo("again.test")
+    for _ in range(2):
+        with client(daemon.port) as smtp:
+            # The line is "MAIL FROM:<...>" plus CRLF; its length without CRLF is what counts.
+            fits = "a" * (mail_limit - len("MAIL FROM:<@example.org>")) + "@example.org"
+            assert smtp.mail(fits)[0] == 250
+            smtp.rset()
+            assert smtp.mail(fits + "a")[0] == 500
+            assert smtp.noop()[0] == 250  # the session goes on
+            # 512 bytes exactly pass (NOOP may carry a string), one more does not.
+            assert smtp.docmd("NOOP " + "x" * 507)[0] == 250
+            assert smtp.docmd("NOOP " + "x" * 508)[0] == 500
+
+
 def test_long_lines_bare_lf_and_a_lone_dot_pass(daemon: Daemon, nexthop: NextHop) -> None:
     long_line = b"x" * 5000
     raw = b"Subject: odd\r\n\r\n" + long_line + b"\r\n.\r\n..two\r\nend\r\n"
