@@ -1,7 +1,7 @@
 """Lazy content parsing of one message for the rule pipeline: headers, addresses, body text,
 URLs and attachments.
 
-``ParsedMessage`` computes each view on first use (``functools.cached_property``), so a rule set
+``ParsedMessage`` computes each view on first use (``computed_once``), so a rule set
 that looks only at headers never walks the MIME tree, and a body never gets decoded twice. It
 never raises on any input bytes and bounds its work on hostile input (``max_depth``,
 ``max_parts``, ``max_text_bytes``, at most ``MAX_ARCHIVE_MEMBERS`` zip names and ``MAX_URLS``
@@ -14,8 +14,9 @@ The pieces live in helpers: ``mime_headers`` (header section, RFC 2047/2231, cha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from typing import Any, Generic, TypeVar, overload
 
 from filterd.mime_address import parse_address_list
 from filterd.mime_filetype import detect_type, list_zip_members
@@ -26,6 +27,38 @@ from filterd.mime_parts import Leaf, Structure, decode_body, walk
 MAX_ARCHIVE_MEMBERS = 1000
 MAX_URLS = 10_000
 _BODY_TYPES = frozenset({"text/plain", "text/html"})
+
+_T = TypeVar("_T")
+
+
+class computed_once(Generic[_T]):
+    """``functools.cached_property`` without its lock.
+
+    On Python 3.11 every first access takes an RLock shared by all instances of the class
+    (3.12 dropped it): a measurable part of evaluating a small message, whose views are each
+    read once. A ParsedMessage belongs to one evaluation; two threads computing the same view
+    at once would only compute it twice.
+    """
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> computed_once[_T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+    def __get__(self, instance: object | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        # A non-data descriptor: once the value is in the instance's __dict__, attribute
+        # lookups find it there and never come back here.
+        value = instance.__dict__[self.name] = self.func(instance)
+        return value
 
 
 @dataclass(frozen=True)
@@ -84,27 +117,27 @@ class ParsedMessage:
 
     # -- headers -------------------------------------------------------------------------------
 
-    @cached_property
+    @computed_once
     def _section(self) -> tuple[tuple[HeaderField, ...], int, int]:
         fields, header_end, body_start = split_section(self.raw, 0, len(self.raw))
         return tuple(fields), header_end, body_start
 
-    @cached_property
+    @computed_once
     def header_block(self) -> bytes:
         """Raw bytes of the header section, up to (not including) the blank line."""
         return self.raw[: self._section[1]]
 
-    @cached_property
+    @computed_once
     def body_bytes(self) -> bytes:
         """Raw bytes after the blank line (the whole rest when there is no blank line)."""
         return self.raw[self._section[2] :]
 
-    @cached_property
+    @computed_once
     def headers(self) -> tuple[tuple[str, str], ...]:
         """(name as written, value unfolded and RFC 2047 decoded), in order."""
         return tuple((name, decode_words(value)) for name, value in self._section[0])
 
-    @cached_property
+    @computed_once
     def _index(self) -> dict[str, list[int]]:
         index: dict[str, list[int]] = {}
         for position, (name, _) in enumerate(self._section[0]):
@@ -120,7 +153,7 @@ class ParsedMessage:
         """The lower-cased names of all headers present (for ``exists`` checks)."""
         return self._names_lower
 
-    @cached_property
+    @computed_once
     def _names_lower(self) -> frozenset[str]:
         return frozenset(self._index)
 
@@ -137,13 +170,13 @@ class ParsedMessage:
             self._address_cache[key] = cached
         return list(cached)
 
-    @cached_property
+    @computed_once
     def message_id(self) -> str:
         """The first Message-ID header value, or ''."""
         values = self.header_values("message-id")
         return values[0].strip() if values else ""
 
-    @cached_property
+    @computed_once
     def subject(self) -> str:
         """The first Subject header, decoded, or ''."""
         values = self.header_values("subject")
@@ -151,19 +184,19 @@ class ParsedMessage:
 
     # -- body ----------------------------------------------------------------------------------
 
-    @cached_property
+    @computed_once
     def _structure(self) -> Structure:
         fields, _, body_start = self._section
         return walk(
             self.raw, list(fields), body_start, max_parts=self.max_parts, max_depth=self.max_depth
         )
 
-    @cached_property
+    @computed_once
     def truncated(self) -> bool:
         """Whether ``max_parts`` or ``max_depth`` cut the MIME walk short (a sign of abuse)."""
         return self._structure.truncated
 
-    @cached_property
+    @computed_once
     def _text_parts(self) -> tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]:
         """(decoded text, links as (url, link text or None)) of every text/* leaf."""
         parts = []
@@ -180,12 +213,12 @@ class ParsedMessage:
             parts.append((text, tuple(links)))
         return tuple(parts)
 
-    @cached_property
+    @computed_once
     def body_text(self) -> str:
         """Decoded text of all text/* parts, HTML rendered to text, joined by newlines."""
         return "\n".join(text for text, _ in self._text_parts if text)
 
-    @cached_property
+    @computed_once
     def urls(self) -> tuple[Url, ...]:
         """URLs of all text parts and HTML links, deduplicated, in order of appearance."""
         return self._collect_urls(MAX_URLS)
@@ -215,7 +248,7 @@ class ParsedMessage:
                     return tuple(found.values())
         return tuple(found.values())
 
-    @cached_property
+    @computed_once
     def attachments(self) -> tuple[Attachment, ...]:
         """Every leaf that is not an inline text/plain or text/html body part."""
         return tuple(_attachment(leaf) for leaf in self._structure.leaves if _is_attachment(leaf))
