@@ -15,9 +15,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
@@ -27,6 +27,7 @@ from aiosmtpd.smtp import (
     TLSSetupException,
     login_always_fail,
     sanitize,
+    syntax,
 )
 
 from filterd.logsetup import get_logger
@@ -60,6 +61,14 @@ def unstuff(block: bytes) -> bytes:
     if block.count(b"\r") != block.count(b"\n") or block.count(b"\r\n") != block.count(b"\n"):
         block = _ANY_LINE_ENDING.sub(b"\r\n", block)
     return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _help(text: str, extended: str | None = None) -> Callable[[_Method], _Method]:
+    """aiosmtpd's ``@syntax`` (HELP lists a command only if it carries it), typed."""
+    return cast(Callable[[_Method], _Method], syntax(text, extended=extended))
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     _handler_coroutine: Any
     envelope: Any
     transport: Any
-    _smtp_method_names: tuple[str, ...] = ()
+    _smtp_method_names: frozenset[str] = frozenset()
     # aiosmtpd sizes its StreamReader by this (1001), and a StreamReader stops reading from
     # the socket whenever it holds more than twice its limit: with 1001 every DATA segment
     # over 2 KB paused and resumed the transport (two epoll changes per message, and per
@@ -186,7 +195,6 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 require_starttls=policy.require_tls,
             )
             FilterdSMTP._shared = {key: (self._handle_hooks, self._auth_methods, self.loop)}
-            FilterdSMTP._smtp_method_names = tuple(self._smtp_methods)
         else:
             self._init_fast(handler, policy, *FilterdSMTP._shared[key])
         self.filterd_handler = handler
@@ -241,10 +249,20 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._auth_methods = auth_methods
         self._handle_hooks = hooks
         self._ehlo_hook_ver = "new"
-        self._smtp_methods = {
-            name: getattr(self, "smtp_" + name) for name in self._smtp_method_names
-        }
         self._enforce_call_limit = False
+
+    @property
+    def _smtp_methods(self) -> dict[str, Any]:
+        """aiosmtpd's table of command methods, which only its HELP reads here: made when
+        asked, not for every connection (a bound method per command, each referring back to
+        this protocol)."""
+        return {name: getattr(self, "smtp_" + name) for name in self._smtp_method_names}
+
+    @_smtp_methods.setter
+    def _smtp_methods(self, table: dict[str, Any]) -> None:
+        # aiosmtpd's SMTP.__init__, run for the first connection only, finds the commands by
+        # introspection: they hold for every later session.
+        FilterdSMTP._smtp_method_names = frozenset(table)
 
     # --- driving the session ------------------------------------------------------------------
     # aiosmtpd runs each session in a task that waits on a StreamReader: every command line
@@ -390,7 +408,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 ):
                     await self.push("530 Must issue a STARTTLS command first")
                     continue
-                method = self._smtp_methods.get(command)
+                method = (
+                    getattr(self, "smtp_" + command) if command in self._smtp_method_names else None
+                )
                 if method is None:
                     bogus_budget -= 1
                     if bogus_budget < 1:
@@ -435,7 +455,6 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # cancelled timer and a finished task hold nothing that refers back).
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
-        self._smtp_methods = {}
         self._writer = self._reader = self._client_connected_cb = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -561,6 +580,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         result: tuple[str | None, str | None] = super()._getaddr(arg)
         return result
 
+    # The overrides keep aiosmtpd's @syntax: HELP lists only the commands that carry it.
+    @_help("XFORWARD attribute=value...")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         if await self.check_helo_needed("EHLO"):
             return
@@ -569,6 +590,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         await self.push(self.filterd_handler.xforward_command(self.session, arg))
 
+    @_help("QUIT")
     async def smtp_QUIT(self, arg: str | None) -> None:
         # aiosmtpd's QUIT, which ends the session by cancelling its task; here the command
         # loop ends after it.
@@ -580,6 +602,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._quit = True
         self.transport.close()
 
+    @_help("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         size = _SIZE_PARAM.search(arg or "")
         if size and self.data_size_limit and int(size.group(1)) > self.data_size_limit:
@@ -587,6 +610,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         await super().smtp_MAIL(arg)
 
+    @_help("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return

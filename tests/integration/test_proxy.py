@@ -206,6 +206,29 @@ def test_size_over_the_limit_is_refused_at_mail_and_at_data(
     assert len(nexthop.wait_for(1)) == 1
 
 
+def test_help_lists_every_command_a_client_uses(daemon: Daemon) -> None:
+    with client(daemon.port) as smtp:
+        code, text = smtp.docmd("HELP")
+        assert code == 250
+        listed = set(text.decode().removeprefix("Supported commands: ").split())
+        assert {
+            "EHLO",
+            "HELO",
+            "MAIL",
+            "RCPT",
+            "DATA",
+            "RSET",
+            "NOOP",
+            "QUIT",
+            "XFORWARD",
+        } <= listed
+        assert smtp.docmd("HELP MAIL") == (
+            250,
+            b"Syntax: MAIL FROM: <address> [SP <mail-parameters>]",
+        )
+        assert smtp.docmd("HELP DATA") == (250, b"Syntax: DATA")
+
+
 def test_command_line_limits_hold_in_every_session(daemon: Daemon) -> None:
     """RFC 5321's 512 bytes per command line, plus what SIZE and SMTPUTF8 add to MAIL (26 and
     10): the same in the hundredth session as in the first, however many EHLOs came before."""
