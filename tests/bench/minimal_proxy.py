@@ -27,9 +27,13 @@ class NextHop(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.buffer = b""
+        # Final reply lines not yet taken by a command. A reply may arrive before the command
+        # that waits for it is called (the greeting can come in right after the connection is
+        # made), so nothing here is dropped when a command starts.
         self.lines: list[bytes] = []
         self.wanted = 0
         self.waiter: asyncio.Future[None] | None = None
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -40,16 +44,32 @@ class NextHop(asyncio.Protocol):
             line, _, self.buffer = self.buffer.partition(b"\n")
             if line[3:4] != b"-":  # the last line of a (multi-line) reply
                 self.lines.append(line)
-        if self.waiter is not None and len(self.lines) >= self.wanted and not self.waiter.done():
-            self.waiter.set_result(None)
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True  # a waiting command fails instead of waiting for ever
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if (
+            waiter is not None
+            and not waiter.done()
+            and (len(self.lines) >= self.wanted or self.lost)
+        ):
+            waiter.set_result(None)
 
     async def command(self, data: bytes, replies: int) -> list[bytes]:
-        self.lines, self.wanted = [], replies
-        self.waiter = asyncio.get_running_loop().create_future()
         if data:
             self.transport.write(data)
-        await self.waiter
-        return self.lines
+        while len(self.lines) < replies:
+            if self.lost:
+                raise ConnectionError("the next hop closed the connection")
+            self.wanted = replies
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        taken, self.lines = self.lines[:replies], self.lines[replies:]
+        return taken
 
 
 class Proxy(asyncio.Protocol):
@@ -114,15 +134,27 @@ class Proxy(asyncio.Protocol):
         self.serve()
 
     async def recipient(self, rcpt: bytes) -> None:
-        if self.hop is None:
-            self.hop = await self.connect() if not Proxy.idle else Proxy.idle.pop()
-        replies = await self.hop.command(self.mail + rcpt, 2)
+        try:
+            if self.hop is None:
+                while Proxy.idle and Proxy.idle[-1].lost:  # closed by the next hop while idle
+                    Proxy.idle.pop()
+                self.hop = Proxy.idle.pop() if Proxy.idle else await self.connect()
+            replies = await self.hop.command(self.mail + rcpt, 2)
+        except ConnectionError:
+            self.hop = None
+            self.resume(b"451 4.4.2 next hop lost\r")
+            return
         self.resume(replies[-1])
 
     async def deliver(self, body: bytes) -> None:
         assert self.hop is not None
-        await self.hop.command(b"DATA\r\n", 1)
-        replies = await self.hop.command(body[2:], 1)  # body[:2] is the CRLF added at DATA
+        try:
+            await self.hop.command(b"DATA\r\n", 1)
+            replies = await self.hop.command(body[2:], 1)  # body[:2] is the CRLF added at DATA
+        except ConnectionError:
+            self.hop = None
+            self.resume(b"451 4.4.2 next hop lost\r")
+            return
         Proxy.idle.append(self.hop)
         self.hop = None
         self.resume(replies[-1])
