@@ -443,8 +443,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     def _session_part_done(self, part: str) -> None:
         """Break this protocol's reference cycles once both its task and its connection ended.
 
-        aiosmtpd's protocol refers to itself through its bound command methods, its stream
-        writer and reader, and its timeout handle. Left alone, every finished session is cyclic
+        aiosmtpd's protocol refers to itself through its stream writer and reader and its
+        timeout handle (and did through a table of bound command methods, which filterd makes
+        only for HELP: see _smtp_methods). Left alone, every finished session is cyclic
         garbage (some 50 objects) that only the garbage collector frees, and its passes over
         them cost milliseconds; freed by reference counting, they cost nothing.
         """
