@@ -231,7 +231,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._decode_data = False
         self.hostname = policy.hostname
         self.tls_context = policy.tls_context
-        self.require_starttls = bool(policy.tls_context and policy.require_tls)
+        self.require_starttls = policy.tls_context and policy.require_tls  # as aiosmtpd sets it
         self._timeout_duration = policy.session_timeout
         self._timeout_handle = None
         self._tls_handshake_okay = True
