@@ -27,6 +27,7 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 # Evaluating a large message can take milliseconds; past this size it runs off the event loop.
 OFFLOAD_BYTES = 256 * 1024
+NOTHING_DECIDED = Verdict()  # immutable: one for every message whose evaluation failed
 
 
 class ProcessingMetrics(Protocol):
@@ -64,7 +65,7 @@ class MessageProcessor:
     async def process(self, message: Message, txn: RelayTransaction, session_id: str) -> SmtpReply:
         started = time.perf_counter()
         ruleset = self.ruleset()  # the set this message started with, even if a reload swaps it
-        verdict = Verdict()
+        verdict = NOTHING_DECIDED  # what is accounted if the rules fail
         error = ""
         try:
             if message.size > OFFLOAD_BYTES:
