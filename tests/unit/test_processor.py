@@ -37,18 +37,25 @@ def _rejected(registry: CollectorRegistry) -> float | None:
     return registry.get_sample_value("filterd_messages_total", {"action": "reject"})
 
 
-def test_the_reply_comes_before_the_accounting(tmp_path: Path) -> None:
-    registry = CollectorRegistry()
-    processor = _processor(tmp_path, registry)
-    message = Message(
+def _offer() -> Message:
+    """A message the rule above rejects."""
+    return Message(
         Envelope("a@example.org", ("b@example.net",)),
         b"From: a@example.org\r\nSubject: an offer\r\n\r\nbody\r\n",
     )
+
+
+def _unused_transaction() -> RelayTransaction:
     # A rejected message never reaches the next hop: the transaction stays unused.
-    txn = RelayTransaction(RelayClient("127.0.0.1", 9, timeout=1.0, helo="localhost"))
+    return RelayTransaction(RelayClient("127.0.0.1", 9, timeout=1.0, helo="localhost"))
+
+
+def test_the_reply_comes_before_the_accounting(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    processor = _processor(tmp_path, registry)
 
     async def run() -> tuple[int, float | None, float | None]:
-        reply = await processor.process(message, txn, "s1")
+        reply = await processor.process(_offer(), _unused_transaction(), "s1")
         counted_with_the_reply = _rejected(registry)
         await asyncio.sleep(0)  # one pass of the event loop
         return reply.code, counted_with_the_reply, _rejected(registry)
@@ -64,14 +71,9 @@ def test_each_message_is_accounted_once_across_event_loops(tmp_path: Path) -> No
     be picked up, not the closed one."""
     registry = CollectorRegistry()
     processor = _processor(tmp_path, registry)
-    message = Message(
-        Envelope("a@example.org", ("b@example.net",)),
-        b"Subject: offer\r\n\r\nbody\r\n",
-    )
-    txn = RelayTransaction(RelayClient("127.0.0.1", 9, timeout=1.0, helo="localhost"))
 
     async def one() -> None:
-        await processor.process(message, txn, "s")
+        await processor.process(_offer(), _unused_transaction(), "s")
         await asyncio.sleep(0)
 
     asyncio.run(one())
