@@ -246,7 +246,7 @@ def bench_payload(size: int) -> bytes:
         b"From: <bench@example.org>\r\nTo: <sink@example.net>\r\n"
         b"Date: Mon, 30 Nov 2026 12:00:00 +0000\r\nMessage-Id: <bench@example.org>\r\n\r\n"
     )
-    lines = []
+    lines: list[bytes] = []
     length = len(head)
     while length < size:
         lines.append(b"%d" % len(lines) + b"X" * 76 + b"\r\n")
