@@ -179,6 +179,7 @@ class NextHop:
             rcpts: list[str] = []
             xforward: dict[str, str] = {}
             params: list[str] = []
+            chunked = bytearray()  # BDAT chunks of the transaction so far
             while True:
                 line = await reader.readline()
                 if not line:
@@ -257,23 +258,49 @@ class NextHop:
                             writer.close()
                             return
                         data += chunk[1:] if chunk.startswith(b".") else chunk
-                    if await self._misbehave("dot", writer, fault):
+                    received = Received(sender or "", rcpts, bytes(data), dict(xforward), params)
+                    if not await self._end_of_message(writer, received, fault):
                         return
-                    final = self._replacement("dot", fault) or self.behaviour.final_reply
-                    if final is None or final.startswith("250"):
-                        with self._lock:
-                            self.messages.append(
-                                Received(
-                                    sender or "", rcpts, bytes(data), dict(xforward), params, fault
-                                )
-                            )
-                            number = len(self.messages)
-                        final = final or f"250 2.0.0 Ok: queued as Q{number}"
-                    await self._reply(writer, final, fault)
+                    sender, rcpts, xforward = None, [], {}
+                    fault = None
+                elif verb == "BDAT" and "CHUNKING" in self.behaviour.announce:
+                    # RFC 3030: "BDAT size [LAST]", then exactly size bytes. The stages map as
+                    # for DATA: "data" at the command, "mid-data" after half the chunk, "dot"
+                    # at the end of the LAST chunk.
+                    size_text, _, last = text[5:].partition(" ")
+                    size = int(size_text)
+                    if await self._misbehave("data", writer, fault):
+                        return
+                    if (
+                        len(chunked) == 0
+                        and size > 1
+                        and (
+                            self.behaviour.close_at == "mid-data"
+                            or (fault is not None and fault.stage == "mid-data")
+                        )
+                    ):
+                        await reader.readexactly(size // 2)
+                        writer.close()
+                        return
+                    chunked += await reader.readexactly(size)
+                    if last.upper() != "LAST":
+                        await self._reply(writer, f"250 2.0.0 Ok: {size} bytes", fault)
+                        continue
+                    self.data_ends += 1
+                    if not rcpts:
+                        await self._reply(writer, "554 5.5.1 Error: no valid recipients", fault)
+                    else:
+                        received = Received(
+                            sender or "", rcpts, bytes(chunked), dict(xforward), params
+                        )
+                        if not await self._end_of_message(writer, received, fault):
+                            return
+                    chunked = bytearray()
                     sender, rcpts, xforward = None, [], {}
                     fault = None
                 elif verb == "RSET":
                     sender, rcpts, xforward = None, [], {}
+                    chunked = bytearray()
                     fault = None
                     await self._reply(writer, "250 2.0.0 Ok")
                 elif verb == "NOOP":
@@ -288,6 +315,23 @@ class NextHop:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+    async def _end_of_message(
+        self, writer: asyncio.StreamWriter, received: Received, fault: Fault | None
+    ) -> bool:
+        """The end of a message's data (DATA's dot, BDAT's LAST chunk): the final reply, and the
+        message recorded if it is a 250. False: the connection was dropped instead."""
+        if await self._misbehave("dot", writer, fault):
+            return False
+        final = self._replacement("dot", fault) or self.behaviour.final_reply
+        if final is None or final.startswith("250"):
+            received.fault = fault
+            with self._lock:
+                self.messages.append(received)
+                number = len(self.messages)
+            final = final or f"250 2.0.0 Ok: queued as Q{number}"
+        await self._reply(writer, final, fault)
+        return True
 
     def _draw(self, point: str) -> Fault | None:
         """Ask ``behaviour.faults`` for this connection's / transaction's fault, and log it."""

@@ -1,0 +1,33 @@
+"""The two wire forms of a message for the next hop, DATA (dot-stuffed, end marker) and BDAT
+(counted, as is): whichever the next hop is sent, it stores the same bytes."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from filterd.actions.relay import chunk_data, encode_data
+
+# Lines made of the bytes that matter here: dots, both line-ending characters, and text.
+MESSAGES = st.lists(st.sampled_from([b".", b"..", b"\r", b"\n", b"\r\n", b"a", b"Subject: x"]))
+
+
+def stored_after_data(wire: bytes) -> bytes:
+    """What an RFC 5321 receiver keeps of a DATA wire form: up to the end marker, each line's
+    leading dot removed."""
+    assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
+    body = wire[: -len(b".\r\n")]
+    lines = body.split(b"\r\n")
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+@given(MESSAGES)
+def test_data_and_bdat_deliver_the_same_bytes(parts: list[bytes]) -> None:
+    raw = b"".join(parts)
+    assert chunk_data(raw) == stored_after_data(encode_data(raw))
+
+
+def test_a_chunk_ends_with_a_line_break_and_has_only_crlf() -> None:
+    assert chunk_data(b"a\nb\rc") == b"a\r\nb\r\nc\r\n"
+    assert chunk_data(b".x\r\n") == b".x\r\n"  # no dot-stuffing
+    assert chunk_data(b"") == b""
