@@ -10,9 +10,10 @@ This sink reads at most one 64 KB chunk per connection per event-loop round: aft
 it pauses reading on that connection and resumes it on the next round, whatever the loop's own
 read strategy is. Message data is scanned for the end marker with ``bytes.find`` and dropped,
 so memory stays bounded by the chunk size per connection. Pipelined commands are answered in
-order. uvloop is used when it is installed.
+order. uvloop is used when it is installed. With ``--chunking`` it also offers CHUNKING and
+takes BDAT (RFC 3030), to measure what BDAT saves over DATA.
 
-    python tests/bench/fair_sink.py PORT     # listens on 127.0.0.1:PORT until SIGTERM/SIGINT
+    python tests/bench/fair_sink.py PORT [--chunking]   # 127.0.0.1:PORT until SIGTERM/SIGINT
 """
 
 from __future__ import annotations
@@ -36,15 +37,20 @@ EHLO_REPLY = (
     b"250-ENHANCEDSTATUSCODES\r\n"
     b"250 XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE\r\n"
 )
+CHUNKING_EHLO_REPLY = EHLO_REPLY.replace(b"250 XFORWARD", b"250-CHUNKING\r\n250 XFORWARD")
 OK = b"250 2.0.0 Ok\r\n"
+QUEUED = b"250 2.0.0 Ok: queued\r\n"
 SIMPLE_OK = frozenset({b"MAIL", b"RCPT", b"RSET", b"NOOP", b"XFORWARD"})
 
 
 class SinkProtocol(asyncio.BufferedProtocol):
     """One SMTP connection: a command/data state machine over a reused 64 KB buffer."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, chunking: bool = False) -> None:
         self.loop = loop
+        self.chunking = chunking
+        self.chunk_left = 0  # BDAT data still to skip
+        self.chunk_last = False
         self.buffer = bytearray(CHUNK)
         self.view = memoryview(self.buffer)
         self.pending = bytearray()  # a command line split across chunks
@@ -68,7 +74,9 @@ class SinkProtocol(asyncio.BufferedProtocol):
         replies: list[bytes] = []
         pos = 0
         while pos < nbytes and not self.quitting:
-            if self.in_data:
+            if self.chunk_left:
+                pos = self._chunk(pos, nbytes, replies)
+            elif self.in_data:
                 pos = self._data(pos, nbytes, replies)
             else:
                 pos = self._commands(pos, nbytes, replies)
@@ -110,8 +118,16 @@ class SinkProtocol(asyncio.BufferedProtocol):
     def _end_of_data(self, resume: int, replies: list[bytes]) -> int:
         self.in_data = False
         self.tail = b""
-        replies.append(b"250 2.0.0 Ok: queued\r\n")
+        replies.append(QUEUED)
         return resume
+
+    def _chunk(self, pos: int, end: int, replies: list[bytes]) -> int:
+        """Skip BDAT data; answer once the chunk is complete."""
+        taken = min(self.chunk_left, end - pos)
+        self.chunk_left -= taken
+        if not self.chunk_left:
+            replies.append(QUEUED if self.chunk_last else OK)
+        return pos + taken
 
     def _commands(self, pos: int, end: int, replies: list[bytes]) -> int:
         """Answer every complete command line from ``pos``; stop early when DATA starts."""
@@ -131,8 +147,10 @@ class SinkProtocol(asyncio.BufferedProtocol):
             else:
                 line = bytes(buf[pos:newline])
             pos = newline + 1
-            replies.append(self._command(line.rstrip(b"\r")))
-            if self.in_data or self.quitting:
+            reply = self._command(line.rstrip(b"\r"))
+            if reply:
+                replies.append(reply)
+            if self.in_data or self.chunk_left or self.quitting:
                 break
         return pos
 
@@ -141,7 +159,13 @@ class SinkProtocol(asyncio.BufferedProtocol):
         if verb in SIMPLE_OK:
             return OK
         if verb == b"EHLO":
-            return EHLO_REPLY
+            return CHUNKING_EHLO_REPLY if self.chunking else EHLO_REPLY
+        if verb == b"BDAT" and self.chunking:
+            size, _, last = line[5:].partition(b" ")
+            self.chunk_left, self.chunk_last = int(size), last.upper() == b"LAST"
+            if not self.chunk_left:
+                return QUEUED if self.chunk_last else OK
+            return b""  # answered when the chunk's bytes are in (_chunk)
         if verb == b"HELO":
             return b"250 fair-sink\r\n"
         if verb == b"DATA":
@@ -155,10 +179,10 @@ class SinkProtocol(asyncio.BufferedProtocol):
         return b"502 5.5.2 Error: command not recognized\r\n"
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, chunking: bool = False) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SinkProtocol(loop), "127.0.0.1", port, backlog=1024, reuse_address=True
+        lambda: SinkProtocol(loop, chunking), "127.0.0.1", port, backlog=1024, reuse_address=True
     )
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -176,10 +200,10 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: fair_sink.py PORT")
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--chunking"]):
+        sys.exit("usage: fair_sink.py PORT [--chunking]")
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(serve(int(sys.argv[1])))
+        runner.run(serve(int(sys.argv[1]), chunking=sys.argv[2:] == ["--chunking"]))
 
 
 if __name__ == "__main__":
