@@ -45,11 +45,16 @@ def _commands(hop: NextHop) -> list[bytes]:
     return [line.split(b" ", 1)[0].rstrip(b"\r\n").upper() for line in hop.commands]
 
 
+def _send(port: int, message: bytes) -> None:
+    """One message through filterd, which must accept it."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        assert smtp.sendmail("a@example.org", ["b@example.net"], message) == {}
+
+
 def test_a_message_goes_as_one_bdat_chunk_byte_for_byte(
     daemon: Daemon, chunking_hop: NextHop
 ) -> None:
-    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
-        assert smtp.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+    _send(daemon.port, PLAIN)
     [received] = chunking_hop.wait_for(1)
     assert received.data == PLAIN
     assert received.recipients == ["b@example.net"]
@@ -62,9 +67,7 @@ def test_a_message_goes_as_one_bdat_chunk_byte_for_byte(
 def test_lines_with_dots_arrive_unstuffed_and_header_edits_apply(
     daemon: Daemon, chunking_hop: NextHop
 ) -> None:
-    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
-        # smtplib dot-stuffs the lines; filterd's ingress removes it; BDAT must not add it.
-        assert smtp.sendmail("a@example.org", ["b@example.net"], DOTS) == {}
+    _send(daemon.port, DOTS)  # smtplib dot-stuffs, filterd's ingress unstuffs, BDAT must not
     [received] = chunking_hop.wait_for(1)
     head, _, body = received.data.partition(b"\r\n\r\n")
     assert body == b".leading dot\r\n..two\r\n.\r\nend\r\n"
@@ -87,8 +90,7 @@ def test_the_next_hops_reply_to_the_chunk_is_passed_on(
     assert chunking_hop.messages == []
     # The refused transaction is reset before the connection serves the next message.
     chunking_hop.behaviour.final_reply = None
-    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
-        assert smtp.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+    _send(daemon.port, PLAIN)
     assert len(chunking_hop.wait_for(1)) == 1
     assert b"RSET" in _commands(chunking_hop)
 
@@ -111,8 +113,7 @@ def test_the_pooled_connection_carries_the_next_message(
     daemon: Daemon, chunking_hop: NextHop
 ) -> None:
     for _ in range(3):
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
-            assert smtp.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+        _send(daemon.port, PLAIN)
     assert len(chunking_hop.wait_for(3)) == 3
     assert chunking_hop.connections == 1
     assert _commands(chunking_hop).count(b"BDAT") == 3
@@ -122,11 +123,8 @@ def test_a_spooled_message_still_goes_with_data(tmp_path: Path, chunking_hop: Ne
     """Past the spool threshold the message streams from its file with DATA."""
     big = b"Subject: big\r\n\r\n" + b"x" * 78 + b"\r\n"
     big = big[:16] + big[16:] * 2000  # ~160 KB
-    with (
-        Daemon(tmp_path, chunking_hop.port, extra={"limits": {"spool_threshold": "64K"}}) as d,
-        smtplib.SMTP("127.0.0.1", d.port, timeout=20) as smtp,
-    ):
-        assert smtp.sendmail("a@example.org", ["b@example.net"], big) == {}
+    with Daemon(tmp_path, chunking_hop.port, extra={"limits": {"spool_threshold": "64K"}}) as d:
+        _send(d.port, big)
     [received] = chunking_hop.wait_for(1)
     assert received.data == big
     assert b"DATA" in _commands(chunking_hop)
