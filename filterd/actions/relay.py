@@ -34,6 +34,13 @@ STREAM_BLOCK = 64 * 1024
 _XTEXT_SAFE = re.compile(r"[!-*,-<>-~]*")  # printable ASCII except "+" and "="
 
 
+def crlf_lines(block: bytes) -> bytes:
+    """``block`` with every line ending (CRLF, bare LF, bare CR) as CRLF."""
+    if block.count(b"\r") != block.count(b"\n") or block.count(b"\r\n") != block.count(b"\n"):
+        return _ANY_LINE_ENDING.sub(b"\r\n", block)
+    return block
+
+
 def stuff_block(block: bytes) -> bytes:
     """Wire form of a run of whole lines (it must start at a line start): CRLF line endings and
     dot-stuffing.
@@ -42,9 +49,7 @@ def stuff_block(block: bytes) -> bytes:
     sequence can reach the next hop and be read there as the end of the message (SMTP
     smuggling). (The ingress normalises already; this keeps the client safe on its own.)
     """
-    if block.count(b"\r") != block.count(b"\n") or block.count(b"\r\n") != block.count(b"\n"):
-        block = _ANY_LINE_ENDING.sub(b"\r\n", block)
-    stuffed = block.replace(b"\r\n.", b"\r\n..")
+    stuffed = crlf_lines(block).replace(b"\r\n.", b"\r\n..")
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
@@ -62,8 +67,7 @@ def encode_data(raw: bytes) -> bytes:
 def chunk_data(raw: bytes) -> bytes:
     """A whole message as one BDAT chunk (RFC 3030): CRLF line endings, a final CRLF, and no
     dot-stuffing (BDAT counts bytes instead of looking for an end marker)."""
-    if raw.count(b"\r") != raw.count(b"\n") or raw.count(b"\r\n") != raw.count(b"\n"):
-        raw = _ANY_LINE_ENDING.sub(b"\r\n", raw)
+    raw = crlf_lines(raw)
     return raw if not raw or raw.endswith(b"\r\n") else raw + b"\r\n"
 
 
