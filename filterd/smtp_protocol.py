@@ -30,6 +30,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
+from filterd.actions.relay import crlf_lines
 from filterd.logsetup import get_logger
 from filterd.model import TEMPFAIL_INTERNAL
 from filterd.smtp import FilterdHandler, IngressPolicy, SessionState, session_state
@@ -52,14 +53,12 @@ _EXTENDED_COMMAND_LIMITS = {"MAIL": _COMMAND_LIMIT + 26 + 10, "XFORWARD": 1000}
 
 
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-_ANY_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 
 
 def unstuff(block: bytes) -> bytes:
     """CRLF for every line ending, then remove the dot-stuffing (``block`` starts at a line
     ending). Clients that send bare LF stuff their dots after it too."""
-    if block.count(b"\r") != block.count(b"\n") or block.count(b"\r\n") != block.count(b"\n"):
-        block = _ANY_LINE_ENDING.sub(b"\r\n", block)
+    block = crlf_lines(block)
     return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
 
 
