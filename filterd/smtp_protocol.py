@@ -58,8 +58,8 @@ REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 def unstuff(block: bytes) -> bytes:
     """CRLF for every line ending, then remove the dot-stuffing (``block`` starts at a line
     ending). Clients that send bare LF stuff their dots after it too."""
-    block = crlf_lines(block)
-    return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
+    # (bytes.replace returns the block itself when there is nothing to replace: no scan first)
+    return crlf_lines(block).replace(b"\r\n.", b"\r\n")
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])

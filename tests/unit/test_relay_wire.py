@@ -3,13 +3,23 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filterd.actions.relay import chunk_data, encode_data
+from filterd.actions.relay import chunk_data, crlf_lines, encode_data
 
 # Lines made of the bytes that matter here: dots, both line-ending characters, and text.
 MESSAGES = st.lists(st.sampled_from([b".", b"..", b"\r", b"\n", b"\r\n", b"a", b"Subject: x"]))
+
+
+@given(MESSAGES)
+def test_line_endings_become_crlf_exactly_as_a_rewrite_would(parts: list[bytes]) -> None:
+    # crlf_lines skips the rewrite when the counts say every line ends in CRLF; that shortcut
+    # must never leave a bare CR or LF behind, nor change a clean block.
+    raw = b"".join(parts)
+    assert crlf_lines(raw) == re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
 
 
 def stored_after_data(wire: bytes) -> bytes:
