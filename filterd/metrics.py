@@ -253,8 +253,14 @@ class Metrics:
 
         # Pre-create every closed-set child so each series exports 0 from the first scrape:
         # rate() and increase() then see the first event, and "no mail" alerts have a series.
+        # The children a message touches, looked up once: labels() validates and locks on
+        # every call, and this runs for every message.
+        self._message_counters: dict[str | Action, Counter] = {}
+        self._rule_hit_counters: dict[tuple[str, RuleMode], Counter] = {}
         for action in Action:
-            self._messages.labels(action=action.value)
+            self._message_counters[action.value] = self._message_counters[action] = (
+                self._messages.labels(action=action.value)
+            )
         for reason in RelayErrorReason:
             self._relay_errors.labels(reason=reason.value)
         for refusal in RefusalReason:
@@ -280,6 +286,7 @@ class Metrics:
                 for mode in RuleMode:
                     self._rule_hits.remove(gone, mode.value)
         self._rule_names = new
+        self._rule_hit_counters.clear()  # a name may now count as itself, or as "other"
         self._rules_loaded.set(len(new))
 
     def _rule_label(self, name: str) -> str:
@@ -298,14 +305,24 @@ class Metrics:
         """Record one finished message: the action finally taken (a 451 after a failed
         delivery counts as ``tempfail``), its processing time, its size, and the enforcing
         and shadow rules that matched."""
-        label = Action(action).value  # ValueError for anything outside the closed set
-        self._messages.labels(action=label).inc()
+        counter = self._message_counters.get(action)
+        if counter is None:  # anything outside the closed set
+            raise ValueError(f"{action!r} is not an action")
+        counter.inc()
         self._processing.observe(max(0.0, duration_s))
         self._size.observe(max(0, size))
         for name in rules:
-            self._rule_hits.labels(self._rule_label(name), RuleMode.ENFORCE.value).inc()
+            self._rule_hit(name, RuleMode.ENFORCE).inc()
         for name in shadow_rules:
-            self._rule_hits.labels(self._rule_label(name), RuleMode.SHADOW.value).inc()
+            self._rule_hit(name, RuleMode.SHADOW).inc()
+
+    def _rule_hit(self, name: str, mode: RuleMode) -> Counter:
+        counter = self._rule_hit_counters.get((name, mode))
+        if counter is None:
+            counter = self._rule_hit_counters[name, mode] = self._rule_hits.labels(
+                self._rule_label(name), mode.value
+            )
+        return counter
 
     def relay_error(self, reason: str | RelayErrorReason) -> None:
         """Count one failure talking to the next hop."""

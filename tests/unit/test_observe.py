@@ -130,6 +130,11 @@ def test_hits_before_any_rule_set_go_to_other(
 ) -> None:
     metrics.message_processed("accept", 0.1, 100, ["a", "b"], [])
     assert _value(registry, "filterd_rule_hits_total", rule=OTHER_RULE, mode="enforce") == 2
+    # Once loaded, a name counts as itself (nothing of the earlier lookup sticks).
+    metrics.set_rule_names(["a"])
+    metrics.message_processed("accept", 0.1, 100, ["a"], [])
+    assert _value(registry, "filterd_rule_hits_total", rule="a", mode="enforce") == 1
+    assert _value(registry, "filterd_rule_hits_total", rule=OTHER_RULE, mode="enforce") == 2
 
 
 def test_reload_drops_series_of_rules_no_longer_loaded(
