@@ -63,15 +63,23 @@ def regex_rules(count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def proc_cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def proc_cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of ``pids``."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])  # utime and stime, in clock ticks
+        system += int(fields[12])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
+
+
+def proc_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids``."""
+    return sum(proc_cpu_split(pids))
 
 
 def proc_status_mb(pids: list[int], field: str) -> float:
@@ -147,13 +155,16 @@ class Sink:
 
 
 def start_filterd(
-    workdir: Path, relay_port: int, rules: Path, workers: int
+    workdir: Path, relay_port: int, rules: Path, workers: int, name: str = "filterd"
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """Start filterd on a free port; ``name`` keeps the config and state of daemons that run
+    at the same time apart."""
     port = free_port()
-    config = workdir / "filterd.yaml"
+    config = workdir / f"{name}.yaml"
     config.write_text(
         f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{relay_port}\nrules: {rules}\n"
-        f"state_dir: {workdir / 'state'}\nmetrics: {{listen: null}}\nlog: {{level: warning}}\n"
+        f"state_dir: {workdir / (name + '-state')}\nmetrics: {{listen: null}}\n"
+        f"log: {{level: warning}}\n"
         f"workers: {workers}\nlimits: {{max_connections: 500}}\n"
     )
     proc = subprocess.Popen([sys.executable, "-m", "filterd", "serve", "-c", str(config)], cwd=REPO)
@@ -254,56 +265,78 @@ def bench_payload(size: int) -> bytes:
     return head + b"".join(lines) + b".\r\n"
 
 
-def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
+def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace, no_rules: Path) -> None:
     """One session, one message at a time: the added latency per message over the direct path.
 
     Two measures: the mean from smtp-source (total time of 500 messages / 500), and the median
-    of per-message times from a small client of our own that alternates direct and filterd
-    message by message, so both see the same moments of a noisy machine. The target is on the
-    median; the mean also carries every stall of the shared machine. The same client also
-    times tests/bench/minimal_proxy.py in the same alternation: the least a Python proxy adds
-    for this dialogue here, as a reference for what part of filterd's added time is its own.
+    of per-message times from a small client of our own that alternates the paths message by
+    message, so all see the same moments of a noisy machine. The target is on the median; the
+    mean also carries every stall of the shared machine. The same alternation also times
+    filterd with no rules and tests/bench/minimal_proxy.py (the least a Python proxy adds for
+    this dialogue here), and reads the CPU time each proxy spent per message: together they
+    split filterd's added time into the unavoidable part of proxying, filterd's SMTP and
+    delivery layers, and the rules.
     """
     count = 500
     direct, filtered = [], []
     payload = bench_payload(args.size)
-    per_direct: list[float] = []
-    per_filterd: list[float] = []
-    per_minimal: list[float] = []
+    times: dict[str, list[float]] = {"direct": [], "filterd": [], "bare": [], "minimal": []}
     proc, port = start_filterd(workdir, sink.port, REPO / "rules", 1)
+    bare, bare_port = start_filterd(workdir, sink.port, no_rules, 1, name="filterd-bare")
     minimal, minimal_port = start_bench_relay("minimal_proxy.py", sink.port)
+    ports = {"direct": sink.port, "minimal": minimal_port, "bare": bare_port, "filterd": port}
+    pids = {"minimal": [minimal.pid], "bare": [bare.pid], "filterd": [proc.pid]}
+    cpu: dict[str, tuple[float, float]] = {}
     try:
-        run_source(port, 50, 1, args.size)
-        run_source(minimal_port, 50, 1, args.size)
+        for warm in (port, bare_port, minimal_port):
+            run_source(warm, 50, 1, args.size)
         for _ in range(args.runs):
             direct.append(1000 / run_source(sink.port, count, 1, args.size))
             filtered.append(1000 / run_source(port, count, 1, args.size))
-            for _ in range(count):
-                per_direct.append(timed_message(sink.port, payload) * 1000)
-                per_minimal.append(timed_message(minimal_port, payload) * 1000)
-                per_filterd.append(timed_message(port, payload) * 1000)
+        before = {name: proc_cpu_split(p) for name, p in pids.items()}
+        for _ in range(args.runs * count):
+            for name, target in ports.items():
+                times[name].append(timed_message(target, payload) * 1000)
+        for name, p in pids.items():
+            after = proc_cpu_split(p)
+            cpu[name] = (after[0] - before[name][0], after[1] - before[name][1])
     finally:
         minimal.terminate()
         minimal.wait(10)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for daemon in (proc, bare):
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
     d, f = statistics.median(direct), statistics.median(filtered)
     print(
         f"\nlatency, 1 session, {args.size} B, shipped rules, median of {args.runs}: "
         f"smtp-source mean: direct {d:.2f} ms/msg, filterd {f:.2f} ms/msg, added {f - d:.2f} ms"
     )
-    md, mf = statistics.median(per_direct), statistics.median(per_filterd)
-    qd = statistics.quantiles(per_direct, n=10)
-    qf = statistics.quantiles(per_filterd, n=10)
+    md, mf = statistics.median(times["direct"]), statistics.median(times["filterd"])
+    qd = statistics.quantiles(times["direct"], n=10)
+    qf = statistics.quantiles(times["filterd"], n=10)
     print(
-        f"per message ({len(per_filterd)} each, alternating): median direct {md:.2f} ms, "
+        f"per message ({len(times['filterd'])} each, alternating): median direct {md:.2f} ms, "
         f"filterd {mf:.2f} ms, added {mf - md:.2f} ms "
         f"(p10/p90 direct {qd[0]:.2f}/{qd[-1]:.2f}, filterd {qf[0]:.2f}/{qf[-1]:.2f})"
     )
-    mm = statistics.median(per_minimal)
+    for name, label in (
+        ("bare", "filterd with no rules"),
+        ("minimal", "minimal Python proxy (tests/bench/minimal_proxy.py)"),
+    ):
+        m = statistics.median(times[name])
+        print(f"{label}, same client and alternation: median {m:.2f} ms, added {m - md:.2f} ms")
+    messages = len(times["filterd"])
     print(
-        f"minimal Python proxy, same client and alternation (tests/bench/minimal_proxy.py): "
-        f"median {mm:.2f} ms, added {mm - md:.2f} ms"
+        "CPU per message at one session, user + system: "
+        + ", ".join(
+            f"{label} {(cpu[name][0] + cpu[name][1]) * 1000 / messages:.2f} ms "
+            f"({cpu[name][0] * 1000 / messages:.2f} + {cpu[name][1] * 1000 / messages:.2f})"
+            for name, label in (
+                ("minimal", "minimal proxy"),
+                ("bare", "filterd no rules"),
+                ("filterd", "filterd shipped rules"),
+            )
+        )
     )
 
 
@@ -472,7 +505,7 @@ def main() -> None:
                 )
         print_table(runs, args)
         if "latency" in wanted:
-            measure_latency(workdir, sink, args)
+            measure_latency(workdir, sink, args, empty)
         if "large" in wanted:
             measure_large(workdir, sink, args)
     finally:
