@@ -155,28 +155,56 @@ class Sink:
 
 
 def start_filterd(
-    workdir: Path, relay_port: int, rules: Path, workers: int, name: str = "filterd"
+    workdir: Path,
+    relay_port: int,
+    rules: Path,
+    workers: int,
+    log_level: str,
+    name: str = "filterd",
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start filterd on a free port; ``name`` keeps the config and state of daemons that run
-    at the same time apart."""
+    """Start filterd on a free port; ``name`` keeps the config, state and log of daemons that
+    run at the same time apart."""
     port = free_port()
     config = workdir / f"{name}.yaml"
     config.write_text(
         f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{relay_port}\nrules: {rules}\n"
         f"state_dir: {workdir / (name + '-state')}\nmetrics: {{listen: null}}\n"
-        f"log: {{level: warning}}\n"
+        f"log: {{level: {log_level}, format: json}}\n"
         f"workers: {workers}\nlimits: {{max_connections: 500}}\n"
     )
-    proc = subprocess.Popen([sys.executable, "-m", "filterd", "serve", "-c", str(config)], cwd=REPO)
-    wait_port(port)
+    proc = start_daemon(config, workdir / f"{name}.log")
+    wait_daemon(proc, port, workdir / f"{name}.log")
     time.sleep(0.5)
     return proc, port
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``filterd serve -c config`` with its log lines going to ``log`` (as a deployment's go to
+    the journal), not to the benchmark's terminal."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "filterd", "serve", "-c", str(config)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_daemon(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Wait until the daemon listens; if it does not, stop it and show why (its log)."""
+    try:
+        wait_port(port)
+    except BaseException:
+        proc.terminate()
+        proc.wait(10)
+        sys.stderr.write(log.read_text(errors="replace")[-4000:])
+        raise
 
 
 def measure_filterd(
     name: str, workdir: Path, sink: Sink, rules: Path, args: argparse.Namespace
 ) -> Result:
-    proc, port = start_filterd(workdir, sink.port, rules, args.workers)
+    proc, port = start_filterd(workdir, sink.port, rules, args.workers, args.log_level)
     try:
         run_source(port, min(200, args.messages), args.sessions, args.size)  # warm-up
         pids = family(proc.pid)
@@ -281,8 +309,10 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace, no_rule
     direct, filtered = [], []
     payload = bench_payload(args.size)
     times: dict[str, list[float]] = {"direct": [], "filterd": [], "bare": [], "minimal": []}
-    proc, port = start_filterd(workdir, sink.port, REPO / "rules", 1)
-    bare, bare_port = start_filterd(workdir, sink.port, no_rules, 1, name="filterd-bare")
+    proc, port = start_filterd(workdir, sink.port, REPO / "rules", 1, args.log_level)
+    bare, bare_port = start_filterd(
+        workdir, sink.port, no_rules, 1, args.log_level, name="filterd-bare"
+    )
     minimal, minimal_port = start_bench_relay("minimal_proxy.py", sink.port)
     ports = {"direct": sink.port, "minimal": minimal_port, "bare": bare_port, "filterd": port}
     pids = {"minimal": [minimal.pid], "bare": [bare.pid], "filterd": [proc.pid]}
@@ -403,16 +433,14 @@ def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
         config.write_text(
             f"listen: 127.0.0.1:{port}\nrelay: 127.0.0.1:{relay_port}\nrules: {REPO / 'rules'}\n"
             f"state_dir: {workdir / f'state-large-{which}'}\nmetrics: {{listen: null}}\n"
-            f"log: {{level: warning}}\nworkers: {args.workers}\n"
+            f"log: {{level: {args.log_level}, format: json}}\nworkers: {args.workers}\n"
             f"limits: {{max_message_size: 30M, spool_threshold: 1M}}\n"
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "filterd", "serve", "-c", str(config)], cwd=REPO
-        )
+        proc = start_daemon(config, workdir / f"large-{which}.log")
         peak = [0.0]
         sampling = threading.Event()
         try:
-            wait_port(port)
+            wait_daemon(proc, port, workdir / f"large-{which}.log")
             time.sleep(1.0)
             subprocess.run(
                 [sys.executable, "-c", _SENDER, str(port), str(small), "once"], check=True
@@ -458,6 +486,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--only", help="comma-separated subset: direct,naive,empty,shipped,regex1000,latency,large"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("warning", "info"),
+        default="warning",
+        help="filterd's log level: warning (default: no line per message, as in every earlier "
+        "round) or info (the shipped config: one JSON line per message)",
     )
     parser.add_argument(
         "--large-sink",
@@ -519,7 +554,8 @@ def print_table(runs: dict[str, list[Result]], args: argparse.Namespace) -> None
     direct = statistics.median(r.rate for r in runs["direct"]) if "direct" in runs else None
     print(
         f"\n{args.messages} messages of {args.size} B, {args.sessions} sessions, new connection per message, "
-        f"median of {args.runs} runs, filterd workers={args.workers}, {os.cpu_count()} CPUs"
+        f"median of {args.runs} runs, filterd workers={args.workers}, {os.cpu_count()} CPUs, "
+        f"log level {args.log_level}"
     )
     print(f"{'path':34} {'msg/s':>9} {'vs direct':>10} {'CPU ms/msg':>11} {'peak RSS MB':>12}")
     for results in runs.values():
