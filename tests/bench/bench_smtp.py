@@ -9,13 +9,15 @@ reported:
     filterd ...   smtp-source -> filterd (0 rules / shipped rules / shipped + 1,000 regex) -> smtp-sink
 
 For filterd the CPU time (user+system) of its processes per message and their peak RSS are read
-from /proc. Then the latency run (one session, one message at a time; with a minimal Python
+from /proc. filterd logs at ``warning`` unless ``--log-level info`` asks for the shipped
+config's one line per message. Then the latency run (one session, one message at a time; with a minimal Python
 proxy, ``minimal_proxy.py``, timed beside filterd as a reference) and the large-message run
 (10 x 20 MB at once beside a client sending small messages), the latter with smtp-sink and with
 a fair asyncio next hop (``fair_sink.py``; see ``--large-sink``). Run as root or as a user
 smtp-sink may run as:
 
     python tests/bench/bench_smtp.py [--messages 5000] [--sessions 20] [--size 5000] [--runs 3]
+                                     [--log-level warning|info]
 """
 
 from __future__ import annotations
