@@ -204,6 +204,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._session: Coroutine[Any, Any, None] | None = None
         self._parked: asyncio.Future[None] | None = None
         self._quit = False
+        # While not None, replies are collected here instead of written (see smtp_EHLO).
+        self._reply_lines: list[bytes] | None = None
 
     def _init_fast(
         self,
@@ -565,11 +567,29 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # (a paused or closing transport) takes aiosmtpd's path, which waits or raises.
         if self.transport is None:
             return  # the client is gone (its delivery ran to the end): nobody to answer
+        collected = self._reply_lines
+        if collected is not None:
+            collected.append(status.encode("utf-8") if isinstance(status, str) else status)
+            return
         if not self._paused and not self.transport.is_closing():
             data = status.encode("utf-8") if isinstance(status, str) else status
             self._writer.write(data + b"\r\n")
             return
         await super().push(status)
+
+    @_help("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        # aiosmtpd pushes each line of the EHLO reply on its own: a write, a TCP segment and
+        # a wake-up of the client per line, eight here, on every session an MTA opens (Postfix
+        # and Exim always say EHLO). Its lines are pushed after its last wait (the handler's
+        # hook), so they are collected and written at once.
+        self._reply_lines = []
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            lines, self._reply_lines = self._reply_lines, None
+        if lines:
+            await self.push(b"\r\n".join(lines))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         if "\x00" in arg:

@@ -17,7 +17,7 @@ import socket
 import struct
 from collections.abc import Coroutine, Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from filterd.app import Daemon
 from filterd.config import HostPort, QuarantineConfig, default_config
@@ -40,10 +40,15 @@ def _one_message(port: int) -> None:
 
 
 def _run(
-    tmp_path: Path, nexthop: NextHop, client: Any, reports: list[dict[str, Any]] | None = None
+    tmp_path: Path,
+    nexthop: NextHop,
+    client: Any,
+    reports: list[dict[str, Any]] | None = None,
+    protocol: type[FilterdSMTP] = FilterdSMTP,
 ) -> tuple[Any, list[str]]:
-    """Serve one client in-process; returns its result and the names of the coroutines of
-    every task created meanwhile. What the event loop reports as errors goes to ``reports``."""
+    """Serve one client in-process with ``protocol``; returns its result and the names of the
+    coroutines of every task created meanwhile. What the event loop reports as errors goes to
+    ``reports``."""
     config = dataclasses.replace(
         default_config(),
         relay=HostPort("127.0.0.1", nexthop.port),
@@ -64,9 +69,7 @@ def _run(
         daemon = Daemon(config, None, {})
         loop = asyncio.get_running_loop()
         policy = daemon.handler.policy
-        server = await loop.create_server(
-            lambda: FilterdSMTP(daemon.handler, policy), "127.0.0.1", 0
-        )
+        server = await loop.create_server(lambda: protocol(daemon.handler, policy), "127.0.0.1", 0)
         port: int = server.sockets[0].getsockname()[1]
         loop.set_task_factory(counting_factory)
         if reports is not None:
@@ -134,3 +137,39 @@ def test_a_reset_while_waiting_for_a_command_ends_the_session_quietly(
     code, _ = _run(tmp_path, nexthop, _reset_after_ehlo, reports)
     assert code == 250
     assert reports == []
+
+
+class _WriteRecordingSMTP(FilterdSMTP):  # type: ignore[misc]
+    """The real protocol, with every write it makes to its client recorded."""
+
+    writes: ClassVar[list[bytes]] = []
+
+    def _cb_client_connected(self, reader: Any, writer: Any) -> None:
+        super()._cb_client_connected(reader, writer)
+        write = writer.write
+
+        def recording_write(data: bytes) -> None:
+            _WriteRecordingSMTP.writes.append(bytes(data))
+            write(data)
+
+        writer.write = recording_write
+
+
+def _ehlo_then_quit(port: int) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        return smtp.ehlo("client.example")
+
+
+def test_the_ehlo_reply_is_written_at_once(tmp_path: Path, nexthop: NextHop) -> None:
+    """Each write is a TCP segment that wakes the client: aiosmtpd wrote the EHLO reply a line
+    at a time (eight writes), and an MTA says EHLO on every connection."""
+    _WriteRecordingSMTP.writes = []
+    (code, text), _ = _run(tmp_path, nexthop, _ehlo_then_quit, protocol=_WriteRecordingSMTP)
+    assert code == 250
+    assert b"PIPELINING" in text
+    assert b"XFORWARD" in text
+    replies = [w for w in _WriteRecordingSMTP.writes if w.startswith(b"250")]
+    ehlo = replies[0]
+    assert ehlo.startswith(b"250-"), replies
+    assert ehlo.endswith(b"250 HELP\r\n"), replies
+    assert ehlo.count(b"\r\n") == len(text.splitlines())  # every line of the reply
