@@ -52,6 +52,11 @@ _COMMAND_LIMIT = 512
 _EXTENDED_COMMAND_LIMITS = {"MAIL": _COMMAND_LIMIT + 26 + 10, "XFORWARD": 1000}
 
 
+# The commands whose replies RFC 2920 (3.2) lets a server hold while more commands of the same
+# group are already in: a pipelining client (Postfix) sends XFORWARD, MAIL, RCPT and DATA in one
+# write and reads the replies together.
+_GROUPABLE_REPLIES = frozenset({"XFORWARD", "MAIL", "RCPT", "RSET"})
+
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 
 
@@ -204,8 +209,10 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._session: Coroutine[Any, Any, None] | None = None
         self._parked: asyncio.Future[None] | None = None
         self._quit = False
-        # While not None, replies are collected here instead of written (see smtp_EHLO).
-        self._reply_lines: list[bytes] | None = None
+        # Replies not written yet, and when they wait (see push).
+        self._pending: list[bytes] = []
+        self._assembling = False
+        self._groupable = False
 
     def _init_fast(
         self,
@@ -363,6 +370,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # secrets masked, as aiosmtpd does); decided once per session, not per line.
         trace = _MAIL_LOG.isEnabledFor(logging.DEBUG)
         while self.transport is not None and not self._quit:
+            self._groupable = False
+            if self._pending and not self._command_waiting():
+                await self._flush()  # held for a command that is not there after all
             try:
                 try:
                     line: bytes = await reader.readuntil()
@@ -421,6 +431,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                     await self.push(f'500 Error: command "{command}" not recognized')
                     continue
                 self._reset_timeout()
+                self._groupable = command in _GROUPABLE_REPLIES
                 await method(arg)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
@@ -562,34 +573,53 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._timeout_cb()
 
     async def push(self, status: str | bytes) -> None:
+        """Answer the client. The reply waits in ``_pending`` while the EHLO reply is being
+        assembled, and after a reply RFC 2920 lets a server group (MAIL, RCPT, RSET) while
+        the client's next command is already here; it goes out with the next reply written.
+        Each write is a TCP segment that wakes the client, so a pipelined MAIL, RCPT, DATA
+        costs one write, not three."""
+        if self.transport is None:
+            return  # the client is gone (its delivery ran to the end): nobody to answer
+        self._pending.append(status.encode("utf-8") if isinstance(status, str) else status)
+        if self._assembling or (self._groupable and self._command_waiting()):
+            return
+        await self._flush()
+
+    def _command_waiting(self) -> bool:
+        reader = self._reader
+        return reader is not None and b"\n" in reader._buffer
+
+    async def _flush(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"\r\n".join(pending)
+        pending.clear()
+        if self.transport is None:
+            return
         # aiosmtpd's push formats a debug log line and awaits drain() for every reply; while
         # the transport is open and not paused neither is needed: just write. Anything else
         # (a paused or closing transport) takes aiosmtpd's path, which waits or raises.
-        if self.transport is None:
-            return  # the client is gone (its delivery ran to the end): nobody to answer
-        collected = self._reply_lines
-        if collected is not None:
-            collected.append(status.encode("utf-8") if isinstance(status, str) else status)
-            return
         if not self._paused and not self.transport.is_closing():
-            data = status.encode("utf-8") if isinstance(status, str) else status
             self._writer.write(data + b"\r\n")
             return
-        await super().push(status)
+        await super().push(data)
 
     @_help("EHLO hostname")
     async def smtp_EHLO(self, hostname: str | None) -> None:
         # aiosmtpd pushes each line of the EHLO reply on its own: a write, a TCP segment and
         # a wake-up of the client per line, eight here, on every session an MTA opens (Postfix
         # and Exim always say EHLO). Its lines are pushed after its last wait (the handler's
-        # hook), so they are collected and written at once.
-        self._reply_lines = []
+        # hook), so they are held and written at once.
+        self._assembling = True
         try:
             await super().smtp_EHLO(hostname)
+        except BaseException:
+            self._pending.clear()  # never half an EHLO reply
+            raise
         finally:
-            lines, self._reply_lines = self._reply_lines, None
-        if lines:
-            await self.push(b"\r\n".join(lines))
+            self._assembling = False
+        await self._flush()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         if "\x00" in arg:

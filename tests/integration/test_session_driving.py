@@ -173,3 +173,62 @@ def test_the_ehlo_reply_is_written_at_once(tmp_path: Path, nexthop: NextHop) -> 
     assert ehlo.startswith(b"250-"), replies
     assert ehlo.endswith(b"250 HELP\r\n"), replies
     assert ehlo.count(b"\r\n") == len(text.splitlines())  # every line of the reply
+
+
+def _pipelined_transaction(port: int) -> list[bytes]:
+    """As Postfix sends a message to a filter that offers PIPELINING: XFORWARD, MAIL, RCPT and
+    DATA in one write, then the message once all four replies are in."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    reader.readline()  # the greeting
+    sock.sendall(b"EHLO client.example\r\n")
+    while reader.readline()[3:4] == b"-":
+        pass
+    sock.sendall(
+        b"XFORWARD NAME=mx.example.org ADDR=192.0.2.1\r\nMAIL FROM:<a@example.org>\r\n"
+        b"RCPT TO:<b@example.net>\r\nDATA\r\n"
+    )
+    replies = [reader.readline() for _ in range(4)]
+    sock.sendall(MESSAGE + b".\r\nQUIT\r\n")
+    replies += [reader.readline(), reader.readline()]
+    reader.close()
+    sock.close()
+    return replies
+
+
+def test_replies_to_a_pipelined_group_are_written_together(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
+    _WriteRecordingSMTP.writes = []
+    replies, _ = _run(tmp_path, nexthop, _pipelined_transaction, protocol=_WriteRecordingSMTP)
+    assert [reply[:3] for reply in replies] == [b"250", b"250", b"250", b"354", b"250", b"221"]
+    assert len(nexthop.messages) == 1
+    # XFORWARD, MAIL and RCPT wait for the 354 and go with it (RFC 2920, 3.2).
+    grouped = [
+        w
+        for w in _WriteRecordingSMTP.writes
+        if w.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    ]
+    assert len(grouped) == 1, _WriteRecordingSMTP.writes
+    assert grouped[0].count(b"\r\n") == 4
+
+
+def _mail_then_half_a_command(port: int) -> list[bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    reader.readline()  # the greeting
+    sock.sendall(b"HELO client.example\r\n")
+    reader.readline()
+    # The reply to MAIL must not wait for a command that is not complete yet.
+    sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@exa")
+    replies = [reader.readline()]
+    sock.sendall(b"mple.net>\r\nQUIT\r\n")
+    replies += [reader.readline(), reader.readline()]
+    reader.close()
+    sock.close()
+    return replies
+
+
+def test_a_reply_waits_only_for_a_whole_command(tmp_path: Path, nexthop: NextHop) -> None:
+    replies, _ = _run(tmp_path, nexthop, _mail_then_half_a_command)
+    assert [reply[:3] for reply in replies] == [b"250", b"250", b"221"]
