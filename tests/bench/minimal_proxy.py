@@ -86,6 +86,7 @@ class Proxy(asyncio.Protocol):
         self.mail = b""
         self.hop: NextHop | None = None
         self.step: asyncio.Task[None] | None = None
+        self.out: list[bytes] = []  # replies not written yet (see serve)
         self.transport.write(b"220 minimal ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:
@@ -93,6 +94,15 @@ class Proxy(asyncio.Protocol):
         self.serve()
 
     def serve(self) -> None:
+        """Answer what is buffered. The replies to a pipelined group go out in one write, as
+        filterd writes them (RFC 2920, 3.2): while a command waits for the next hop, the
+        replies before it wait for its own."""
+        self._serve()
+        if self.out and not self.busy and not self.transport.is_closing():
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
+
+    def _serve(self) -> None:
         while not self.busy:
             if self.in_data:
                 end = self.buffer.find(b"\r\n.\r\n")
@@ -109,27 +119,28 @@ class Proxy(asyncio.Protocol):
             verb = line[:4].upper()
             if verb == b"MAIL":
                 self.mail = line + b"\n"
-                self.transport.write(b"250 2.1.0 Ok\r\n")
+                self.out.append(b"250 2.1.0 Ok\r\n")
             elif verb == b"RCPT":
                 self.run(self.recipient(line + b"\n"))
                 return
             elif verb == b"DATA":
                 self.in_data = True
                 self.buffer = b"\r\n" + self.buffer  # so the end marker is found at once too
-                self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                self.out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
             elif verb == b"QUIT":
-                self.transport.write(b"221 2.0.0 Bye\r\n")
+                self.transport.write(b"".join([*self.out, b"221 2.0.0 Bye\r\n"]))
+                self.out.clear()
                 self.transport.close()
                 return
             else:  # HELO, EHLO, NOOP, RSET: nothing to check
-                self.transport.write(b"250 minimal\r\n")
+                self.out.append(b"250 minimal\r\n")
 
     def run(self, step: Coroutine[Any, Any, None]) -> None:
         self.busy = True  # the commands after this one wait until it has its reply
         self.step = asyncio.ensure_future(step)
 
     def resume(self, reply: bytes) -> None:
-        self.transport.write(reply + b"\n")
+        self.out.append(reply + b"\n")
         self.busy = False
         self.serve()
 
