@@ -341,11 +341,11 @@ def _text_url_matches(text: str) -> list[re.Match[str]]:
     # Each possible start costs some Python; where they are dense (hostile or link-list text)
     # the plain scan is cheaper, and the budget keeps the cost at most a fraction above it.
     budget = len(text) // 64 + 16
-    if text.count("://") > budget:
+    mark = text.find("://")
+    if mark >= 0 and text.count("://", mark) > budget:
         return list(_TEXT_URL_RE.finditer(text))
     starts: list[int] = []
     at_start = _URL_START_RE.match
-    mark = text.find("://")
     while mark >= 0:
         # https:// http:// ftp:// end in this "://" ("www." starts are found below).
         starts.extend(
