@@ -520,9 +520,9 @@ def interpreter_label() -> str:
     """Which Python runs filterd and the Python proxies (this one): the build matters.
 
     An interpreter built without profile-guided optimisation and with a shared libpython (the
-    default of a source build such as pyenv's) spends some 15% more CPU per message than
-    Debian's own python3.11 (PGO and LTO, statically linked), which is what a Debian 12 server
-    runs. Run the benchmark from a venv of the interpreter you deploy with.
+    default of a source build such as pyenv's) made filterd spend 14-28% more CPU per message
+    here than Debian's own python3.11 (PGO and LTO, statically linked), which is what a Debian
+    12 server runs. Run the benchmark from a venv of the interpreter you deploy with.
     """
     uvloop = "uvloop" if importlib.util.find_spec("uvloop") else "no uvloop (asyncio's loop)"
     return (
