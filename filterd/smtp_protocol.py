@@ -573,11 +573,11 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._timeout_cb()
 
     async def push(self, status: str | bytes) -> None:
-        """Answer the client. The reply waits in ``_pending`` while the EHLO reply is being
-        assembled, and after a reply RFC 2920 lets a server group (MAIL, RCPT, RSET) while
-        the client's next command is already here; it goes out with the next reply written.
-        Each write is a TCP segment that wakes the client, so a pipelined MAIL, RCPT, DATA
-        costs one write, not three."""
+        """Answer the client, or hold the reply in ``_pending`` to go out with the next one:
+        while the EHLO reply is being assembled, and after a command whose reply RFC 2920 lets
+        a server group (_GROUPABLE_REPLIES) while the client's next command is already
+        buffered. Each write is a TCP segment that wakes the client, so Postfix's pipelined
+        XFORWARD, XFORWARD, MAIL, RCPT, DATA cost one write, not five."""
         if self.transport is None:
             return  # the client is gone (its delivery ran to the end): nobody to answer
         self._pending.append(status.encode("utf-8") if isinstance(status, str) else status)
@@ -612,10 +612,11 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # and Exim always say EHLO). Its lines are pushed after its last wait (the handler's
         # hook), so they are held and written at once.
         self._assembling = True
+        held = len(self._pending)  # replies to earlier commands of a pipelined group
         try:
             await super().smtp_EHLO(hostname)
         except BaseException:
-            self._pending.clear()  # never half an EHLO reply
+            del self._pending[held:]  # never half an EHLO reply
             raise
         finally:
             self._assembling = False

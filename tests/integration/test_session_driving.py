@@ -232,3 +232,33 @@ def _mail_then_half_a_command(port: int) -> list[bytes]:
 def test_a_reply_waits_only_for_a_whole_command(tmp_path: Path, nexthop: NextHop) -> None:
     replies, _ = _run(tmp_path, nexthop, _mail_then_half_a_command)
     assert [reply[:3] for reply in replies] == [b"250", b"250", b"221"]
+
+
+class _FailingEhloSMTP(FilterdSMTP):  # type: ignore[misc]
+    """The real protocol, with an EHLO whose handler hook fails."""
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "EHLO":
+            raise RuntimeError("EHLO hook failed")
+        return await super()._call_handler_hook(command, *args)
+
+
+def _mail_then_ehlo_in_one_write(port: int) -> list[bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    reader.readline()  # the greeting
+    sock.sendall(b"HELO client.example\r\n")
+    reader.readline()
+    sock.sendall(b"MAIL FROM:<a@example.org>\r\nEHLO client.example\r\n")
+    replies = [reader.readline(), reader.readline()]
+    sock.sendall(b"QUIT\r\n")
+    replies.append(reader.readline())
+    reader.close()
+    sock.close()
+    return replies
+
+
+def test_a_failed_ehlo_keeps_the_replies_held_before_it(tmp_path: Path, nexthop: NextHop) -> None:
+    """MAIL's reply waits for the EHLO after it; EHLO failing drops its own lines, not that."""
+    replies, _ = _run(tmp_path, nexthop, _mail_then_ehlo_in_one_write, protocol=_FailingEhloSMTP)
+    assert [reply[:3] for reply in replies] == [b"250", b"451", b"221"]
