@@ -1,6 +1,7 @@
 """The benchmark's reference proxy (tests/bench/minimal_proxy.py) must not hang the benchmark:
 a reply that arrives before the command waiting for it is kept, and a next hop that goes away
-fails the waiting command instead of leaving it waiting for ever."""
+fails the waiting command instead of leaving it waiting for ever. Both dialogues of the latency
+run get through it, its replies to a pipelined group in one write."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 
 import pytest
 
-from tests.bench.minimal_proxy import NextHop
+from tests.bench.bench_smtp import LOCK_STEP, PIPELINED, bench_payload, timed_message
+from tests.bench.minimal_proxy import NextHop, Proxy
+from tests.support.nexthop import NextHop as SinkNextHop
 
 
 def test_a_reply_that_comes_before_its_command_is_kept() -> None:
@@ -43,3 +46,51 @@ def test_a_lost_next_hop_fails_the_waiting_command() -> None:
 
     with pytest.raises(ConnectionError):
         asyncio.run(run())
+
+
+def test_both_latency_dialogues_get_through_the_minimal_proxy(nexthop: SinkNextHop) -> None:
+    writes: list[bytes] = []
+
+    class RecordingProxy(Proxy):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            write = self.transport.write
+
+            def recording_write(data: bytes) -> None:
+                writes.append(bytes(data))
+                write(data)
+
+            self.transport = _WriteThrough(self.transport, recording_write)
+
+    async def main() -> None:
+        Proxy.next_hop_port = nexthop.port
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(RecordingProxy, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for dialogue in (LOCK_STEP, PIPELINED):
+                seconds = await loop.run_in_executor(
+                    None, timed_message, port, bench_payload(2000), dialogue
+                )
+                assert seconds > 0
+        finally:
+            server.close()
+            for hop in Proxy.idle:
+                hop.transport.close()
+            Proxy.idle.clear()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert len(nexthop.wait_for(2)) == 2
+    # The pipelined group's four 250s and the 354 went out together.
+    assert any(w.count(b"\r\n") == 5 and w.endswith(b"<CR><LF>.<CR><LF>\r\n") for w in writes)
+
+
+class _WriteThrough:
+    """A transport whose write is replaced; everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, write: object) -> None:
+        self._transport = transport
+        self.write = write
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
