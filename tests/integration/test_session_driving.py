@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import smtplib
 import socket
@@ -213,24 +214,34 @@ def test_replies_to_a_pipelined_group_are_written_together(
     assert grouped[0].count(b"\r\n") == 4
 
 
-def _mail_then_half_a_command(port: int) -> list[bytes]:
+def _two_writes_after_helo(
+    first: bytes, replies_to_first: int, then: bytes, replies_to_then: int, port: int
+) -> list[bytes]:
+    """HELO, then ``first`` in one write and its replies, then ``then`` and its replies."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     reader = sock.makefile("rb")
     reader.readline()  # the greeting
     sock.sendall(b"HELO client.example\r\n")
     reader.readline()
-    # The reply to MAIL must not wait for a command that is not complete yet.
-    sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@exa")
-    replies = [reader.readline()]
-    sock.sendall(b"mple.net>\r\nQUIT\r\n")
-    replies += [reader.readline(), reader.readline()]
+    replies: list[bytes] = []
+    for data, count in ((first, replies_to_first), (then, replies_to_then)):
+        sock.sendall(data)
+        replies += [reader.readline() for _ in range(count)]
     reader.close()
     sock.close()
     return replies
 
 
 def test_a_reply_waits_only_for_a_whole_command(tmp_path: Path, nexthop: NextHop) -> None:
-    replies, _ = _run(tmp_path, nexthop, _mail_then_half_a_command)
+    # The reply to MAIL must not wait for a command that is not complete yet.
+    client = functools.partial(
+        _two_writes_after_helo,
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@exa",
+        1,
+        b"mple.net>\r\nQUIT\r\n",
+        2,
+    )
+    replies, _ = _run(tmp_path, nexthop, client)
     assert [reply[:3] for reply in replies] == [b"250", b"250", b"221"]
 
 
@@ -243,22 +254,14 @@ class _FailingEhloSMTP(FilterdSMTP):  # type: ignore[misc]
         return await super()._call_handler_hook(command, *args)
 
 
-def _mail_then_ehlo_in_one_write(port: int) -> list[bytes]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    reader = sock.makefile("rb")
-    reader.readline()  # the greeting
-    sock.sendall(b"HELO client.example\r\n")
-    reader.readline()
-    sock.sendall(b"MAIL FROM:<a@example.org>\r\nEHLO client.example\r\n")
-    replies = [reader.readline(), reader.readline()]
-    sock.sendall(b"QUIT\r\n")
-    replies.append(reader.readline())
-    reader.close()
-    sock.close()
-    return replies
-
-
 def test_a_failed_ehlo_keeps_the_replies_held_before_it(tmp_path: Path, nexthop: NextHop) -> None:
     """MAIL's reply waits for the EHLO after it; EHLO failing drops its own lines, not that."""
-    replies, _ = _run(tmp_path, nexthop, _mail_then_ehlo_in_one_write, protocol=_FailingEhloSMTP)
+    client = functools.partial(
+        _two_writes_after_helo,
+        b"MAIL FROM:<a@example.org>\r\nEHLO client.example\r\n",
+        2,
+        b"QUIT\r\n",
+        1,
+    )
+    replies, _ = _run(tmp_path, nexthop, client, protocol=_FailingEhloSMTP)
     assert [reply[:3] for reply in replies] == [b"250", b"451", b"221"]
