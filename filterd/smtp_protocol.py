@@ -593,7 +593,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         pending = self._pending
         if not pending:
             return
-        data = pending[0] if len(pending) == 1 else b"\r\n".join(pending)
+        data = b"\r\n".join(pending)  # one reply: the reply itself, not a copy
         pending.clear()
         if self.transport is None:
             return

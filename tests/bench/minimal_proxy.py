@@ -98,9 +98,13 @@ class Proxy(asyncio.Protocol):
         filterd writes them (RFC 2920, 3.2): while a command waits for the next hop, the
         replies before it wait for its own."""
         self._serve()
-        if self.out and not self.busy and not self.transport.is_closing():
+        if not self.busy:
+            self._write_out()
+
+    def _write_out(self) -> None:
+        if self.out and not self.transport.is_closing():
             self.transport.write(b"".join(self.out))
-            self.out.clear()
+        self.out.clear()
 
     def _serve(self) -> None:
         while not self.busy:
@@ -128,8 +132,8 @@ class Proxy(asyncio.Protocol):
                 self.buffer = b"\r\n" + self.buffer  # so the end marker is found at once too
                 self.out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
             elif verb == b"QUIT":
-                self.transport.write(b"".join([*self.out, b"221 2.0.0 Bye\r\n"]))
-                self.out.clear()
+                self.out.append(b"221 2.0.0 Bye\r\n")
+                self._write_out()
                 self.transport.close()
                 return
             else:  # HELO, EHLO, NOOP, RSET: nothing to check
