@@ -16,8 +16,8 @@ MESSAGES = st.lists(st.sampled_from([b".", b"..", b"\r", b"\n", b"\r\n", b"a", b
 
 @given(MESSAGES)
 def test_line_endings_become_crlf_exactly_as_a_rewrite_would(parts: list[bytes]) -> None:
-    # crlf_lines skips the rewrite when the counts say every line ends in CRLF; that shortcut
-    # must never leave a bare CR or LF behind, nor change a clean block.
+    # crlf_lines skips the rewrite when it finds nothing but CRLFs; that shortcut must never
+    # leave a bare CR or LF behind, nor change a clean block.
     raw = b"".join(parts)
     assert crlf_lines(raw) == re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
 
