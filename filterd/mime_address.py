@@ -14,7 +14,7 @@ import re
 from filterd.mime_headers import decode_words
 
 _SPECIAL_RE = re.compile(r'[",:;<()\\]')
-_QUOTED_RE = re.compile(r'(?:[^"\\]++|\\.?)*+"?', re.S)
+_QUOTED_RE = re.compile(r'(?>(?:(?>[^"\\]+)|\\.?)*)"?', re.S)
 _COMMENT_STEP_RE = re.compile(r"[()\\]")
 _SPACES_RE = re.compile(r"\s+")
 _ESCAPE_RE = re.compile(r"\\(.)", re.S)

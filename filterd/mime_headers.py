@@ -1,8 +1,9 @@
 """Header-level MIME parsing: the header section of an entity, unfolding, RFC 2047 encoded
 words, Content-* parameters (RFC 2045 / RFC 2231) and charset decoding.
 
-Everything here is hand-written over ``bytes`` and ``str`` with possessive regexes, so the work
-is linear in the input and never raises on hostile bytes. ``email.header`` is not used: it
+Everything here is hand-written over ``bytes`` and ``str`` with atomic groups in the regexes
+(``(?>...)``: once matched, never backtracked into), so the work is linear in the input and
+never raises on hostile bytes. ``email.header`` is not used: it
 raises on bad base64 or unknown charsets for the whole header, where we want to decode every
 encoded word on its own and fall back per word.
 """
@@ -18,24 +19,33 @@ from urllib.parse import unquote_to_bytes
 # The header section: an optional mbox "From " line, stray continuation lines, then fields
 # ("name:" followed by continuation lines). It stops at the first line that is neither, which is
 # the blank separator line or, in a message without one, the first body line (as Python's
-# feedparser does). Possessive quantifiers keep the match linear.
+# feedparser does). Atomic groups keep the match linear.
+#
+# Atomic groups, not the possessive quantifiers (``x*+``) they stand for: Python before 3.11.5
+# matches possessive quantifiers wrongly (CPython gh-100061, gh-106052), and Debian 12's
+# python3 is 3.11.2. tests/unit/test_regex_portability.py keeps them out of filterd.
 _SECTION_RE = re.compile(
-    rb"(?:From [^\n]*+(?:\n|\Z))?"
-    rb"(?:[ \t][^\n]*+(?:\n|\Z))*+"
-    rb"(?:[\x21-\x39\x3b-\x7e]++[ \t]*+:[^\n]*+(?:\n|\Z)(?:[ \t][^\n]*+(?:\n|\Z))*+)*+"
+    rb"(?:From (?>[^\n]*)(?:\n|\Z))?"
+    rb"(?>(?:[ \t](?>[^\n]*)(?:\n|\Z))*)"
+    rb"(?>(?:"
+    rb"(?>[\x21-\x39\x3b-\x7e]+)(?>[ \t]*):(?>[^\n]*)(?:\n|\Z)"
+    rb"(?>(?:[ \t](?>[^\n]*)(?:\n|\Z))*)"
+    rb")*)"
 )
-_FIELD_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]++)[ \t]*+:([^\n]*+(?:\n[ \t][^\n]*+)*+)", re.M)
-_BLANK_RE = re.compile(rb"\r*+\n")
+_FIELD_RE = re.compile(
+    rb"^((?>[\x21-\x39\x3b-\x7e]+))(?>[ \t]*):((?>[^\n]*)(?>(?:\n[ \t](?>[^\n]*))*))", re.M
+)
+_BLANK_RE = re.compile(rb"(?>\r*)\n")
 _FOLD_RE = re.compile(rb"\r*\n(?=[ \t])")
 
 # One RFC 2047 encoded word. The text part stops at the next '?' so a run of unterminated
 # "=?" openers costs linear time; spaces inside Q text are tolerated (broken encoders emit them).
-_EW_RE = re.compile(r"=\?([^?\s]*+)\?([bBqQ])\?([^?]*+)\?=")
-_SPACE_ONLY_RE = re.compile(r"[ \t\r\n]*+")
+_EW_RE = re.compile(r"=\?((?>[^?\s]*))\?([bBqQ])\?((?>[^?]*))\?=")
+_SPACE_ONLY_RE = re.compile(r"(?>[ \t\r\n]*)")
 
 # Parameter lists: quoted strings (with backslash escapes, possibly unterminated), runs of
 # other characters, and the ';' separators.
-_PARAM_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*+"?|[^;"]++|;')
+_PARAM_TOKEN_RE = re.compile(r'"(?>(?:[^"\\]|\\.)*)"?|(?>[^;"]+)|;')
 # No cap on the number of parameters or sections beyond the three digits RFC 2231 needs: a
 # cap would let junk parameters push "boundary" or a filename's last section out of sight.
 _SECTION_KEY_RE = re.compile(r"([^*]+)\*(\d{1,3})(\*?)\Z")

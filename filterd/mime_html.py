@@ -1,7 +1,7 @@
 """HTML to visible text, links with their visible text, bare URLs in text, and URL hosts.
 
 The HTML scanner is hand-written rather than ``html.parser``: one C-level split rewrites plain
-tags, then a single forward pass of regex searches with possessive quantifiers handles links,
+tags, then a single forward pass of regex searches with atomic groups handles links,
 hidden blocks and comments, so hostile markup (unterminated comments, quotes or tags) costs
 linear time, and only the few tags that carry links have their attributes read. Script, style
 and similar invisible blocks are dropped; block elements become line breaks; character
@@ -25,12 +25,17 @@ from urllib.parse import unquote
 # One token at a '<': a tag (closing slash, name, attributes up to an optional '>'; quotes only
 # matter after '=', as in the HTML tokenizer), a comment opener, or another markup declaration.
 _TOKEN_RE = re.compile(
-    r"""<(?:(/?)([a-zA-Z][^\s/>]*+)((?:[^>"'=]++|=\s*+"[^"]*+"?|=\s*+'[^']*+'?|=|["'])*+)(>?)"""
+    r"""<(?:(/?)([a-zA-Z](?>[^\s/>]*))((?>(?:(?>[^>"'=]+)|=(?>\s*)"(?>[^"]*)"?|=(?>\s*)'(?>[^']*)'?|=|["'])*))(>?)"""
     r"""|(!--)|[!?])"""
 )
 # What ``_attribute(attrs, "href")`` reads when href, quoted, is the first attribute.
-_SIMPLE_HREF_RE = re.compile(r"""[\s/]*+[hH][rR][eE][fF]\s*+=\s*+(?:"([^"]*+)"|'([^']*+)')""")
-_ATTR_RE = re.compile(r"""([^\s"'>/=]++)(?:\s*+=\s*+(?:"([^"]*+)"?|'([^']*+)'?|([^\s>]*+)))?""")
+_SIMPLE_HREF_RE = re.compile(
+    r"""(?>[\s/]*)[hH][rR][eE][fF](?>\s*)=(?>\s*)(?:"((?>[^"]*))"|'((?>[^']*))')"""
+)
+_ATTR_RE = re.compile(
+    r"""((?>[^\s"'>/=]+))"""
+    r"""(?:(?>\s*)=(?>\s*)(?:"((?>[^"]*))"?|'((?>[^']*))'?|((?>[^\s>]*))))?"""
+)
 _BREAK = "\ue000"  # a private-use character marking a line break while text is assembled
 _EDGE = "\ue001"  # marks where a link starts or ends: no bare URL is read across it
 
@@ -60,8 +65,8 @@ _TAG_KINDS.update(dict.fromkeys(("a", "area", "img", "iframe"), _LINK))
 _LOOP_TAGS = ("a", "area", "form", "iframe", "img", "script", "style", "template", "title", "xml")
 _LOOP_NAME = "|".join("".join(f"[{c}{c.upper()}]" for c in name) for name in _LOOP_TAGS)
 _PLAIN_TAG_RE = re.compile(
-    rf"""</?(?!(?:{_LOOP_NAME})(?![^\s/<>]))([a-zA-Z][^\s/<>]*+)"""
-    r"""(?:[^<>"']++|"[^"<]*+"|'[^'<]*+')*+>"""
+    rf"""</?(?!(?:{_LOOP_NAME})(?![^\s/<>]))([a-zA-Z](?>[^\s/<>]*))"""
+    r"""(?>(?:(?>[^<>"']+)|"(?>[^"<]*)"|'(?>[^'<]*)')*)>"""
 )
 # What a plain tag becomes; not listed: removed.
 _PLAIN_REPLACEMENT = {
@@ -82,7 +87,7 @@ _INVISIBLE = ("\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff")
 # run at every position of the text.
 _URL_PREFIX = r"(?:[hH][tT][tT][pP][sS]?://|[fF][tT][pP]://|[wW][wW][wW]\.)"
 _URL_CHAR = r"[^\s<>\"'`\x00-\x1f\x7f]"
-_TEXT_URL_RE = re.compile(_URL_PREFIX + _URL_CHAR + "++")
+_TEXT_URL_RE = re.compile(_URL_PREFIX + "(?>" + _URL_CHAR + "+)")
 # Where a match of _TEXT_URL_RE can start (bounded length: no scan to the end of the word).
 _URL_START_RE = re.compile(_URL_PREFIX + _URL_CHAR)
 # Trying _TEXT_URL_RE at every position costs ~45 ns a character (no literal prefix for re to
@@ -95,10 +100,10 @@ _URL_TRAIL = ".,;:!?'\")]}>*"
 # white space, userinfo, port, brackets or percent-escapes), so the general path is skipped.
 _PLAIN_URL_RE = re.compile(
     r"(?:[hH][tT][tT][pP][sS]?|[fF][tT][pP][sS]?|[wW][sS][sS]?)://"
-    r"([^/?#\\\s%@\[:]++)(?=[/?#\\]|\Z)"
+    r"((?>[^/?#\\\s%@\[:]+))(?=[/?#\\]|\Z)"
 )
-_SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+:")
-_AUTHORITY_RE = re.compile(r"[^/?#\\]*+")
+_SCHEME_RE = re.compile(r"[a-zA-Z](?>[a-zA-Z0-9+.-]*):")
+_AUTHORITY_RE = re.compile(r"(?>[^/?#\\]*)")
 _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 _HOST_SCHEMES = frozenset({"http", "https", "ftp", "ftps", "ws", "wss"})
 
