@@ -1,7 +1,8 @@
 """The SMTP ingress, session side: aiosmtpd's handler hooks and the state of each session.
 
-It owns admission (networks ACL, connection limits), EHLO extensions, XFORWARD, the lock-step
-RCPT forwarding to the next hop (MAIL goes with the first RCPT), and the rule that every
+It owns admission (networks ACL, connection limits), EHLO extensions, XFORWARD, forwarding RCPT
+to the next hop in step with the client (MAIL goes with the first RCPT, a pipelined group of
+RCPTs goes together: ``settle_recipients``), and the rule that every
 unexpected failure answers ``451 4.3.0`` (aiosmtpd's default would be a 500). The wire side
 (the protocol: command loop, DATA reader) is ``smtp_protocol.py``; what happens to a received
 message is delegated to a ``MessageSink``.
@@ -85,6 +86,17 @@ class SessionState:
     relay_failed: bool = False
     # A delivery owns the transaction: a lost connection must not close it under it.
     delivering: bool = False
+    # Recipients RCPT accepted locally that the next hop has not been asked about yet.
+    unsent_recipients: list[str] = field(default_factory=list)
+
+
+class LaterReply(str):
+    """A reply the next hop gives later (see FilterdHandler.settle_recipients); the protocol
+    holds its place among the replies. Its text, should it ever be written as it is, is a
+    451: a retry, never a loss."""
+
+
+REPLY_FROM_NEXT_HOP = LaterReply(TEMPFAIL_INTERNAL.render())
 
 
 def _xtext_decode(value: str) -> str:
@@ -256,18 +268,34 @@ class FilterdHandler:
         state.recipients_tried += 1
         if state.recipients_tried > self.policy.max_recipients:
             return "452 4.5.3 Too many recipients"
+        # Every local check has passed, so the next hop may hear of this recipient: when the
+        # protocol next answers the client (settle_recipients), with the RCPTs a pipelining
+        # client sent after it in the same write.
+        state.unsent_recipients.append(address)
+        return REPLY_FROM_NEXT_HOP
+
+    async def settle_recipients(self, session: AioSession, envelope: AioEnvelope) -> list[str]:
+        """Send the recipients that RCPT accepted locally to the next hop and return the
+        replies for the client, in order: the next hop's own, per recipient."""
+        state = session_state(session)
+        recipients, state.unsent_recipients = state.unsent_recipients, []
+        if not recipients:
+            return []
+        if state.txn is None:  # the transaction ended under them: nothing was sent
+            return [TEMPFAIL_INTERNAL.render()] * len(recipients)
         try:
-            reply = await state.txn.add_recipient(address)
+            replies = await state.txn.add_recipients(recipients)
         except RelayError as exc:
             self._relay_failed("rcpt", exc, state)
             await self._end_transaction(session, broken=True)
             # Keep the client's transaction open but failed: every later RCPT and the DATA get
             # 451 too (never a 5xx that would bounce mail a retry would deliver).
             state.relay_failed = True
-            return TEMPFAIL_INTERNAL.render()
-        if reply.code in (250, 251):
-            envelope.rcpt_tos.append(address)
-        return reply.as_reply().render()
+            return [TEMPFAIL_INTERNAL.render()] * len(recipients)
+        for address, reply in zip(recipients, replies, strict=True):
+            if reply.code in (250, 251):
+                envelope.rcpt_tos.append(address)
+        return [reply.as_reply().render() for reply in replies]
 
     def _relay_failed(self, stage: str, exc: RelayError, state: SessionState) -> None:
         self.metrics.relay_error(exc.reason)
@@ -329,6 +357,7 @@ class FilterdHandler:
             return
         state.xforward.clear()
         state.recipients_tried = 0
+        state.unsent_recipients = []
         state.relay_failed = False
         if state.txn is not None:
             txn, state.txn = state.txn, None

@@ -1,13 +1,14 @@
-"""The next-hop SMTP client: pooled connections and lock-step, per-recipient transactions.
+"""The next-hop SMTP client: pooled connections and per-recipient transactions in step.
 
 A connection (connect, EHLO, STARTTLS, reading replies) is ``nexthop.py``; this module owns the
 pool, the transactions driven in step with the client, and the message's wire form.
 
 Why our own client rather than aiosmtplib: filterd forwards MAIL and each RCPT to the next hop
-*as the client sends them* so that the client sees the next hop's own per-recipient verdict, and
-it reuses connections across sessions (RSET between transactions). aiosmtplib has no pooling and
-raises only when every recipient is refused; both would have to be worked around. The protocol
-subset we need (EHLO, XFORWARD, MAIL, RCPT, DATA, RSET, QUIT) is small.
+*as the client sends them* (a pipelined group of RCPTs together) so that the client sees the
+next hop's own per-recipient verdict, and it reuses connections across sessions (RSET between
+transactions). aiosmtplib has no pooling and raises only when every recipient is refused; both
+would have to be worked around. The protocol subset we need (EHLO, XFORWARD, MAIL, RCPT, DATA,
+RSET, QUIT) is small.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def _refusal(code: int) -> str:
 
 
 class RelayTransaction:
-    """One mail transaction at the next hop, driven in lock-step with the client's commands."""
+    """One mail transaction at the next hop, driven in step with the client's commands."""
 
     def __init__(self, client: RelayClient) -> None:
         self.client = client
@@ -238,24 +239,44 @@ class RelayTransaction:
         self.mail_accepted = False
 
     async def add_recipient(self, recipient: str) -> NextHopReply:
-        """RCPT at the next hop (with XFORWARD and MAIL first if the transaction has not started
-        there yet); a refused MAIL is this recipient's reply, and the next RCPT tries again."""
-        rcpt = f"RCPT TO:<{recipient}>"
+        """RCPT for one recipient (see ``add_recipients``)."""
+        return (await self.add_recipients([recipient]))[0]
+
+    async def add_recipients(self, recipients: Sequence[str]) -> list[NextHopReply]:
+        """RCPT at the next hop for each recipient, with XFORWARD and MAIL first if the
+        transaction has not started there yet: all in one write when the next hop offers
+        PIPELINING (RFC 2920), one by one otherwise. Returns the replies in order. A refused
+        MAIL is the reply of every recipient, and the next RCPT tries MAIL again."""
+        rcpts = [f"RCPT TO:<{recipient}>" for recipient in recipients]
         if self.mail_accepted:
             assert self.conn is not None
-            reply = await self.conn.command(rcpt)
+            replies = await self._commands(self.conn, rcpts)
         else:
-            mail, reply = await self._start_with(rcpt)
+            mail, replies = await self._start_with(rcpts)
             if mail.code != 250:
-                return mail
+                return [mail] * len(rcpts)
             self.mail_accepted = True
-        if reply.code in (250, 251):
-            self.accepted.append(recipient)
-        return reply
+        self.accepted.extend(
+            recipient
+            for recipient, reply in zip(recipients, replies, strict=True)
+            if reply.code in (250, 251)
+        )
+        return replies
 
-    async def _start_with(self, rcpt: str) -> tuple[NextHopReply, NextHopReply]:
-        """XFORWARD (if announced), MAIL and ``rcpt``: pipelined in one write when the next hop
-        offers PIPELINING (RFC 2920), one by one otherwise. Returns the MAIL and RCPT replies."""
+    @staticmethod
+    async def _commands(conn: NextHopConnection, lines: Sequence[str]) -> list[NextHopReply]:
+        """Each line's reply: the lines in one write if the next hop pipelines."""
+        if len(lines) > 1 and conn.supports("PIPELINING"):
+            await conn.send(
+                "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
+            )
+            return [await conn.read_reply() for _ in lines]
+        return [await conn.command(line) for line in lines]
+
+    async def _start_with(self, rcpts: Sequence[str]) -> tuple[NextHopReply, list[NextHopReply]]:
+        """XFORWARD (if announced), MAIL and ``rcpts``: pipelined in one write when the next
+        hop offers PIPELINING (RFC 2920), one by one otherwise. Returns the MAIL reply and the
+        RCPT replies."""
         for attempt in range(2):
             pooled = False
             if self.conn is None:
@@ -268,20 +289,16 @@ class RelayTransaction:
                 lines.append(self._mail_command(self.sender, self.mail_options))
                 if conn.supports("PIPELINING"):
                     # A refused XFORWARD only loses the client information; MAIL decides. After
-                    # a refused MAIL the next hop refuses the RCPT too (no transaction).
-                    lines.append(rcpt)
-                    await conn.send(
-                        "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
-                    )
-                    replies = [await conn.read_reply() for _ in lines]
-                    return replies[-2], replies[-1]
+                    # a refused MAIL the next hop refuses the RCPTs too (no transaction).
+                    replies = await self._commands(conn, [*lines, *rcpts])
+                    return replies[len(lines) - 1], replies[len(lines) :]
                 for line in lines[:-1]:
                     if (await conn.command(line)).code != 250:
                         break
                 mail = await conn.command(lines[-1])
                 if mail.code != 250:
-                    return mail, mail
-                return mail, await conn.command(rcpt)
+                    return mail, [mail] * len(rcpts)
+                return mail, await self._commands(conn, rcpts)
             except RelayError as exc:
                 self.conn = None
                 await conn.close()
@@ -304,7 +321,7 @@ class RelayTransaction:
         if mail.code != 250:
             return [mail]
         self.mail_accepted = True
-        return [await self.add_recipient(rcpt) for rcpt in recipients]
+        return await self.add_recipients(recipients)
 
     async def send_data(self, raw: bytes) -> NextHopReply:
         """The message from memory: BDAT when the next hop offers CHUNKING, else DATA."""

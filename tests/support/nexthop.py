@@ -91,6 +91,9 @@ class NextHop:
         self.data_ends = 0  # end-of-data markers read (before the final reply is decided)
         self.injected: list[Fault] = []  # every Fault that ``behaviour.faults`` handed out
         self.commands: deque[bytes] = deque(maxlen=20000)  # raw command lines, newest last
+        # Per command line: whether more of what the client sent was already waiting behind it
+        # (it came in the same write, as RFC 2920 pipelining sends a group).
+        self.followed: deque[bool] = deque(maxlen=20000)
         self._writers: set[asyncio.StreamWriter] = set()
 
     def __enter__(self) -> NextHop:
@@ -185,6 +188,7 @@ class NextHop:
                 if not line:
                     return
                 self.commands.append(line)
+                self.followed.append(bool(reader._buffer))  # StreamReader keeps what is unread
                 text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
                 verb = text.split(" ", 1)[0].upper()
                 if verb == "STARTTLS" and self.behaviour.tls_context is not None:
