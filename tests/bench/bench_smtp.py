@@ -265,12 +265,22 @@ def _expect(reader: BinaryIO, code: bytes) -> None:
 # smtpd_proxy_filter, before the queue) talk: one command, then its reply. Postfix's smtp client
 # feeding a content_filter after the queue says EHLO and then, because the filter offers
 # PIPELINING, sends its XFORWARD commands, MAIL, RCPT and DATA in one write.
+# A third dialogue is the pipelined one with ten recipients: Postfix hands a content filter
+# every recipient of a queue file (up to 50) in that one write. The minimal proxy relays one
+# recipient per message, so it sits that one out.
 LOCK_STEP = "lock-step"
 PIPELINED = "pipelined"
-_PIPELINED_GROUP = (
+PIPELINED_TEN = "pipelined, 10 recipients"
+_XFORWARD_MAIL = (
     b"XFORWARD NAME=mx.example.org ADDR=192.0.2.1\r\n"
     b"XFORWARD PROTO=ESMTP HELO=mx.example.org\r\n"
-    b"MAIL FROM:<bench@example.org>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n"
+    b"MAIL FROM:<bench@example.org>\r\n"
+)
+_PIPELINED_GROUP = _XFORWARD_MAIL + b"RCPT TO:<sink@example.net>\r\nDATA\r\n"
+_PIPELINED_TEN_GROUP = (
+    _XFORWARD_MAIL
+    + b"".join(b"RCPT TO:<sink%d@example.net>\r\n" % n for n in range(10))
+    + b"DATA\r\n"
 )
 
 
@@ -278,7 +288,7 @@ def timed_message(port: int, payload: bytes, dialogue: str = LOCK_STEP) -> float
     """Seconds for one session (connect to the reply to QUIT). Lock-step, as smtp-source -s 1
     runs it: HELO, MAIL, RCPT, DATA, the message, QUIT. Pipelined, as Postfix hands a message
     to a content filter: EHLO, then XFORWARD, XFORWARD, MAIL, RCPT and DATA in one write, the
-    message once their five replies are in, QUIT."""
+    message once their five replies are in, QUIT. PIPELINED_TEN: the same with ten RCPTs."""
     if dialogue == LOCK_STEP:
         steps: tuple[tuple[bytes, tuple[bytes, ...]], ...] = (
             (b"HELO bench.example.org\r\n", (b"250",)),
@@ -286,10 +296,15 @@ def timed_message(port: int, payload: bytes, dialogue: str = LOCK_STEP) -> float
             (b"RCPT TO:<sink@example.net>\r\n", (b"250",)),
             (b"DATA\r\n", (b"354",)),
         )
-    else:
+    elif dialogue == PIPELINED:
         steps = (
             (b"EHLO bench.example.org\r\n", (b"250",)),
             (_PIPELINED_GROUP, (b"250", b"250", b"250", b"250", b"354")),
+        )
+    else:
+        steps = (
+            (b"EHLO bench.example.org\r\n", (b"250",)),
+            (_PIPELINED_TEN_GROUP, (b"250",) * 13 + (b"354",)),
         )
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -348,14 +363,21 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace, no_rule
         for _ in range(args.runs):
             direct.append(1000 / run_source(sink.port, count, 1, args.size))
             filtered.append(1000 / run_source(port, count, 1, args.size))
-        for dialogue in (LOCK_STEP, PIPELINED):
-            times[dialogue] = {name: [] for name in ports}
-            before = {name: proc_cpu_split(p) for name, p in pids.items()}
+        for dialogue in (LOCK_STEP, PIPELINED, PIPELINED_TEN):
+            targets = {
+                name: target
+                for name, target in ports.items()
+                if dialogue != PIPELINED_TEN or name != "minimal"
+            }
+            times[dialogue] = {name: [] for name in targets}
+            before = {name: proc_cpu_split(p) for name, p in pids.items() if name in targets}
             for _ in range(args.runs * count):
-                for name, target in ports.items():
+                for name, target in targets.items():
                     times[dialogue][name].append(timed_message(target, payload, dialogue) * 1000)
             cpu[dialogue] = {}
             for name, p in pids.items():
+                if name not in targets:
+                    continue
                 after = proc_cpu_split(p)
                 cpu[dialogue][name] = (after[0] - before[name][0], after[1] - before[name][1])
     finally:
@@ -372,6 +394,7 @@ def measure_latency(workdir: Path, sink: Sink, args: argparse.Namespace, no_rule
     for dialogue, title in (
         (LOCK_STEP, "lock-step (HELO, then one command at a time, as smtp-source)"),
         (PIPELINED, "pipelined (EHLO; XFORWARD x2, MAIL, RCPT, DATA in one write, as Postfix)"),
+        (PIPELINED_TEN, "pipelined with 10 RCPTs (as Postfix hands a multi-recipient message)"),
     ):
         print_dialogue(title, times[dialogue], cpu[dialogue])
 
@@ -392,6 +415,8 @@ def print_dialogue(
         ("bare", "filterd with no rules"),
         ("minimal", "minimal Python proxy (tests/bench/minimal_proxy.py)"),
     ):
+        if name not in times:
+            continue  # the minimal proxy relays one recipient per message
         m = statistics.median(times[name])
         print(f"  {label}, same client and alternation: median {m:.2f} ms, added {m - md:.2f} ms")
     messages = len(times["filterd"])
@@ -405,6 +430,7 @@ def print_dialogue(
                 ("bare", "filterd no rules"),
                 ("filterd", "filterd shipped rules"),
             )
+            if name in cpu
         )
     )
 

@@ -9,7 +9,13 @@ import asyncio
 
 import pytest
 
-from tests.bench.bench_smtp import LOCK_STEP, PIPELINED, bench_payload, timed_message
+from tests.bench.bench_smtp import (
+    LOCK_STEP,
+    PIPELINED,
+    PIPELINED_TEN,
+    bench_payload,
+    timed_message,
+)
 from tests.bench.minimal_proxy import NextHop, Proxy
 from tests.support.nexthop import NextHop as SinkNextHop
 
@@ -83,6 +89,14 @@ def test_both_latency_dialogues_get_through_the_minimal_proxy(nexthop: SinkNextH
     assert len(nexthop.wait_for(2)) == 2
     # The pipelined group's four 250s and the 354 went out together.
     assert any(w.count(b"\r\n") == 5 and w.endswith(b"<CR><LF>.<CR><LF>\r\n") for w in writes)
+
+
+def test_the_ten_recipient_dialogue_reaches_a_next_hop(nexthop: SinkNextHop) -> None:
+    # The latency run times it on the direct path and through filterd; here, against the
+    # tests' next hop, as the direct path.
+    assert timed_message(nexthop.port, bench_payload(2000), PIPELINED_TEN) > 0
+    [received] = nexthop.wait_for(1)
+    assert received.recipients == [f"sink{n}@example.net" for n in range(10)]
 
 
 class _WriteThrough:
