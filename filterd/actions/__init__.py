@@ -106,9 +106,8 @@ class Executor:
                     verdict.action,
                     SmtpReply(451, "4.3.0", f"Redirect refused by next hop: {reply.render()}"),
                 )
-        else:
-            for rcpt in extra:
-                await txn.add_recipient(rcpt)
+        elif extra:
+            await txn.add_recipients(extra)  # one write for all of them (PIPELINING)
         if message.spool_path is None:
             data_reply = await txn.send_data(rewrite(message, verdict))
         else:

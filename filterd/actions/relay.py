@@ -182,8 +182,8 @@ class RelayClient:
         txn = self.transaction()
         try:
             txn.begin(sender, ())
-            for rcpt in recipients:
-                reply = await txn.add_recipient(rcpt)
+            replies = await txn.add_recipients(recipients)
+            for rcpt, reply in zip(recipients, replies, strict=True):
                 if reply.code not in (250, 251):
                     raise RelayError(_refusal(reply.code), f"RCPT {rcpt} refused: {reply}")
             reply = await txn.send_data(raw)
@@ -237,10 +237,6 @@ class RelayTransaction:
         ``smtpd_delay_reject``, a sender the next hop refuses is refused at RCPT."""
         self.sender, self.mail_options, self.xforward = sender, tuple(options), xforward
         self.mail_accepted = False
-
-    async def add_recipient(self, recipient: str) -> NextHopReply:
-        """RCPT for one recipient (see ``add_recipients``)."""
-        return (await self.add_recipients([recipient]))[0]
 
     async def add_recipients(self, recipients: Sequence[str]) -> list[NextHopReply]:
         """RCPT at the next hop for each recipient, with XFORWARD and MAIL first if the
