@@ -216,9 +216,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._parked: asyncio.Future[None] | None = None
         self._quit = False
         # Replies not written yet, and when they wait (see push); None holds the place of a
-        # RCPT reply the next hop has yet to give, and _unsettled counts those (see _settle).
+        # RCPT reply the next hop has yet to give (see _settle).
         self._pending: list[bytes | None] = []
-        self._unsettled = 0
         self._assembling = False
         self._groupable = False
 
@@ -440,7 +439,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                     continue
                 self._reset_timeout()
                 self._groupable = command in _GROUPABLE_REPLIES
-                if self._unsettled and command != "RCPT":
+                if command != "RCPT" and None in self._pending:
                     # What comes next depends on the next hop's answers (DATA needs the
                     # accepted recipients, RSET must not leave replies unread there).
                     await self._settle()
@@ -594,7 +593,6 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return  # the client is gone (its delivery ran to the end): nobody to answer
         if isinstance(status, LaterReply):
             self._pending.append(None)
-            self._unsettled += 1
         else:
             self._pending.append(status.encode("utf-8") if isinstance(status, str) else status)
         if self._assembling or (self._groupable and self._command_waiting()):
@@ -624,10 +622,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 next(replies, TEMPFAIL_INTERNAL.render()).encode("utf-8") if item is None else item
                 for item in self._pending
             ]
-            self._unsettled = 0
 
     async def _flush(self) -> None:
-        if self._unsettled:
+        if None in self._pending:
             await self._settle()
         pending = cast(list[bytes], self._pending)  # settled: no place left empty
         if not pending:

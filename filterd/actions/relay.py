@@ -262,7 +262,7 @@ class RelayTransaction:
     @staticmethod
     async def _commands(conn: NextHopConnection, lines: Sequence[str]) -> list[NextHopReply]:
         """Each line's reply: the lines in one write if the next hop pipelines."""
-        if len(lines) > 1 and conn.supports("PIPELINING"):
+        if conn.supports("PIPELINING"):
             await conn.send(
                 "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
             )
