@@ -271,17 +271,22 @@ def _expect(reader: BinaryIO, code: bytes) -> None:
 LOCK_STEP = "lock-step"
 PIPELINED = "pipelined"
 PIPELINED_TEN = "pipelined, 10 recipients"
-_XFORWARD_MAIL = (
-    b"XFORWARD NAME=mx.example.org ADDR=192.0.2.1\r\n"
-    b"XFORWARD PROTO=ESMTP HELO=mx.example.org\r\n"
-    b"MAIL FROM:<bench@example.org>\r\n"
-)
-_PIPELINED_GROUP = _XFORWARD_MAIL + b"RCPT TO:<sink@example.net>\r\nDATA\r\n"
-_PIPELINED_TEN_GROUP = (
-    _XFORWARD_MAIL
-    + b"".join(b"RCPT TO:<sink%d@example.net>\r\n" % n for n in range(10))
-    + b"DATA\r\n"
-)
+
+
+def _pipelined_steps(recipients: int) -> tuple[tuple[bytes, tuple[bytes, ...]], ...]:
+    """EHLO, then XFORWARD, XFORWARD, MAIL, the RCPTs and DATA in one write, and the replies
+    each write expects."""
+    group = (
+        b"XFORWARD NAME=mx.example.org ADDR=192.0.2.1\r\n"
+        b"XFORWARD PROTO=ESMTP HELO=mx.example.org\r\n"
+        b"MAIL FROM:<bench@example.org>\r\n"
+        + b"".join(b"RCPT TO:<sink%d@example.net>\r\n" % n for n in range(recipients))
+        + b"DATA\r\n"
+    )
+    return (
+        (b"EHLO bench.example.org\r\n", (b"250",)),
+        (group, (b"250",) * (3 + recipients) + (b"354",)),
+    )
 
 
 def timed_message(port: int, payload: bytes, dialogue: str = LOCK_STEP) -> float:
@@ -296,16 +301,8 @@ def timed_message(port: int, payload: bytes, dialogue: str = LOCK_STEP) -> float
             (b"RCPT TO:<sink@example.net>\r\n", (b"250",)),
             (b"DATA\r\n", (b"354",)),
         )
-    elif dialogue == PIPELINED:
-        steps = (
-            (b"EHLO bench.example.org\r\n", (b"250",)),
-            (_PIPELINED_GROUP, (b"250", b"250", b"250", b"250", b"354")),
-        )
     else:
-        steps = (
-            (b"EHLO bench.example.org\r\n", (b"250",)),
-            (_PIPELINED_TEN_GROUP, (b"250",) * 13 + (b"354",)),
-        )
+        steps = _pipelined_steps(1 if dialogue == PIPELINED else 10)
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
