@@ -131,6 +131,7 @@ class RuleSet:
     _initial: tuple[int, ...] = field(init=False, repr=False)
     _unmatched: tuple[RuleTrace, ...] = field(init=False, repr=False)
     _skipped: tuple[RuleTrace, ...] = field(init=False, repr=False)
+    _nothing_matched: Verdict = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -178,6 +179,9 @@ class RuleSet:
                 for rule in self.rules
             ),
         )
+        # Most mail matches no rule; its verdict depends on the rule set alone (thresholds at
+        # a score of 0): made once, not per message.
+        put(self, "_nothing_matched", _verdict(self, _Decision(), (), None, self._unmatched))
 
 
 class _Decision:
@@ -246,19 +250,18 @@ def evaluate(ruleset: RuleSet, message: Message) -> Verdict:
             if rule.action is Action.ACCEPT and nothing_stronger:
                 accepted_by = rule
             break
-    return _verdict(
-        ruleset, decision, scan, matched, stopped_at=stopped_at, accepted_by=accepted_by
-    )
+    if not matched:
+        return ruleset._nothing_matched
+    trace = LazyTrace(lambda: _trace(ruleset, scan, matched, stopped_at))
+    return _verdict(ruleset, decision, matched, accepted_by, trace)
 
 
 def _verdict(
     ruleset: RuleSet,
     decision: _Decision,
-    scan: MessageScan,
     matched: Sequence[int],
-    *,
-    stopped_at: int | None,
     accepted_by: Rule | None,
+    trace: Sequence[RuleTrace],
 ) -> Verdict:
     rules = ruleset.rules
     score = round(decision.score, 4)
@@ -292,7 +295,7 @@ def _verdict(
         redirect=decider.redirect if decider is not None and action is Action.REDIRECT else (),
         tag=tag,
         required_score=thresholds.tag,
-        trace=LazyTrace(lambda: _trace(ruleset, scan, matched, stopped_at)),
+        trace=trace,
         shadow_rules=tuple(rules[p].name for p in matched if rules[p].shadow),
     )
 

@@ -45,6 +45,25 @@ def test_nothing_matches(tmp_path: Path) -> None:
     assert [(t.rule, t.matched) for t in verdict.trace] == [("a", False)]
 
 
+def test_nothing_matched_is_decided_once_per_rule_set(tmp_path: Path) -> None:
+    # The verdict of a message no rule matches depends on the rule set alone, so it is made
+    # when the set is loaded; thresholds still apply to its score of 0.
+    head = "scores: {tag: 0, quarantine: 10}\ntag: {subject_prefix: '[SPAM] '}\n"
+    ruleset = _ruleset(tmp_path, _rule("a", "zzz", "{action: reject}"), head=head)
+    first, second = evaluate(ruleset, _message()), evaluate(ruleset, _message("other"))
+    assert first is second
+    assert (first.action, first.score, first.tag, first.subject_prefix) == (
+        Action.TAG,
+        0.0,
+        True,
+        "[SPAM] ",
+    )
+    assert [(t.rule, t.matched, t.detail) for t in first.trace] == [("a", False, "")]
+    matched = evaluate(ruleset, _message("zzz"))
+    assert matched is not first
+    assert matched.action is Action.REJECT
+
+
 def test_strongest_action_wins(tmp_path: Path) -> None:
     ruleset = _ruleset(
         tmp_path,
