@@ -41,6 +41,7 @@ from typing import BinaryIO
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.bench.bench_wakeup import idle_policy  # noqa: E402
 from tests.support.daemon import free_port, wait_port  # noqa: E402
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -579,6 +580,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(interpreter_label(), flush=True)
+    # Every message through a proxy wakes sleeping processes; what that costs depends on
+    # how the CPUs idle (bench_wakeup.py measures it).
+    print(idle_policy(), flush=True)
     wanted = set((args.only or "direct,naive,empty,shipped,regex1000,latency,large").split(","))
 
     workdir = Path(tempfile.mkdtemp(prefix="filterd-bench-"))

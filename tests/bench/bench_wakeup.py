@@ -9,6 +9,11 @@ work. This prints, over loopback TCP with plain blocking sockets:
 - a write to a reader that sleeps in ``recv`` in another thread (a wake-up per write);
 - a ping-pong between two processes, across CPUs and (where the machine has two) on one CPU.
 
+The first line says how the kernel idles its CPUs. On a KVM guest with the ``haltpoll`` idle
+driver, ``guest_halt_poll_ns`` is how long an idle CPU polls before it halts: a CPU that
+halted is woken through the hypervisor (a VM exit), one still polling is not. With it at 0
+every wake-up of an idle CPU takes the slow way (see docs/performance.md, "The host").
+
 ``python tests/bench/bench_wakeup.py [--count 5000]``
 """
 
@@ -19,8 +24,34 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 REPLY = b"250 2.0.0 Ok\r\n"
+
+
+def idle_policy(root: Path = Path("/sys")) -> str:
+    """How this machine's CPUs idle: the cpuidle driver and governor, and the guest's halt
+    polling where the haltpoll driver runs; "unknown" where the kernel does not say."""
+
+    def read(path: str) -> str | None:
+        try:
+            return (root / path).read_text().strip()
+        except OSError:
+            return None
+
+    driver = read("devices/system/cpu/cpuidle/current_driver")
+    if driver is None:
+        return "cpuidle: unknown"
+    governor = read("devices/system/cpu/cpuidle/current_governor") or read(
+        "devices/system/cpu/cpuidle/current_governor_ro"
+    )
+    text = f"cpuidle: driver {driver}, governor {governor or 'unknown'}"
+    poll = read("module/haltpoll/parameters/guest_halt_poll_ns")
+    if driver == "haltpoll" and poll is not None:
+        text += f", guest_halt_poll_ns {poll}"
+        if poll == "0":
+            text += " (idle CPUs halt at once: every wake-up of one is a VM exit)"
+    return text
 
 
 def _connected_pair() -> tuple[socket.socket, socket.socket]:
@@ -102,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5000)
     args = parser.parse_args()
+    print(idle_policy())
     print(f"write, nobody waiting:      {write_nobody_waits_for(args.count * 4):6.1f} µs CPU")
     print(f"write, waking a reader:     {write_waking_a_reader(args.count):6.1f} µs CPU")
     wall, cpu = ping_pong(args.count, None)

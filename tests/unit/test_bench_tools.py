@@ -1,11 +1,13 @@
 """The benchmark's reference proxy (tests/bench/minimal_proxy.py) must not hang the benchmark:
 a reply that arrives before the command waiting for it is kept, and a next hop that goes away
 fails the waiting command instead of leaving it waiting for ever. Both dialogues of the latency
-run get through it, its replies to a pipelined group in one write."""
+run get through it, its replies to a pipelined group in one write. The benchmarks' report of
+how the CPUs idle reads what the kernel says."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from tests.bench.bench_smtp import (
     bench_payload,
     timed_message,
 )
+from tests.bench.bench_wakeup import idle_policy
 from tests.bench.minimal_proxy import NextHop, Proxy
 from tests.support.nexthop import NextHop as SinkNextHop
 
@@ -108,3 +111,24 @@ class _WriteThrough:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._transport, name)
+
+
+def test_the_idle_policy_names_the_driver_and_the_guest_halt_polling(tmp_path: Path) -> None:
+    cpuidle = tmp_path / "devices/system/cpu/cpuidle"
+    cpuidle.mkdir(parents=True)
+    (cpuidle / "current_driver").write_text("haltpoll\n")
+    (cpuidle / "current_governor_ro").write_text("haltpoll\n")
+    params = tmp_path / "module/haltpoll/parameters"
+    params.mkdir(parents=True)
+    (params / "guest_halt_poll_ns").write_text("0\n")
+    text = idle_policy(tmp_path)
+    assert text.startswith("cpuidle: driver haltpoll, governor haltpoll, guest_halt_poll_ns 0")
+    assert "VM exit" in text
+    (params / "guest_halt_poll_ns").write_text("200000\n")
+    assert idle_policy(tmp_path) == (
+        "cpuidle: driver haltpoll, governor haltpoll, guest_halt_poll_ns 200000"
+    )
+    (cpuidle / "current_driver").write_text("intel_idle\n")
+    (cpuidle / "current_governor").write_text("menu\n")
+    assert idle_policy(tmp_path) == "cpuidle: driver intel_idle, governor menu"
+    assert idle_policy(tmp_path / "missing") == "cpuidle: unknown"
