@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import threading
 
+from filterd.actions.nexthop import NextHopReply
 from filterd.actions.quarantine import QuarantineStore
 from filterd.actions.relay import RelayTransaction
 from filterd.actions.tag import apply_modifications, spam_headers
@@ -35,6 +36,20 @@ def rewrite(message: Message, verdict: Verdict) -> bytes:
         add=added,
         subject_prefix=verdict.subject_prefix if verdict.tag or verdict.subject_prefix else "",
     )
+
+
+def _refusal(added: list[str], replies: list[NextHopReply]) -> SmtpReply | None:
+    """451 naming the first recipient a rule added (redirect, bcc) that the next hop did not
+    accept, or None when it accepted them all.
+
+    The message then goes to nobody: a copy a rule asked for must not go missing while the
+    client hears 250, and a retry delivers all of them once the next hop takes each. ``replies``
+    holds only MAIL's reply when the next hop refused MAIL (see RelayTransaction.restart).
+    """
+    for address, reply in zip(added, replies, strict=False):
+        if reply.code not in (250, 251):
+            return SmtpReply(451, "4.3.0", f"Next hop refused <{address}>: {reply}")
+    return None
 
 
 class LazyQuarantine:
@@ -97,17 +112,17 @@ class Executor:
     async def _deliver(self, verdict: Verdict, message: Message, txn: RelayTransaction) -> Outcome:
         recipients = list(verdict.redirect) if verdict.redirect else list(txn.accepted)
         extra = [rcpt for rcpt in verdict.bcc if rcpt not in recipients]
+        added: list[str] = []  # the recipients a rule put on the message
+        replies: list[NextHopReply] = []
         if verdict.redirect:
-            replies = await txn.restart(recipients + extra)
-            if not txn.accepted:
-                first = replies[0].as_reply() if replies else DEFAULT_TEMPFAIL
-                reply = first if not first.is_success else DEFAULT_TEMPFAIL
-                return Outcome(
-                    verdict.action,
-                    SmtpReply(451, "4.3.0", f"Redirect refused by next hop: {reply.render()}"),
-                )
+            added = recipients + extra
+            replies = await txn.restart(added)
         elif extra:
-            await txn.add_recipients(extra)  # one write for all of them (PIPELINING)
+            added = extra
+            replies = await txn.add_recipients(extra)  # one write for all of them (PIPELINING)
+        refusal = _refusal(added, replies)
+        if refusal is not None:
+            return Outcome(verdict.action, refusal)
         if message.spool_path is None:
             data_reply = await txn.send_data(rewrite(message, verdict))
         else:

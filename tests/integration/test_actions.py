@@ -34,6 +34,9 @@ rules:
   - name: bcc-me
     if: {subject: {contains: bcc-me}}
     then: {bcc: [archive@example.net]}
+  - name: redirect-two
+    if: {subject: {contains: redirect-two}}
+    then: {redirect: [abuse@example.net, postmaster@example.net]}
   - name: quarantine-me
     if: {subject: {contains: quarantine-me}}
     then: {action: quarantine, reason: held for review}
@@ -127,6 +130,31 @@ def test_bcc_adds_a_recipient(daemon: Daemon, nexthop: NextHop) -> None:
     send(daemon, message("bcc-me"))
     [received] = nexthop.wait_for(1)
     assert received.recipients == ["b@example.net", "archive@example.net"]
+
+
+@pytest.mark.parametrize(
+    ("subject", "refused", "refusal"),
+    [
+        # one of two redirect targets refused for now: the other must not get it alone
+        ("redirect-two", "postmaster@example.net", "450 4.2.0 Mailbox busy"),
+        # the bcc copy refused for good on a message otherwise accepted
+        ("bcc-me", "archive@example.net", "550 5.1.1 No such user"),
+        # redirect and bcc together (two rules), the redirect target refused
+        ("redirect-me bcc-me", "abuse@example.net", "450 4.2.0 Mailbox busy"),
+    ],
+)
+def test_a_recipient_a_rule_adds_that_the_next_hop_refuses_defers_the_message(
+    daemon: Daemon, nexthop: NextHop, subject: str, refused: str, refusal: str
+) -> None:
+    nexthop.behaviour.refuse_rcpt = {refused: refusal}
+    with pytest.raises(smtplib.SMTPDataError) as error:
+        send(daemon, message(subject))
+    assert error.value.smtp_code == 451
+    assert error.value.smtp_error == f"4.3.0 Next hop refused <{refused}>: {refusal}".encode()
+    assert nexthop.messages == []  # no copy went anywhere: the retry delivers them all
+    nexthop.behaviour.refuse_rcpt = {}
+    send(daemon, message(subject))
+    assert len(nexthop.wait_for(1)) == 1
 
 
 def test_shadow_rule_is_logged_but_never_acts(daemon: Daemon, nexthop: NextHop) -> None:
