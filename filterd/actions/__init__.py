@@ -15,8 +15,12 @@ from filterd.actions.nexthop import NextHopReply
 from filterd.actions.quarantine import QuarantineStore
 from filterd.actions.relay import RelayTransaction
 from filterd.actions.tag import apply_modifications, spam_headers
+from filterd.errors import QuarantineError
+from filterd.logsetup import get_logger
 from filterd.model import Action, Message, Outcome, SmtpReply, Verdict
 from filterd.spool import read_all
+
+log = get_logger("filterd.actions")
 
 DEFAULT_REJECT = SmtpReply(554, "5.7.1", "Message rejected by policy")
 DEFAULT_TEMPFAIL = SmtpReply(451, "4.7.1", "Message deferred by policy")
@@ -71,13 +75,20 @@ class LazyQuarantine:
                 self._store = QuarantineStore(self.path)
             return self._store
 
-    def store(self, message: Message, verdict: Verdict) -> tuple[str, int]:
-        """Write one entry; return its id and the number of entries now held."""
+    def store(self, message: Message, verdict: Verdict) -> tuple[str, int | None]:
+        """Write one entry; return its id and the number of entries now held, or None when
+        the index cannot say (busy, broken): the entry is on disk all the same, and answering
+        451 for it would only have the MTA send it again, to be quarantined twice."""
         store = self.get()
         entry_id = store.store(
             message, verdict, rule=verdict.deciding_rule or "", reason=verdict.reason
         )
-        return entry_id, store.count()
+        try:
+            held: int | None = store.count()
+        except QuarantineError as exc:
+            log.warning("quarantine_count_failed", id=entry_id, error=str(exc))
+            held = None
+        return entry_id, held
 
 
 class Executor:

@@ -1,6 +1,7 @@
 """The message processor answers first and accounts right after: the reply to the final dot
 does not wait for the metrics and the ``message_processed`` line, which follow in the event
-loop's next pass, before any further input is read."""
+loop's next pass, before any further input is read. And what it answers follows what is on
+disk: a quarantine entry written is a 250, whatever its index says."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import asyncio
 import textwrap
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from filterd.actions import Executor, LazyQuarantine
+from filterd.actions.quarantine import QuarantineStore
 from filterd.actions.relay import RelayClient, RelayTransaction
+from filterd.errors import QuarantineError
 from filterd.model import Envelope, Message
 from filterd.observe import Metrics
 from filterd.processor import MessageProcessor
@@ -25,6 +29,7 @@ def _processor(tmp_path: Path, registry: CollectorRegistry) -> MessageProcessor:
             """\
             rules:
               - {name: no-offers, if: {subject: {contains: offer}}, then: {action: reject}}
+              - {name: hold, if: {subject: {contains: hold}}, then: {action: quarantine}}
             """
         )
     )
@@ -79,3 +84,30 @@ def test_each_message_is_accounted_once_across_event_loops(tmp_path: Path) -> No
     asyncio.run(one())
     asyncio.run(one())
     assert _rejected(registry) == 2.0
+
+
+def test_a_stored_entry_is_answered_250_when_the_index_cannot_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count only feeds a gauge: once the entry is on disk, a busy or broken index must not
+    turn the reply into a 451 (the MTA would send the message again, to be stored twice)."""
+
+    def index_busy(self: QuarantineStore, status: object = None) -> int:
+        raise QuarantineError("quarantine index: database is locked")
+
+    monkeypatch.setattr(QuarantineStore, "count", index_busy)
+    registry = CollectorRegistry()
+    processor = _processor(tmp_path, registry)
+    held = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        b"From: a@example.org\r\nSubject: hold this\r\n\r\nbody\r\n",
+    )
+
+    async def run() -> int:
+        reply = await processor.process(held, _unused_transaction(), "s1")
+        await asyncio.sleep(0)
+        return reply.code
+
+    assert asyncio.run(run()) == 250
+    assert len(list((tmp_path / "quarantine").glob("*.eml"))) == 1
+    assert registry.get_sample_value("filterd_messages_total", {"action": "quarantine"}) == 1.0
