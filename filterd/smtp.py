@@ -285,7 +285,12 @@ class FilterdHandler:
             return [TEMPFAIL_INTERNAL.render()] * len(recipients)
         try:
             replies = await state.txn.add_recipients(recipients)
-        except RelayError as exc:
+        except Exception as exc:
+            if not isinstance(exc, RelayError):
+                # A fault of our own: logged with its traceback, then handled like a failed
+                # next hop, so each RCPT still gets exactly one reply.
+                log.error("relay_internal_error", error=repr(exc), exc_info=exc)
+                exc = RelayError("protocol", repr(exc))
             self._relay_failed("rcpt", exc, state)
             await self._end_transaction(session, broken=True)
             # Keep the client's transaction open but failed: every later RCPT and the DATA get
@@ -391,16 +396,6 @@ class FilterdHandler:
         txn = state.txn
         if txn is None:
             return TEMPFAIL_INTERNAL.render()
-        if spool is None:
-            message = Message(self.envelope_of(session, envelope), raw)
-        else:
-            prefix = await asyncio.to_thread(read_prefix, spool.path, self.policy.spool_threshold)
-            message = Message(
-                self.envelope_of(session, envelope),
-                prefix,
-                spool_path=spool.path,
-                spooled_size=spool.size,
-            )
         # Once the whole message is here, its delivery runs to the end even if the client
         # vanishes meanwhile: the next hop may already have it, so it must be logged and
         # counted, and the next-hop connection must not be closed under it. The session's
@@ -409,10 +404,26 @@ class FilterdHandler:
         # session is gone.
         state.delivering = True
         try:
+            if spool is None:
+                message = Message(self.envelope_of(session, envelope), raw)
+            else:
+                prefix = await asyncio.to_thread(
+                    read_prefix, spool.path, self.policy.spool_threshold
+                )
+                message = Message(
+                    self.envelope_of(session, envelope),
+                    prefix,
+                    spool_path=spool.path,
+                    spooled_size=spool.size,
+                )
             reply = await self.sink.process(message, txn, state.session_id)
         finally:
-            state.delivering = False
-            # A connection that failed is marked broken by the relay client and closed, not
-            # pooled.
-            await self._end_transaction(session)
+            # The transaction ends whatever happened (a spool that cannot be read back
+            # included), and still as part of the delivery: a client lost now must not cancel
+            # the RSET that hands the connection back to the pool. A connection that failed is
+            # marked broken by the relay client and closed, not pooled.
+            try:
+                await self._end_transaction(session)
+            finally:
+                state.delivering = False
         return reply.render()

@@ -581,6 +581,15 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         if self.loop.time() < self._deadline:
             self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
             return
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            # Replies are still waiting for a client that does not read them: a close would
+            # wait for them to be taken, for ever, and the session would hold its connection
+            # slot. The reset ends it now.
+            state = getattr(self.session, "filterd_state", None)
+            log.info("session_timeout_unread", session=state.session_id if state else None)
+            transport.abort()
+            return
         self._timeout_cb()
 
     async def push(self, status: str | bytes) -> None:
@@ -614,9 +623,13 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         settled: list[str] = []
         try:
             settled = await self.filterd_handler.settle_recipients(self.session, self.envelope)
+        except Exception as error:
+            # Answered here, in the held places, and nowhere else: raised on, the command loop
+            # would answer it once more, and every later reply would go to the wrong command.
+            log.error("session_error", error=repr(error), exc_info=error)
         finally:
-            # Every place gets a reply, even if settling failed (that failure is answered like
-            # any other): a 451 for a recipient the next hop's reply is missing for.
+            # Every place gets one reply, even if settling failed: a 451 for a recipient the
+            # next hop's reply is missing for.
             replies = iter(settled)
             self._pending[:] = [
                 next(replies, TEMPFAIL_INTERNAL.render()).encode("utf-8") if item is None else item
@@ -742,9 +755,12 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 self.session, self.envelope, result.raw, spool
             )
         finally:
+            # The transaction is over whatever happened (RFC 5321: the final reply ends it),
+            # also when deliver failed and the command loop answers 451: the client's next
+            # MAIL starts a new one, never a "nested MAIL" 5xx or RCPTs added to this one.
+            self._set_post_data_state()
             if spool is not None:
                 discard(spool.path)
-        self._set_post_data_state()
         await self.push(status)
 
     async def _read_data(self) -> DataResult:

@@ -8,12 +8,14 @@ the body; the ``size`` condition sees the real size), and the relay streams the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from filterd.logsetup import get_logger
+
+log = get_logger("filterd.spool")
 READ_BLOCK = 1 << 20
 
 
@@ -39,8 +41,15 @@ class SpoolFile:
 
 
 def discard(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Remove a spool file. A file that will not go away is left behind, never an error: by
+    then the message is answered for, and failing here would turn a delivered message's 250
+    into a 451 and have the MTA send it again."""
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("spool_discard_failed", path=path, error=str(exc))
 
 
 def read_prefix(path: str, limit: int) -> bytes:

@@ -84,7 +84,9 @@ def xtext(value: str) -> str:
     for char in value:
         code = ord(char)
         if char in "+=" or code < 33 or code > 126:
-            out.extend(f"+{byte:02X}" for byte in char.encode("utf-8"))
+            # surrogateescape: a byte that was not UTF-8 where the client sent it (a HELO
+            # name, say) goes on as that same byte, never an error.
+            out.extend(f"+{byte:02X}" for byte in char.encode("utf-8", "surrogateescape"))
         else:
             out.append(char)
     return "".join(out)

@@ -9,20 +9,15 @@ creates are visible, against a real next hop on loopback.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import functools
-import gc
 import smtplib
 import socket
 import struct
-from collections.abc import Coroutine, Generator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from filterd.app import Daemon
-from filterd.config import HostPort, QuarantineConfig, default_config
 from filterd.smtp_protocol import FilterdSMTP
+from tests.support.inprocess import serve_in_process
 from tests.support.nexthop import NextHop
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nMessage-ID: <m@example.org>\r\n\r\nhi\r\n"
@@ -40,63 +35,10 @@ def _one_message(port: int) -> None:
         smtp.sendmail("a@example.org", ["b@example.net"], MESSAGE)
 
 
-def _run(
-    tmp_path: Path,
-    nexthop: NextHop,
-    client: Any,
-    reports: list[dict[str, Any]] | None = None,
-    protocol: type[FilterdSMTP] = FilterdSMTP,
-) -> tuple[Any, list[str]]:
-    """Serve one client in-process with ``protocol``; returns its result and the names of the
-    coroutines of every task created meanwhile. What the event loop reports as errors goes to
-    ``reports``."""
-    config = dataclasses.replace(
-        default_config(),
-        relay=HostPort("127.0.0.1", nexthop.port),
-        state_dir=str(tmp_path / "state"),
-        quarantine=QuarantineConfig(path=str(tmp_path / "state" / "quarantine")),
-        metrics_listen=None,
-        workers=1,
-    )
-    created: list[str] = []
-
-    def counting_factory(
-        loop: asyncio.AbstractEventLoop, coro: Generator[Any, None, Any] | Coroutine[Any, Any, Any]
-    ) -> asyncio.Task[Any]:
-        created.append(type(coro).__name__ + ":" + getattr(coro, "__qualname__", ""))
-        return asyncio.Task(coro, loop=loop)
-
-    async def main() -> Any:
-        daemon = Daemon(config, None, {})
-        loop = asyncio.get_running_loop()
-        policy = daemon.handler.policy
-        server = await loop.create_server(lambda: protocol(daemon.handler, policy), "127.0.0.1", 0)
-        port: int = server.sockets[0].getsockname()[1]
-        loop.set_task_factory(counting_factory)
-        if reports is not None:
-            loop.set_exception_handler(lambda _loop, context: reports.append(context))
-        try:
-            result = await loop.run_in_executor(None, client, port)
-            for _ in range(100):  # until the session is accounted for
-                if not daemon.handler.active and not daemon.handler.in_flight:
-                    break
-                await asyncio.sleep(0.01)
-            assert not daemon.handler.active
-            gc.collect()  # an unretrieved exception is reported when its future is freed
-            return result
-        finally:
-            loop.set_task_factory(None)
-            server.close()
-            await server.wait_closed()
-            await daemon.relay.close()
-
-    return asyncio.run(main()), created
-
-
 def test_commands_without_io_are_answered_without_any_task(
     tmp_path: Path, nexthop: NextHop
 ) -> None:
-    codes, created = _run(tmp_path, nexthop, _commands_only)
+    codes, created = serve_in_process(tmp_path, nexthop, _commands_only)
     assert codes == [250, 250, 250, 250, 250]
     # aiosmtpd would have run this session in a task of its own (asyncio's own event loop
     # also makes one to accept each connection: not the session's).
@@ -106,7 +48,7 @@ def test_commands_without_io_are_answered_without_any_task(
 def test_waiting_on_the_next_hop_hands_the_session_to_a_task_and_back(
     tmp_path: Path, nexthop: NextHop
 ) -> None:
-    _, created = _run(tmp_path, nexthop, _one_message)
+    _, created = serve_in_process(tmp_path, nexthop, _one_message)
     assert len(nexthop.messages) == 1
     # One task for the RCPT (connecting to the next hop and its reply), one for the delivery;
     # each ends when the session waits for the client again, so the commands in between run
@@ -135,7 +77,7 @@ def test_a_reset_while_waiting_for_a_command_ends_the_session_quietly(
     """The reset's error lands on the future the session waits on; ending the session must
     consume it, or asyncio reports "exception was never retrieved" for every such client."""
     reports: list[dict[str, Any]] = []
-    code, _ = _run(tmp_path, nexthop, _reset_after_ehlo, reports)
+    code, _ = serve_in_process(tmp_path, nexthop, _reset_after_ehlo, reports)
     assert code == 250
     assert reports == []
 
@@ -165,7 +107,9 @@ def test_the_ehlo_reply_is_written_at_once(tmp_path: Path, nexthop: NextHop) -> 
     """Each write is a TCP segment that wakes the client: aiosmtpd wrote the EHLO reply a line
     at a time (eight writes), and an MTA says EHLO on every connection."""
     _WriteRecordingSMTP.writes = []
-    (code, text), _ = _run(tmp_path, nexthop, _ehlo_then_quit, protocol=_WriteRecordingSMTP)
+    (code, text), _ = serve_in_process(
+        tmp_path, nexthop, _ehlo_then_quit, protocol=_WriteRecordingSMTP
+    )
     assert code == 250
     assert b"PIPELINING" in text
     assert b"XFORWARD" in text
@@ -201,7 +145,9 @@ def test_replies_to_a_pipelined_group_are_written_together(
     tmp_path: Path, nexthop: NextHop
 ) -> None:
     _WriteRecordingSMTP.writes = []
-    replies, _ = _run(tmp_path, nexthop, _pipelined_transaction, protocol=_WriteRecordingSMTP)
+    replies, _ = serve_in_process(
+        tmp_path, nexthop, _pipelined_transaction, protocol=_WriteRecordingSMTP
+    )
     assert [reply[:3] for reply in replies] == [b"250", b"250", b"250", b"354", b"250", b"221"]
     assert len(nexthop.messages) == 1
     # XFORWARD, MAIL and RCPT wait for the 354 and go with it (RFC 2920, 3.2).
@@ -241,7 +187,7 @@ def test_a_reply_waits_only_for_a_whole_command(tmp_path: Path, nexthop: NextHop
         b"mple.net>\r\nQUIT\r\n",
         2,
     )
-    replies, _ = _run(tmp_path, nexthop, client)
+    replies, _ = serve_in_process(tmp_path, nexthop, client)
     assert [reply[:3] for reply in replies] == [b"250", b"250", b"221"]
 
 
@@ -263,5 +209,5 @@ def test_a_failed_ehlo_keeps_the_replies_held_before_it(tmp_path: Path, nexthop:
         b"QUIT\r\n",
         1,
     )
-    replies, _ = _run(tmp_path, nexthop, client, protocol=_FailingEhloSMTP)
+    replies, _ = serve_in_process(tmp_path, nexthop, client, protocol=_FailingEhloSMTP)
     assert [reply[:3] for reply in replies] == [b"250", b"451", b"221"]
