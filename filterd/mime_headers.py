@@ -17,7 +17,8 @@ import re
 from urllib.parse import unquote_to_bytes
 
 # The header section: an optional mbox "From " line, stray continuation lines, then fields
-# ("name:" followed by continuation lines). It stops at the first line that is neither, which is
+# ("name:" followed by continuation lines; an empty name counts, as in Python's feedparser,
+# which skips such a line and reads on). It stops at the first line that is neither, which is
 # the blank separator line or, in a message without one, the first body line (as Python's
 # feedparser does). Atomic groups keep the match linear.
 #
@@ -28,12 +29,12 @@ _SECTION_RE = re.compile(
     rb"(?:From (?>[^\n]*)(?:\n|\Z))?"
     rb"(?>(?:[ \t](?>[^\n]*)(?:\n|\Z))*)"
     rb"(?>(?:"
-    rb"(?>[\x21-\x39\x3b-\x7e]+)(?>[ \t]*):(?>[^\n]*)(?:\n|\Z)"
+    rb"(?>[\x21-\x39\x3b-\x7e]*)(?>[ \t]*):(?>[^\n]*)(?:\n|\Z)"
     rb"(?>(?:[ \t](?>[^\n]*)(?:\n|\Z))*)"
     rb")*)"
 )
 _FIELD_RE = re.compile(
-    rb"^((?>[\x21-\x39\x3b-\x7e]+))(?>[ \t]*):((?>[^\n]*)(?>(?:\n[ \t](?>[^\n]*))*))", re.M
+    rb"^((?>[\x21-\x39\x3b-\x7e]*))(?>[ \t]*):((?>[^\n]*)(?>(?:\n[ \t](?>[^\n]*))*))", re.M
 )
 _BLANK_RE = re.compile(rb"(?>\r*)\n")
 _FOLD_RE = re.compile(rb"\r*\n(?=[ \t])")
@@ -79,6 +80,8 @@ def split_section(buf: bytes, start: int, end: int) -> tuple[list[HeaderField], 
     body_start = blank.end() if blank else header_end
     fields: list[HeaderField] = []
     for field in _FIELD_RE.finditer(buf, start, header_end):
+        if field.start(1) == field.end(1):
+            continue  # ": value" has no name: a defect Python's parser skips, and so do we
         value = field.group(2)
         if b"\n" in value:
             value = _FOLD_RE.sub(b"", value)

@@ -35,7 +35,9 @@ _SOFT_LIMIT = 78
 _HARD_LIMIT = 998
 
 # A field name is printable ASCII except the colon; obsolete syntax allows blanks before the colon.
-_FIELD_RE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# An empty name is read as a (broken) field too, as Python's email parser does: there the header
+# section goes on after such a line, so the fields after it must be seen here as well.
+_FIELD_RE = re.compile(rb"([\x21-\x39\x3b-\x7e]*)[ \t]*:")
 _NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # Every control character but TAB would let a value end its line or confuse a parser: CR, LF,
 # VT, FF, NUL, NEL and the Unicode separators all count as line breaks somewhere (str.splitlines,
@@ -130,7 +132,9 @@ def _fold_ascii(name: str, value: str, eol: str) -> str:
     line = f"{name}:"
     bare = True  # only "Name:" so far: never break there
     for fold, text in _chunks(" " + value):
-        if not bare and len(line) + len(text) > _SOFT_LIMIT:
+        # Trailing blanks stay on their line: alone on one they would make a line of nothing
+        # but blanks, which RFC 5322 forbids and a lenient parser reads as the header's end.
+        if not bare and len(line) + len(text) > _SOFT_LIMIT and text.strip(" \t"):
             lines.append(line)
             line = fold + text
         else:
@@ -202,7 +206,15 @@ def add_headers(raw: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
         return raw
     eol = _line_ending(raw).decode("ascii")
     new = b"".join(fold_header(name, value, eol) for name, value in headers)
-    return new + raw
+    # A message that starts with blank-led lines (continuations of no field) would have them
+    # continue the last field added: they stay first, belonging to nothing, as they came.
+    start = 0
+    while raw[start : start + 1] in (b" ", b"\t"):
+        nl = raw.find(b"\n", start)
+        if nl < 0:
+            break
+        start = nl + 1
+    return raw[:start] + new + raw[start:]
 
 
 def _decoded(value: bytes) -> str:

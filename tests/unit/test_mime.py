@@ -287,6 +287,16 @@ def test_headers_only_use_leaves_the_body_alone() -> None:
 # -- hand-built messages ---------------------------------------------------------------------
 
 
+def test_a_field_without_a_name_is_skipped_and_the_header_section_goes_on() -> None:
+    # As Python's parser does (an InvalidHeaderDefect, then the next field): the fields after
+    # ": x" are headers, for the rules as for whatever reads the message after filterd.
+    raw = b"From: a@x\r\n: x\r\nX-Spam-Flag: NO\r\nSubject: s\r\n\r\nbody\r\n"
+    msg = ParsedMessage(raw)
+    oracle = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert [name for name, _ in msg.headers] == oracle.keys() == ["From", "X-Spam-Flag", "Subject"]
+    assert msg.body_text.strip() == "body"
+
+
 def test_folded_headers_and_case_insensitive_lookup() -> None:
     msg = ParsedMessage(
         mail(

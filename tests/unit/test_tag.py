@@ -153,6 +153,16 @@ def test_corpus_body_is_byte_identical_after_all_edits(path: Path) -> None:
     assert out.count(eol) == out.count(b"\n")  # no mixed line endings introduced
 
 
+def test_remove_prefix_reads_past_a_field_without_a_name() -> None:
+    # Python's email parser skips ": x" and reads on: a forged field after it must go too.
+    raw = b"From: a@x\r\n: x\r\nX-Spam-Flag: NO\r\nSubject: s\r\n\r\nbody\r\n"
+    out = remove_headers(raw, [], prefixes=("X-Spam-",))
+    assert out == b"From: a@x\r\n: x\r\nSubject: s\r\n\r\nbody\r\n"
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert msg["X-Spam-Flag"] is None
+    assert msg["Subject"] == "s"
+
+
 # --- add_headers and folding ----------------------------------------------------------------
 
 
@@ -161,6 +171,15 @@ def test_add_prepends_in_order_with_the_message_line_ending(eol: bytes) -> None:
     raw = _message(eol)
     out = add_headers(raw, [("X-One", "1"), ("X-Two", "2")])
     assert out == b"X-One: 1" + eol + b"X-Two: 2" + eol + raw
+
+
+def test_add_keeps_leading_stray_continuations_out_of_the_added_fields() -> None:
+    # A message that starts with a blank-led line: prepended fields would take it as their
+    # continuation (our X-Spam-Status would read "Yes, score=9 stray").
+    out = add_headers(b" stray\r\nSubject: s\r\n\r\nbody\r\n", [("X-Spam-Status", "Yes")])
+    assert out == b" stray\r\nX-Spam-Status: Yes\r\nSubject: s\r\n\r\nbody\r\n"
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert msg["X-Spam-Status"] == "Yes"
 
 
 def test_add_to_message_without_line_ending_uses_crlf() -> None:
@@ -383,6 +402,18 @@ def test_prefix_refolds_a_line_it_pushed_past_78(eol: bytes) -> None:
     assert body == b"body"
     assert all(len(line) <= 78 for line in head.split(eol))
     assert _unfold(head.decode()) == "Subject: [SPAM] " + words + "\tcontinued"
+
+
+@pytest.mark.parametrize("length", range(55, 75))
+def test_refolding_never_leaves_a_line_of_blanks(length: int) -> None:
+    # Trailing blanks pushed past 78 columns stay on their line: a line of nothing but blanks
+    # is forbidden (RFC 5322), and a lenient parser ends the header section there.
+    raw = b"From: a@x\r\nSubject: " + b"w" * length + b"   \r\nTo: b@y\r\n\r\nbody\r\n"
+    out = prefix_subject(raw, "[SPAM] ")
+    head, body = out.split(b"\r\n\r\n")
+    assert body == b"body\r\n"
+    assert all(line.strip(b" \t") for line in head.split(b"\r\n"))
+    assert _unfold(head.decode()).endswith("Subject: [SPAM] " + "w" * length + "   \r\nTo: b@y")
 
 
 def test_prefix_with_control_characters_cannot_inject() -> None:
