@@ -26,6 +26,7 @@ from filterd.actions.nexthop import (
     open_connection,
 )
 from filterd.errors import RelayError
+from filterd.mime_headers import split_section
 from filterd.spool import iter_lines_blocks
 
 _ANY_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
@@ -74,6 +75,21 @@ def chunk_data(raw: bytes) -> bytes:
     dot-stuffing (BDAT counts bytes instead of looking for an end marker)."""
     raw = crlf_lines(raw)
     return raw if not raw or raw.endswith(b"\r\n") else raw + b"\r\n"
+
+
+def mail_options_for(sender: str, recipients: Sequence[str], raw: bytes) -> tuple[str, ...]:
+    """The MAIL parameters a whole message needs when the ones its client gave are not known
+    (a quarantine release): BODY=8BITMIME for 8-bit content, SMTPUTF8 (RFC 6531) for a UTF-8
+    address or UTF-8 header fields. Each goes out only if the next hop announced it."""
+    options: list[str] = []
+    utf8_headers = False
+    if not raw.isascii():
+        options.append("BODY=8BITMIME")
+        _, header_end, _ = split_section(raw, 0, len(raw))
+        utf8_headers = not raw[:header_end].isascii()
+    if utf8_headers or not all(address.isascii() for address in (sender, *recipients)):
+        options.append("SMTPUTF8")
+    return tuple(options)
 
 
 def xtext(value: str) -> str:
@@ -183,7 +199,7 @@ class RelayClient:
         recipient and the data were accepted."""
         txn = self.transaction()
         try:
-            txn.begin(sender, ())
+            txn.begin(sender, mail_options_for(sender, recipients, raw))
             replies = await txn.add_recipients(recipients)
             for rcpt, reply in zip(recipients, replies, strict=True):
                 if reply.code not in (250, 251):

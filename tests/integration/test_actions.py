@@ -200,6 +200,26 @@ def test_quarantine_lifecycle_through_the_cli(daemon: Daemon, nexthop: NextHop) 
     assert cli(daemon, "show", entry_id).returncode == 1
 
 
+def test_a_release_keeps_what_an_smtputf8_message_needs(daemon: Daemon, nexthop: NextHop) -> None:
+    # The entry does not keep the client's MAIL parameters: the release works them out again,
+    # or a next hop that holds to RFC 6531 refuses the UTF-8 sender.
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
+        smtp.ehlo()
+        smtp.sendmail(
+            "j\u00fcrgen@b\u00fccher.example",
+            ["b@example.net"],
+            message("quarantine-me f\u00fcr dich"),  # UTF-8 in the Subject field
+            mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+        )
+    entry_id = daemon.wait_event("message_processed")[0]["quarantine_id"]
+    released = cli(daemon, "release", entry_id)
+    assert released.returncode == 0, released.stderr
+    [delivered] = nexthop.wait_for(1)
+    assert delivered.sender == "j\u00fcrgen@b\u00fccher.example"
+    assert "SMTPUTF8" in delivered.mail_params
+    assert "BODY=8BITMIME" in delivered.mail_params
+
+
 def test_a_failed_release_changes_nothing(tmp_path: Path, nexthop: NextHop) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)

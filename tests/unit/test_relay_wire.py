@@ -1,14 +1,16 @@
 """The two wire forms of a message for the next hop, DATA (dot-stuffed, end marker) and BDAT
-(counted, as is): whichever the next hop is sent, it stores the same bytes."""
+(counted, as is): whichever the next hop is sent, it stores the same bytes. And the MAIL
+parameters a message needs when its client's are not known (a quarantine release)."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filterd.actions.relay import chunk_data, crlf_lines, encode_data
+from filterd.actions.relay import chunk_data, crlf_lines, encode_data, mail_options_for
 
 # Lines made of the bytes that matter here: dots, both line-ending characters, and text.
 MESSAGES = st.lists(st.sampled_from([b".", b"..", b"\r", b"\n", b"\r\n", b"a", b"Subject: x"]))
@@ -41,3 +43,22 @@ def test_a_chunk_ends_with_a_line_break_and_has_only_crlf() -> None:
     assert chunk_data(b"a\nb\rc") == b"a\r\nb\r\nc\r\n"
     assert chunk_data(b".x\r\n") == b".x\r\n"  # no dot-stuffing
     assert chunk_data(b"") == b""
+
+
+@pytest.mark.parametrize(
+    ("sender", "raw", "options"),
+    [
+        ("a@example.org", b"Subject: hi\r\n\r\nplain\r\n", ()),
+        ("a@example.org", b"Subject: hi\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n", ("BODY=8BITMIME",)),
+        (
+            "a@example.org",
+            b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n",
+            ("BODY=8BITMIME", "SMTPUTF8"),
+        ),
+        ("j\u00fcrgen@b\u00fccher.example", b"Subject: hi\r\n\r\nplain\r\n", ("SMTPUTF8",)),
+    ],
+)
+def test_a_release_asks_for_what_the_message_needs(
+    sender: str, raw: bytes, options: tuple[str, ...]
+) -> None:
+    assert mail_options_for(sender, ["b@example.net"], raw) == options
