@@ -203,11 +203,26 @@ class NextHopConnection:
             self.protocol._fail(RelayError("timeout", "next hop did not answer in time"))
             self.protocol._wake()
 
+    def unasked(self) -> str | None:
+        """What the next hop said that no command asked for, if anything is waiting."""
+        protocol = self.protocol
+        if protocol.replies:
+            return str(protocol.replies[0])
+        if protocol.lines or protocol.buffer:
+            return "part of a reply"
+        return None
+
     async def send(self, payload: bytes) -> None:
         protocol = self.protocol
         if protocol.failure is not None or self.transport.is_closing():
             self.broken = True
             raise protocol.failure or RelayError("closed", "next hop closed the connection")
+        unasked = self.unasked()
+        if unasked is not None:
+            # A reply nobody asked for: read on, every reply would answer the command before
+            # it (a refused RCPT read as accepted, a 250 for RCPT taken as the message's).
+            self.broken = True
+            raise RelayError("protocol", f"next hop said what no command asked for: {unasked}")
         self.transport.write(payload)
         drained = protocol.drained
         if drained is None:
@@ -226,6 +241,11 @@ class NextHopConnection:
 
     def supports(self, extension: str) -> bool:
         return extension.upper() in self.extensions
+
+    def abort(self) -> None:
+        """Drop the connection at once (no QUIT): for when nothing may be awaited any more."""
+        self.broken = True
+        self.transport.abort()
 
     async def close(self) -> None:
         if not self.broken and self.protocol.failure is None:
@@ -273,6 +293,12 @@ async def _starttls(conn: NextHopConnection, host: str, helo: str, tls: RelayTls
         if tls.mode == "required":
             raise RelayError("protocol", f"STARTTLS refused: {reply}")
         return
+    unasked = conn.unasked()
+    if unasked is not None:
+        # Bytes that came in the clear with the 220 would be read as if they had come over
+        # TLS (the injection of CVE-2011-0411): someone on the path is talking.
+        conn.broken = True
+        raise RelayError("protocol", f"next hop sent more after its STARTTLS reply: {unasked}")
     context = tls.context or ssl.create_default_context()
     loop = conn.protocol.loop
     try:

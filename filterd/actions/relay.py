@@ -181,6 +181,12 @@ class RelayClient:
         except RelayError:
             await conn.close()
             return
+        except BaseException:
+            # Cancelled (the client's session ended) while the RSET was out: nobody holds this
+            # connection any more, so it goes now rather than stay open until the next hop's
+            # idle timeout.
+            conn.abort()
+            raise
         if reply.code != 250:
             conn.broken = True
             await conn.close()
@@ -310,6 +316,10 @@ class RelayTransaction:
                     if (await conn.command(line)).code != 250:
                         break
                 mail = await conn.command(lines[-1])
+                if mail.code == 421:
+                    # The next hop is closing (an idle timeout crossing our MAIL on a pooled
+                    # connection): a failed connection, retried below, not a refusal.
+                    raise RelayError("closed", f"next hop is closing: {mail}")  # noqa: TRY301
                 if mail.code != 250:
                     return mail, [mail] * len(rcpts)
                 return mail, await self._commands(conn, rcpts)
@@ -348,12 +358,30 @@ class RelayTransaction:
         wire = encode_data(raw)
         reply = await self.conn.read_reply()
         if reply.code != 354:
-            return reply
+            return self._refusal(reply, "DATA")
         await self.conn.send(wire)
         self.data_sent = True
-        reply = await self.conn.read_reply()
+        reply = self._final(await self.conn.read_reply())
         self.completed = True  # after the reply to the data the next hop is between transactions
         return reply
+
+    def _refusal(self, reply: NextHopReply, command: str) -> NextHopReply:
+        """A reply other than the go-ahead to DATA: a 4xx/5xx refusal is the message's reply;
+        anything else (a 250 where 354 belongs, say) means replies and commands are out of
+        step, and taken as the message's reply it would say 250 for mail never sent."""
+        if reply.code >= 400:
+            return reply
+        assert self.conn is not None
+        self.conn.broken = True
+        raise RelayError("protocol", f"unexpected reply to {command}: {reply}")
+
+    def _final(self, reply: NextHopReply) -> NextHopReply:
+        """The reply to the message itself, which only a 2xx, 4xx or 5xx can be."""
+        if 200 <= reply.code < 300 or reply.code >= 400:
+            return reply
+        assert self.conn is not None
+        self.conn.broken = True
+        raise RelayError("protocol", f"unexpected reply to the message: {reply}")
 
     async def _send_chunk(self, raw: bytes) -> NextHopReply:
         """The whole message as one ``BDAT n LAST``, command and data in one write: one round
@@ -362,7 +390,7 @@ class RelayTransaction:
         chunk = chunk_data(raw)
         await self.conn.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
         self.data_sent = True
-        reply = await self.conn.read_reply()
+        reply = self._final(await self.conn.read_reply())
         # After a refused BDAT the next hop may still hold the transaction (RFC 3030 leaves
         # it to the client to reset): only a delivered message leaves it between transactions
         # without an RSET.
@@ -375,19 +403,26 @@ class RelayTransaction:
         assert self.conn is not None
         reply = await self.conn.command("DATA")
         if reply.code != 354:
-            return reply
-        last = stuff_block(head)
-        await self.conn.send(last)
-        for block in iter_lines_blocks(path, offset, STREAM_BLOCK):
-            last = stuff_block(block)
+            return self._refusal(reply, "DATA")
+        try:
+            last = stuff_block(head)
             await self.conn.send(last)
-            # send() returns without suspending while the next hop keeps up (the socket takes
-            # every block at once), so without this the whole message would go out in one step
-            # of the event loop, stalling every other session of this worker meanwhile.
-            await asyncio.sleep(0)
+            for block in iter_lines_blocks(path, offset, STREAM_BLOCK):
+                last = stuff_block(block)
+                await self.conn.send(last)
+                # send() returns without suspending while the next hop keeps up (the socket
+                # takes every block at once), so without this the whole message would go out
+                # in one step of the event loop, stalling every other session of this worker.
+                await asyncio.sleep(0)
+        except BaseException:
+            # Stopped in the middle of the message (the spool file failed, say): the next hop
+            # reads whatever comes next as message data, so the connection cannot be used
+            # again, not even for the RSET that would otherwise end the transaction.
+            self.conn.broken = True
+            raise
         await self.conn.send(end_of_data(last))
         self.data_sent = True
-        reply = await self.conn.read_reply()
+        reply = self._final(await self.conn.read_reply())
         self.completed = True
         return reply
 

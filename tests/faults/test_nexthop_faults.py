@@ -1,5 +1,5 @@
 """A misbehaving next hop, stage by stage: refused connections, stalls, 421, dropped connections,
-4xx/5xx replies and trickled replies.
+4xx/5xx replies, replies out of step with the commands, and trickled replies.
 
 For every fault the client must get the safe reply (the next hop's own 5xx when it refused for
 good, otherwise a 4xx: never 250 for a message that was not delivered), nothing may arrive at
@@ -62,6 +62,14 @@ def _cases() -> list[Case]:
     ):
         cases.append(Case(Fault(stage, "reply", temp), next_hop_code=int(temp[:3])))
         cases.append(Case(Fault(stage, "reply", perm), next_hop_code=int(perm[:3])))
+    # replies out of step with the commands: one too many in the greeting, a 250 where the
+    # 354 belongs, a 354 for the message. None may be taken for the message's reply.
+    for stage, reply in (
+        ("greeting", "220 nexthop.test ESMTP\r\n220 nexthop.test ready"),
+        ("data", "250 2.0.0 Ok"),
+        ("dot", "354 go on"),
+    ):
+        cases.append(Case(Fault(stage, "reply", reply), relay_error="protocol"))
     return cases
 
 
