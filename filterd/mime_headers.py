@@ -126,10 +126,23 @@ def decode_text(data: bytes, charset: str | None) -> str:
     if codec is None:
         return data.decode("utf-8", "replace")
     try:
-        return data.decode(codec, "replace")
+        text = data.decode(codec, "replace")
     except (UnicodeError, LookupError, ValueError, TypeError):
         # A codec that fails internally: the charset label must never make parsing fail.
         return data.decode("utf-8", "replace")
+    if codec == "utf-7":
+        # UTF-7 decodes "+2AA-" to a lone surrogate, which is no character: text holding one
+        # cannot be encoded again (RE2, the log line), and would fail the message every time.
+        text = without_surrogates(text)
+    return text
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (no character: strict UTF-8 refuses it) as U+FFFD."""
+    return _SURROGATE_RE.sub("\ufffd", text)
 
 
 def decode_base64(data: bytes) -> bytes:

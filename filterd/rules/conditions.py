@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import re2
 
 from filterd.mime import Address, ArchiveMember, Attachment, Url
+from filterd.mime_headers import without_surrogates
 from filterd.rules.lists import IpNetwork
 from filterd.rules.matchers import LookupMatch, Matcher, PatternMatch
 
@@ -248,10 +249,16 @@ def domains_related(first: str, second: str) -> bool:
     return a == b or a.endswith("." + b) or b.endswith("." + a)
 
 
+def _strict(text: str) -> str:
+    """``text`` as RE2 can take a str (strict UTF-8): a lone surrogate becomes U+FFFD instead
+    of an error that would fail the message on every retry."""
+    return text if text.isascii() else without_surrogates(text)
+
+
 def shown_domain(text: str) -> str | None:
     """The host a link's visible text claims, when the text is itself a URL or host name."""
     # A host name has a dot: most link text ("Read more") needs no regex search at all.
-    found = _SHOWN_URL.search(text) if text and len(text) <= 2048 and "." in text else None
+    found = _SHOWN_URL.search(_strict(text)) if text and len(text) <= 2048 and "." in text else None
     return found.group(1).lower() if found else None
 
 
@@ -308,7 +315,7 @@ class NameDomainMismatch:
         address = scan.items(self.group)[item]
         if not isinstance(address, Address) or not address.name or not address.domain:
             return None
-        name = address.name[:512]
+        name = _strict(address.name[:512])
         for pattern in (_NAME_ADDRESS, _NAME_DOMAIN):
             for found in pattern.finditer(name):
                 claimed = str(found.group(1)).lower()

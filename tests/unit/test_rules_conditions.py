@@ -294,6 +294,24 @@ def test_name_domain_mismatch(tmp_path: Path, from_header: str, expected: bool) 
     assert _matches(tmp_path, "{from: {name_domain_mismatch: true}}", message) is expected
 
 
+def test_the_mismatch_checks_take_text_that_is_not_valid_unicode(tmp_path: Path) -> None:
+    # A lone surrogate (what UTF-7's "+2AA-" decodes to) made RE2 raise: a 451 for the message
+    # on every retry. The checks see U+FFFD in its place.
+    from filterd.rules.conditions import shown_domain
+
+    assert shown_domain("https://www.paypal.com/\ud800") == "www.paypal.com"
+    name = "=?utf-7?q?+2AA-service@paypal.com?="
+    raw = f"From: {name} <x@evil.example>\r\nSubject: x\r\n\r\nbody\r\n".encode()
+    message = Message(Envelope("a@example.org", ("b@example.org",)), raw)
+    assert _matches(tmp_path, "{from: {name_domain_mismatch: true}}", message) is True
+
+
+def test_utf7_text_decodes_without_lone_surrogates() -> None:
+    from filterd.mime_headers import decode_text
+
+    assert decode_text(b"+2AA-www.paypal.com", "utf-7") == "\ufffdwww.paypal.com"
+
+
 def test_trace_detail_names_the_matched_text(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(
         textwrap.dedent("""\
