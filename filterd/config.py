@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
 import sys
@@ -167,8 +168,8 @@ def parse_duration(value: object) -> float:
         if not match:
             raise ValueError(f"expected a duration like 30d, 12h, 90s, got {value!r}")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("duration must be positive")
+    if not seconds > 0 or math.isinf(seconds):  # "not >" also refuses NaN (.nan in YAML)
+        raise ValueError("duration must be a positive, finite number of seconds")
     return seconds
 
 

@@ -63,21 +63,58 @@ def _pos(source: str, node: yaml.Node) -> Pos:
     return Pos(source, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+# Values a document may hold once its aliases are expanded. Aliases are expanded (each use is a
+# copy that knows its own position), so ten lines of anchors nesting ten aliases each would
+# otherwise expand to billions of values: a loader that never returns, or a daemon killed for
+# memory while it reloads. A thousand-rule file holds about ten thousand.
+MAX_VALUES = 200_000
+
+
+class _TooLarge(Exception):
+    def __init__(self, pos: Pos) -> None:
+        self.pos = pos
+
+
 class _Converter:
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[Problem] = []
         self.constructor = yaml.SafeLoader("")
+        self.values = 0
+        self.open: set[int] = set()  # the collections being converted: an alias back to one loops
 
     def convert(self, node: yaml.Node) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node)
-        if isinstance(node, yaml.SequenceNode):
-            seq = YamlSeq(self.convert(item) for item in node.value)
-            seq.pos = _pos(self.source, node)
-            seq.item_pos = [_pos(self.source, item) for item in node.value]
-            return seq
-        return self.constructor.construct_object(node, deep=True)
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise _TooLarge(_pos(self.source, node))
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if id(node) in self.open:
+                self.problems.append(
+                    _pos(self.source, node).problem("an alias that refers to itself (recursive)")
+                )
+                return None
+            self.open.add(id(node))
+            try:
+                if isinstance(node, yaml.MappingNode):
+                    return self._mapping(node)
+                seq = YamlSeq(self.convert(item) for item in node.value)
+                seq.pos = _pos(self.source, node)
+                seq.item_pos = [_pos(self.source, item) for item in node.value]
+                return seq
+            finally:
+                self.open.discard(id(node))
+        return self._scalar(node)
+
+    def _scalar(self, node: yaml.Node) -> Any:
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise  # located by load_yaml
+        except (ValueError, OverflowError, TypeError) as exc:
+            # YAML that parses but whose value cannot be built (2024-02-30, !!int abc, an
+            # integer of thousands of digits): a located error, not a traceback.
+            self.problems.append(_pos(self.source, node).problem(f"invalid value: {exc}"))
+            return None
 
     def _mapping(self, node: yaml.MappingNode) -> YamlMap:
         result = YamlMap()
@@ -90,7 +127,7 @@ class _Converter:
                     _pos(self.source, key_node).problem("merge keys (<<) are not supported")
                 )
                 continue
-            key = self.constructor.construct_object(key_node, deep=True)
+            key = self._scalar(key_node)
             if not isinstance(key, str):
                 key = str(key)
             key_pos = _pos(self.source, key_node)
@@ -126,6 +163,13 @@ def load_yaml(text: str, source: str) -> Any:
     converter = _Converter(source)
     try:
         value = converter.convert(node)
+    except _TooLarge as exc:
+        raise ConfigError.single(
+            source,
+            exc.pos.line,
+            exc.pos.col,
+            f"more than {MAX_VALUES:,} values once aliases are expanded (an alias bomb?)",
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

@@ -163,7 +163,7 @@ class _Loader:
         base = Path(source).parent
         for name, path_value in mapping.items():
             at = mapping.key_at(name)
-            if not LIST_NAME_RE.match(name):
+            if not LIST_NAME_RE.fullmatch(name):
                 self.problems.add(at, f"bad list name '{name}' (letters, digits, '_', '-', '.')")
                 continue
             if name in self.lists:
@@ -301,7 +301,7 @@ class _Loader:
         name = as_str(mapping["name"], at, self.problems, "rule name")
         if name is None:
             return None
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             self.problems.add(
                 at,
                 f"bad rule name '{name}': use lowercase letters, digits, '_' "
@@ -421,7 +421,7 @@ def _addresses(value: Any, pos: Pos, problems: Problems, what: str) -> tuple[str
     listed = as_str_list(value, pos, problems, what)
     if listed is None:
         return None
-    bad = [(text, at) for text, at in listed if not ADDRESS_RE.match(text)]
+    bad = [(text, at) for text, at in listed if not ADDRESS_RE.fullmatch(text)]
     for text, at in bad:
         problems.add(at, f"{what}: '{text}' is not an email address (write user@example.org)")
     return None if bad else tuple(text for text, _ in listed)
@@ -436,7 +436,7 @@ def _reply(value: Any, pos: Pos, action: Action | None, problems: Problems) -> S
         return None
     wanted = "5" if action is Action.REJECT else "4"
     example = "554 5.7.1 Message rejected" if wanted == "5" else "451 4.7.1 Try again later"
-    found = REPLY_RE.match(text)
+    found = REPLY_RE.fullmatch(text)
     if not found or found.group(1)[0] != wanted or found.group(2)[0] != wanted:
         problems.add(
             pos,

@@ -106,10 +106,14 @@ def as_number(value: Any, pos: Pos, problems: Problems, what: str) -> float | No
     if isinstance(value, bool) or not isinstance(value, int | float):
         problems.add(pos, f"{what} must be a number, got {describe_type(value)}")
         return None
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
         problems.add(pos, f"{what} must be a finite number")
         return None
-    return float(value)
+    return number
 
 
 def as_str_list(
@@ -152,8 +156,12 @@ def as_size(value: Any, pos: Pos, problems: Problems, what: str) -> int | None:
         return value
     if isinstance(value, str):
         found = _SIZE_RE.match(value)
+        size = float(found.group(1)) * _UNITS[found.group(2).lower()] if found else math.nan
+        if math.isfinite(size):
+            return int(size)
         if found:
-            return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+            problems.add(pos, f"{what}: size '{value[:40]}' is too large")
+            return None
         problems.add(pos, f"{what}: bad size '{value}' (use bytes or a K / M / G suffix, e.g. 10M)")
         return None
     problems.add(pos, f"{what} must be a size such as 500K or 10M, got {describe_type(value)}")
@@ -164,7 +172,7 @@ def header_name(value: Any, pos: Pos, problems: Problems, what: str) -> str | No
     text = as_str(value, pos, problems, what)
     if text is None:
         return None
-    if not HEADER_NAME_RE.match(text):
+    if not HEADER_NAME_RE.fullmatch(text):
         problems.add(
             pos,
             f"{what}: '{text}' is not a valid header name (printable ASCII without spaces or ':')",

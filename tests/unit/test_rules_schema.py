@@ -232,6 +232,72 @@ def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
     assert "invalid YAML" in _problems(path)[0]
 
 
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    # Seven lines that would expand to 10**7 values: refused within the value budget.
+    lines = ['x0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"x{n}: &a{n} [{','.join([f'*a{n - 1}'] * 10)}]" for n in range(1, 7)]
+    path = _write(tmp_path / "rules.yaml", "rules: []\n" + "\n".join(lines) + "\n")
+    [problem] = _problems(path)
+    assert problem.startswith(f"{path}:")
+    assert "values once aliases are expanded" in problem
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rules: &r [*r]\n", ":1:8: an alias that refers to itself"),
+        ("rules: []\ndescription: 2024-02-30\n", ":2:14: invalid value: day is out of range"),
+        ("rules: []\nx: !!int abc\n", ":2:4: invalid value:"),
+        ("rules: []\nx: " + "9" * 5000 + "\n", ":2:4: invalid value:"),
+        (
+            "rules:\n  - {name: a, if: {subject: {contains: x}}, then: {score: 1"
+            + "0" * 400
+            + "}}\n",
+            "score must be a finite number",
+        ),
+        (
+            "rules:\n  - {name: a, if: {size: {gt: '1" + "0" * 400 + "K'}}, then: {score: 1}}\n",
+            "is too large",
+        ),
+    ],
+    ids=[
+        "recursive-alias",
+        "impossible-date",
+        "bad-int-tag",
+        "huge-int",
+        "huge-score",
+        "huge-size",
+    ],
+)
+def test_yaml_that_parses_but_cannot_be_built_is_located(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = _write(tmp_path / "rules.yaml", text)
+    [problem] = _problems(path)
+    assert problem.startswith(str(path))
+    assert expected in problem
+
+
+@pytest.mark.parametrize(
+    "then",
+    [
+        '{bcc: ["archive@example.org\\n"]}',
+        '{redirect: ["a@example.org\\n"]}',
+        '{add_header: {"X-A\\n": v}}',
+        '{action: reject, reply: "550 5.7.1 no\\n"}',
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_a_valid_name_or_address(
+    tmp_path: Path, then: str
+) -> None:
+    # Python's "$" also matches before a final newline: an address with one went into RCPT TO.
+    path = _write(
+        tmp_path / "rules.yaml",
+        f"rules:\n  - {{name: a, if: {{subject: {{contains: x}}}}, then: {then}}}\n",
+    )
+    assert len(_problems(path)) == 1
+
+
 def test_directory_loads_yaml_files_in_name_order(tmp_path: Path) -> None:
     _write(tmp_path / "20-second.yaml", _rule_file("b"))
     _write(tmp_path / "10-first.yaml", _rule_file("a"))
