@@ -82,13 +82,21 @@ def handle_signals(
     *,
     on_terminate: Callable[[], None],
     on_reload: Callable[[], None],
+    interrupt: bool = True,
 ) -> None:
-    """SIGTERM and SIGINT stop (drain first), SIGHUP reloads: the daemon and the supervisor."""
+    """SIGTERM and SIGINT stop (drain first), SIGHUP reloads: the daemon and the supervisor.
+
+    A worker (``interrupt=False``) ignores SIGINT: Ctrl-C reaches the whole process group, and
+    the supervisor passes it on as SIGTERM, which the worker would take for a second signal
+    and exit at once, cutting off the messages it was delivering."""
     for signum, callback in (
         (signal.SIGTERM, on_terminate),
         (signal.SIGINT, on_terminate),
         (signal.SIGHUP, on_reload),
     ):
+        if signum == signal.SIGINT and not interrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            continue
         loop.add_signal_handler(signum, callback)
 
 
@@ -142,6 +150,7 @@ class Daemon:
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
         self.signals_seen = 0
+        self.reload_lock = asyncio.Lock()
         self.servers: list[asyncio.Server] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -158,7 +167,13 @@ class Daemon:
         self.tasks.append(asyncio.get_running_loop().create_task(self.reload()))
 
     async def reload(self) -> None:
-        """Build a new rule set beside the old one; swap only if it is valid."""
+        """Build a new rule set beside the old one; swap only if it is valid. Reloads run one
+        at a time, in the order of their signals: otherwise a slow earlier one (a big rule set)
+        could finish last and put the older rules back."""
+        async with self.reload_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
         self.notifier.reloading()
         started = time.perf_counter()
         loaded = await load_for_reload(self.config_path, self.overrides, self.config)
@@ -186,7 +201,12 @@ class Daemon:
     # --- run ---------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        handle_signals(loop, on_terminate=self.on_terminate, on_reload=self.on_reload)
+        handle_signals(
+            loop, on_terminate=self.on_terminate, on_reload=self.on_reload, interrupt=self.primary
+        )
+        # A worker starts with SIGHUP blocked (see Supervisor.start_worker); one that came
+        # meanwhile is delivered now, to the handler above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         policy = self.handler.policy
 
         def factory() -> FilterdSMTP:

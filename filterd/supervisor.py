@@ -30,7 +30,13 @@ from filterd.actions.quarantine import QuarantineStore
 from filterd.app import handle_signals, load_for_reload, start_retention
 from filterd.config import Config
 from filterd.logsetup import get_logger
-from filterd.observe import Metrics, make_registry, mark_process_dead, start_metrics_server
+from filterd.observe import (
+    Metrics,
+    make_registry,
+    mark_process_dead,
+    reset_multiprocess_dir,
+    start_metrics_server,
+)
 from filterd.rules import load_ruleset
 from filterd.sdnotify import Notifier, watchdog_loop
 
@@ -38,6 +44,10 @@ log = get_logger("filterd.supervisor")
 
 WORKER_FDS_FLAG = "--worker-fds"
 RESTART_BACKOFF_SECONDS = 1.0
+# A worker that keeps dying soon after its start (a config file that no longer loads, say)
+# is restarted ever less often, up to this; one that ran this long resets the backoff.
+MAX_RESTART_BACKOFF_SECONDS = 60.0
+EXIT_CONFIG = 78  # what a worker exits with when the config or rules do not load
 
 
 def bind_listeners(config: Config) -> list[socket.socket]:
@@ -67,6 +77,8 @@ class Supervisor:
         self.metrics = Metrics(self.registry)
         self.notifier = Notifier()
         self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.backoff: dict[int, float] = {}  # per slot: the wait before its next restart
+        self.reload_lock = asyncio.Lock()
         self.stopping = False
         self.signals_seen = 0
         self.done = asyncio.Event()
@@ -81,16 +93,30 @@ class Supervisor:
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
         env.pop("WATCHDOG_USEC", None)
         env["FILTERD_WORKER"] = str(slot)
-        proc = await asyncio.create_subprocess_exec(
-            *self.worker_command(),
-            pass_fds=[sock.fileno() for sock in self.sockets],
-            env=env,
-        )
+        # The worker starts with SIGHUP blocked (a child inherits the signal mask), and
+        # unblocks it once its own handler is in place (Daemon.run): a reload fanned out while
+        # it starts would otherwise kill it, SIGHUP's default action. Blocked, not ignored, so
+        # neither process loses one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.worker_command(),
+                pass_fds=[sock.fileno() for sock in self.sockets],
+                env=env,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self.workers[slot] = proc
         log.info("worker_started", slot=slot, pid=proc.pid)
         self.tasks.append(asyncio.get_running_loop().create_task(self.watch(slot, proc)))
+        if self.stopping:
+            # SIGTERM came while this worker was being started, after the fan-out: it must
+            # not be left running, unknown to anyone, on the listening sockets.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     async def watch(self, slot: int, proc: asyncio.subprocess.Process) -> None:
+        started = time.monotonic()
         code = await proc.wait()
         mark_process_dead(proc.pid)
         if self.workers.get(slot) is proc:
@@ -99,8 +125,23 @@ class Supervisor:
             log.info("worker_stopped", slot=slot, pid=proc.pid, code=code)
             self._stopped_when_idle()
             return
-        log.error("worker_died", slot=slot, pid=proc.pid, code=code)
-        await asyncio.sleep(RESTART_BACKOFF_SECONDS)
+        wait = self.backoff.get(slot, RESTART_BACKOFF_SECONDS)
+        if time.monotonic() - started >= MAX_RESTART_BACKOFF_SECONDS:
+            wait = RESTART_BACKOFF_SECONDS  # it ran a good while: a fresh failure
+        self.backoff[slot] = min(wait * 2, MAX_RESTART_BACKOFF_SECONDS)
+        log.error(
+            "worker_died",
+            slot=slot,
+            pid=proc.pid,
+            code=code,
+            restart_in_seconds=wait,
+            detail=(
+                "the config or rules no longer load (filterd check)"
+                if code == EXIT_CONFIG
+                else None
+            ),
+        )
+        await asyncio.sleep(wait)
         if self.stopping:
             self._stopped_when_idle()  # SIGTERM came during the backoff: do not restart
         else:
@@ -134,14 +175,16 @@ class Supervisor:
         self.tasks.append(asyncio.get_running_loop().create_task(self.reload()))
 
     async def reload(self) -> None:
-        """Validate once here, so an invalid set is refused (and counted) once; then fan out."""
-        self.notifier.reloading()
-        loaded = await load_for_reload(self.config_path, self.overrides, self.config)
-        self.metrics.reload(success=loaded is not None)
-        if loaded is not None:
-            self.metrics.set_rule_names(loaded[1].rule_names)
-            self.fan_out(signal.SIGHUP)
-        self.notifier.ready()
+        """Validate once here, so an invalid set is refused (and counted) once; then fan out.
+        One at a time, in signal order (see Daemon.reload)."""
+        async with self.reload_lock:
+            self.notifier.reloading()
+            loaded = await load_for_reload(self.config_path, self.overrides, self.config)
+            self.metrics.reload(success=loaded is not None)
+            if loaded is not None:
+                self.metrics.set_rule_names(loaded[1].rule_names)
+                self.fan_out(signal.SIGHUP)
+            self.notifier.ready()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -156,6 +199,8 @@ class Supervisor:
                 )
             )
         for slot in range(self.config.workers):
+            if self.stopping:
+                break  # SIGTERM during start-up: the listening sockets are closed already
             await self.start_worker(slot)
         path = self.config.quarantine.path
         retention = await start_retention(lambda: QuarantineStore(path), self.config, self.metrics)
@@ -183,6 +228,10 @@ def run_supervisor(
     config: Config, config_path: str | None, argv: Sequence[str], overrides: dict[str, object]
 ) -> int:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    # A directory given from outside (systemd's RuntimeDirectory survives a restart of the
+    # service only sometimes) may hold the files of a previous run: their counters and live
+    # gauges would be merged into this one's.
+    reset_multiprocess_dir()
     started = time.monotonic()
     try:
         return asyncio.run(Supervisor(config, config_path, argv, overrides).run())

@@ -128,3 +128,91 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path, nexthop: NextHop
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+
+
+def test_reloads_apply_in_the_order_of_their_signals(tmp_path: Path, nexthop: NextHop) -> None:
+    """A slow reload (a big rule set) started first must not finish last and put the older
+    rules back over a quick one signalled after it."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    big = "rules:\n" + "".join(
+        f"  - {{name: r{n}, if: {{subject: {{regex: 'w{n}[a-z]+x'}}}}, then: {{score: 1}}}}\n"
+        for n in range(4000)
+    )
+    blocking = (
+        "rules:\n  - name: block\n    if: {subject: {contains: blockme}}\n"
+        '    then: {action: reject, reply: "550 5.7.1 blocked here"}\n'
+    )
+    # One process: with workers, each reload a worker runs reads the files as they are when
+    # the supervisor's SIGHUP reaches it, which hides the race this is about.
+    with Daemon(tmp_path, nexthop.port, rules=rules) as daemon:
+        daemon.wait_event("daemon_started")
+        rules.write_text(big)
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.1)  # the big set is loading now
+        rules.write_text(blocking)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("config_reloaded", 2, timeout=60)
+        for _ in range(2):
+            with (
+                smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp,
+                pytest.raises(smtplib.SMTPDataError) as error,
+            ):
+                smtp.sendmail("a@example.org", ["b@example.net"], b"Subject: blockme\r\n\r\nx\r\n")
+            assert error.value.smtp_code == 550
+
+
+def test_a_worker_that_keeps_failing_is_restarted_ever_less_often(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
+    """With the config file broken (an edit half done), a restarted worker exits 78 at once:
+    restarting it every second for ever would only burn CPU."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra={"workers": 2}) as daemon:
+        first, _ = wait_workers(daemon, 2)
+        rules.write_text("rules: [this is: not valid\n")
+        os.kill(first, signal.SIGKILL)
+        deaths = daemon.wait_event("worker_died", 3, timeout=20)
+        assert [death["restart_in_seconds"] for death in deaths[:3]] == [1.0, 2.0, 4.0]
+        assert [death["code"] for death in deaths[1:3]] == [78, 78]
+        send(daemon.port, 2)  # the other worker serves all along
+
+
+def test_ctrl_c_lets_the_workers_finish_what_they_deliver(tmp_path: Path, nexthop: NextHop) -> None:
+    """Ctrl-C reaches the whole process group: each worker must drain once, not take the
+    supervisor's SIGTERM that follows for a second signal and drop the message it relays."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    nexthop.behaviour.delay = {"dot": 1.5}  # the message is in flight when Ctrl-C comes
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra={"workers": 2}) as daemon:
+        wait_workers(daemon, 2)
+        assert daemon.proc is not None
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as smtp:
+            smtp.ehlo()
+            smtp.mail("a@example.org")
+            smtp.rcpt("b@example.net")
+            smtp.putcmd("data")
+            assert smtp.getreply()[0] == 354
+            smtp.send(PLAIN + b".\r\n")
+            time.sleep(0.5)
+            for pid in [daemon.proc.pid, *worker_pids(daemon.proc.pid)]:
+                os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the group
+            code, _ = smtp.getreply()
+        assert code == 250
+        assert daemon.wait() == 0
+    assert len(nexthop.messages) == 1
+
+
+def test_a_reload_while_the_workers_start_does_not_kill_them(
+    tmp_path: Path, nexthop: NextHop
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    daemon = Daemon(tmp_path, nexthop.port, rules=rules, extra={"workers": 2})
+    with daemon:
+        assert daemon.proc is not None
+        daemon.signal(signal.SIGHUP)  # right after the supervisor listens: workers are starting
+        wait_workers(daemon, 2)
+        time.sleep(1.0)
+        assert daemon.events("worker_died") == []
