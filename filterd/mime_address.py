@@ -26,13 +26,15 @@ Mailbox = tuple[str, str]  # (display name decoded, address as written)
 class _Element:
     """The pieces of one mailbox between separators."""
 
-    __slots__ = ("angle", "comments", "phrase", "raw")
+    __slots__ = ("angle", "comments", "has_at", "phrase", "raw", "raw_checked")
 
     def __init__(self) -> None:
         self.phrase: list[str] = []  # text before any angle address, quotes removed
         self.raw: list[str] = []  # the same text as written (quotes kept), for bare addr-specs
         self.angle: str | None = None
         self.comments: list[str] = []
+        self.has_at = False  # whether a piece of ``raw`` holds an "@" (see _has_at)
+        self.raw_checked = 0  # how many pieces of ``raw`` _has_at has looked at
 
     def mailbox(self) -> Mailbox | None:
         comment = _SPACES_RE.sub(" ", " ".join(self.comments)).strip()
@@ -146,7 +148,14 @@ def parse_address_list(value: str) -> list[Mailbox]:
 
 
 def _has_at(element: _Element) -> bool:
-    return any("@" in piece for piece in element.raw)
+    """Whether the element's text so far holds an "@". Asked at every ':', so each piece is
+    looked at once: rescanning them all each time made a header of many pieces and many
+    colons quadratic (seconds for a few tens of KB)."""
+    if not element.has_at:
+        raw = element.raw
+        element.has_at = any("@" in piece for piece in raw[element.raw_checked :])
+        element.raw_checked = len(raw)
+    return element.has_at
 
 
 def _odd_escape(inner: str) -> bool:

@@ -22,6 +22,8 @@ from itertools import compress, repeat
 from operator import not_
 from urllib.parse import unquote
 
+from filterd.mime_headers import without_surrogates
+
 # One token at a '<': a tag (closing slash, name, attributes up to an optional '>'; quotes only
 # matter after '=', as in the HTML tokenizer), a comment opener, or another markup declaration.
 _TOKEN_RE = re.compile(
@@ -429,4 +431,5 @@ def _idna_label(label: str) -> str:
         decoded = label[4:].encode("ascii").decode("punycode")
     except (UnicodeError, ValueError):
         return label
-    return decoded.lower() if decoded else label
+    # Punycode can decode to a lone surrogate ("xn--ib9b"), which no text output can encode.
+    return without_surrogates(decoded).lower() if decoded else label

@@ -56,6 +56,13 @@ class _Declared:
     boundary: str
 
 
+def _as_saved(filename: str) -> str:
+    """An attachment's name as a mail client saves it: without the blanks around it (Python's
+    ``get_filename`` strips them) and without trailing dots (Windows drops them), so that
+    ``invoice.js `` or ``setup.exe.`` cannot slip past a rule on ``*.js`` or ``*.exe``."""
+    return filename.strip().rstrip(". \t")
+
+
 def _declared(fields: list[HeaderField], default_type: str) -> _Declared:
     content_type = disposition = encoding = None
     for name, value in fields:
@@ -70,7 +77,7 @@ def _declared(fields: list[HeaderField], default_type: str) -> _Declared:
     if not _TYPE_RE.fullmatch(ctype):
         ctype = "text/plain"  # RFC 2045 section 5.2: an invalid Content-Type means text/plain
     disp, disp_params = parse_params(disposition) if disposition is not None else ("", {})
-    filename = disp_params.get("filename") or params.get("name") or ""
+    filename = _as_saved(disp_params.get("filename") or params.get("name") or "")
     return _Declared(
         content_type=ctype,
         charset=params.get("charset"),

@@ -101,8 +101,10 @@ class MessageScan:
             return self.parsed.header_values(group[len("header:") :])
         if group == "body":
             # Without trailing line breaks, so that "$" means the end of the text as it
-            # would in Python (RE2's "$" does not match before a final newline).
-            return [self.parsed.body_text[: self._max_scan].rstrip("\r\n")]
+            # would in Python (RE2's "$" does not match before a final newline). Each text
+            # part is already cut at max_scan_bytes (ParsedMessage's max_text_bytes): cutting
+            # the parts joined would let a long harmless first part hide the ones after it.
+            return [self.parsed.body_text.rstrip("\r\n")]
         if group == "raw":
             return [self.message.raw[: self._max_scan]]
         if group == "url":

@@ -312,6 +312,22 @@ def test_utf7_text_decodes_without_lone_surrogates() -> None:
     assert decode_text(b"+2AA-www.paypal.com", "utf-7") == "\ufffdwww.paypal.com"
 
 
+def test_the_scan_limit_applies_to_each_text_part(tmp_path: Path) -> None:
+    # A long harmless first part must not push the next one out of the body rules' sight.
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - {name: fee, if: {body: {contains: western union}}, then: {score: 1}}\n"
+    )
+    ruleset = load_ruleset(tmp_path / "rules.yaml", max_scan_bytes=1000)
+    filler = "harmless words " * 200  # 3,000 bytes: past the limit on its own
+    raw = (
+        'Subject: x\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        f"--b\r\nContent-Type: text/plain\r\n\r\n{filler}\r\n"
+        "--b\r\nContent-Type: text/plain\r\n\r\npay the fee by western union\r\n--b--\r\n"
+    ).encode()
+    verdict = evaluate(ruleset, Message(Envelope("a@example.org", ("b@example.org",)), raw))
+    assert verdict.rules == ("fee",)
+
+
 def test_trace_detail_names_the_matched_text(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(
         textwrap.dedent("""\
