@@ -139,6 +139,7 @@ class Daemon:
         self.registry = make_registry()
         self.metrics = Metrics(self.registry)
         self.metrics.set_rule_names(self.ruleset.rule_names)
+        self._count_reload(success=True)  # the initial load counts as one
         self.quarantine = LazyQuarantine(config.quarantine.path)
         self.relay = relay_client(config)
         self.processor = MessageProcessor(
@@ -195,8 +196,7 @@ class Daemon:
 
     def _count_reload(self, *, success: bool) -> None:
         # Workers reload after the supervisor validated and counted the reload once.
-        if self.primary:
-            self.metrics.reload(success=success)
+        self.metrics.reload(success=success, count=self.primary)
 
     # --- run ---------------------------------------------------------------------------------
     async def run(self) -> int:

@@ -343,9 +343,12 @@ class Metrics:
 
     # -- config and quarantine ---------------------------------------------------------
 
-    def reload(self, success: bool) -> None:
-        """Record a config/rules load attempt; call it for the initial load too."""
-        self._reloads.labels(result="success" if success else "failure").inc()
+    def reload(self, success: bool, *, count: bool = True) -> None:
+        """Record a config/rules load attempt; call it for the initial load too. A worker
+        passes ``count=False``: the supervisor counts each reload once, but every process
+        reports its own state in the gauges, which merge to the stalest worker's."""
+        if count:
+            self._reloads.labels(result="success" if success else "failure").inc()
         self._reload_ok.set(1 if success else 0)
         if success:
             self._reload_ok_time.set(time.time())

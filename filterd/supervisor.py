@@ -191,6 +191,7 @@ class Supervisor:
         handle_signals(loop, on_terminate=self.on_terminate, on_reload=self.on_reload)
         ruleset = load_ruleset(self.config.rules, max_scan_bytes=self.config.limits.max_scan_bytes)
         self.metrics.set_rule_names(ruleset.rule_names)
+        self.metrics.reload(success=True)  # the initial load counts as one
         servers = []
         if self.config.metrics_listen is not None:
             servers.append(

@@ -113,8 +113,15 @@ def test_sighup_is_validated_once_and_fanned_out(tmp_path: Path, nexthop: NextHo
         assert daemon.wait_event("reload_failed")
         assert daemon.metrics_port is not None
         text = scrape(daemon.metrics_port)
-        assert counter(text, "filterd_config_reloads_total", result="success") == 1
+        # the initial load and the good reload, each counted once for all the workers
+        assert counter(text, "filterd_config_reloads_total", result="success") == 2
         assert counter(text, "filterd_config_reloads_total", result="failure") == 1
+        # every worker reported its load: merged, the stalest one's time, not a worker's 0
+        stamp = re.search(
+            r"^filterd_config_last_reload_success_timestamp_seconds (\S+)$", text, re.MULTILINE
+        )
+        assert stamp is not None
+        assert float(stamp.group(1)) > 1e9
 
 
 def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path, nexthop: NextHop) -> None:
