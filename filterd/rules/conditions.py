@@ -380,9 +380,14 @@ def _parse_client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     if text[:5].lower() == "ipv6:":
         text = text[5:]  # Postfix XFORWARD writes IPv6 clients as IPv6:2001:db8::1
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        # ::ffff:192.0.2.7, as a socket listening on [::] sees an IPv4 client: the client is
+        # 192.0.2.7 (the connection ACL reads it so too), and IPv4 lists must match it.
+        return address.ipv4_mapped
+    return address
 
 
 class ClientIp(Condition):

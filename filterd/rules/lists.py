@@ -68,7 +68,9 @@ def parse_network(text: str) -> IpNetwork | None:
 
 def parse_list_text(text: str) -> tuple[ListEntry, ...]:
     entries: list[ListEntry] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n (and \r\n) only: str.splitlines() also breaks at form feeds, U+0085 and
+    # U+2028, which would turn the rest of a comment into an entry and shift line numbers.
+    for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
         content = line
         for marker in (" #", "\t#"):
             cut = content.find(marker)

@@ -238,6 +238,7 @@ def test_null_sender(tmp_path: Path, sender: str, condition: str, expected: bool
         ("192.0.2.77", True),
         ("[192.0.2.77]", True),
         ("IPv6:2001:db8::1", True),
+        ("::ffff:192.0.2.77", True),  # an IPv4 client as a socket on [::] sees it
         ("198.51.100.1", False),
         (None, False),
         ("not-an-ip", False),

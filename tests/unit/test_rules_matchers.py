@@ -182,6 +182,14 @@ def test_list_text_parsing() -> None:
     ]
 
 
+def test_list_lines_end_only_at_line_feeds() -> None:
+    # str.splitlines() also breaks at a form feed, U+0085 or U+2028: the rest of a comment
+    # became an entry, and the lines after it were numbered wrong.
+    text = "# note\x85comment\r\nspam.example\n# page\x0cbreak\nevil.example\n"
+    entries = parse_list_text(text)
+    assert [(e.value, e.line) for e in entries] == [("spam.example", 2), ("evil.example", 4)]
+
+
 @pytest.mark.parametrize(
     ("text", "valid"),
     [
