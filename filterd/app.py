@@ -100,6 +100,20 @@ def handle_signals(
         loop.add_signal_handler(signum, callback)
 
 
+# The pipe a worker's heartbeat goes to (set by the supervisor, see Supervisor.check_stalls).
+HEARTBEAT_FD_ENV = "FILTERD_HEARTBEAT_FD"
+
+
+async def heartbeat_loop(fd: int, interval: float) -> None:
+    """Tell the supervisor, every ``interval`` seconds, that this worker's event loop still
+    runs: one that stops (a loop wedged in some bug) is killed and restarted there."""
+    os.set_blocking(fd, False)
+    while True:
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, b".")
+        await asyncio.sleep(interval)
+
+
 def ingress_policy(config: Config) -> IngressPolicy:
     limits = config.limits
     return IngressPolicy(
@@ -237,6 +251,10 @@ class Daemon:
             if retention is not None:
                 self.tasks.append(retention)
             self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
+        heartbeat = os.environ.get(HEARTBEAT_FD_ENV)
+        if heartbeat and not self.primary:
+            interval = self.config.limits.worker_stall_timeout / 4
+            self.tasks.append(loop.create_task(heartbeat_loop(int(heartbeat), interval)))
         log.info(
             "daemon_started",
             version=__version__,

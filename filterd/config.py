@@ -58,6 +58,7 @@ class Limits:
     drain_timeout: float = 30.0
     max_scan_bytes: int = 1_048_576
     spool_threshold: int = 1_048_576
+    worker_stall_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ _LIMIT_PARSERS: dict[str, Any] = {
     "drain_timeout": parse_duration,
     "max_scan_bytes": parse_size,
     "spool_threshold": parse_size,
+    "worker_stall_timeout": parse_duration,
 }
 
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 
 from filterd.actions.quarantine import QuarantineStore
-from filterd.app import handle_signals, load_for_reload, start_retention
+from filterd.app import HEARTBEAT_FD_ENV, handle_signals, load_for_reload, start_retention
 from filterd.config import Config
 from filterd.logsetup import get_logger
 from filterd.observe import (
@@ -48,6 +48,9 @@ RESTART_BACKOFF_SECONDS = 1.0
 # is restarted ever less often, up to this; one that ran this long resets the backoff.
 MAX_RESTART_BACKOFF_SECONDS = 60.0
 EXIT_CONFIG = 78  # what a worker exits with when the config or rules do not load
+# How long a new worker may take to send its first heartbeat (imports, loading the rules),
+# at least: a large rule set compiles for seconds.
+STARTUP_GRACE_SECONDS = 30.0
 
 
 def bind_listeners(config: Config) -> list[socket.socket]:
@@ -78,6 +81,9 @@ class Supervisor:
         self.notifier = Notifier()
         self.workers: dict[int, asyncio.subprocess.Process] = {}
         self.backoff: dict[int, float] = {}  # per slot: the wait before its next restart
+        # per slot: when its worker started, and when its last heartbeat came (None: not yet)
+        self.started: dict[int, float] = {}
+        self.beats: dict[int, float | None] = {}
         self.reload_lock = asyncio.Lock()
         self.stopping = False
         self.signals_seen = 0
@@ -93,6 +99,8 @@ class Supervisor:
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
         env.pop("WATCHDOG_USEC", None)
         env["FILTERD_WORKER"] = str(slot)
+        beat_read, beat_write = os.pipe()
+        env[HEARTBEAT_FD_ENV] = str(beat_write)
         # The worker starts with SIGHUP blocked (a child inherits the signal mask), and
         # unblocks it once its own handler is in place (Daemon.run): a reload fanned out while
         # it starts would otherwise kill it, SIGHUP's default action. Blocked, not ignored, so
@@ -101,11 +109,19 @@ class Supervisor:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.worker_command(),
-                pass_fds=[sock.fileno() for sock in self.sockets],
+                pass_fds=[*(sock.fileno() for sock in self.sockets), beat_write],
                 env=env,
             )
+        except BaseException:
+            os.close(beat_read)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            os.close(beat_write)  # the worker's copy is the only writer: its exit is our EOF
+        loop = asyncio.get_running_loop()
+        self.started[slot], self.beats[slot] = loop.time(), None
+        os.set_blocking(beat_read, False)
+        loop.add_reader(beat_read, self._heard, slot, beat_read)
         self.workers[slot] = proc
         log.info("worker_started", slot=slot, pid=proc.pid)
         self.tasks.append(asyncio.get_running_loop().create_task(self.watch(slot, proc)))
@@ -146,6 +162,39 @@ class Supervisor:
             self._stopped_when_idle()  # SIGTERM came during the backoff: do not restart
         else:
             await self.start_worker(slot)
+
+    def _heard(self, slot: int, fd: int) -> None:
+        """A heartbeat (or the end of the pipe: the worker is gone) from slot ``slot``."""
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        loop = asyncio.get_running_loop()
+        if not data:
+            loop.remove_reader(fd)
+            os.close(fd)
+            return
+        self.beats[slot] = loop.time()
+
+    async def check_stalls(self) -> None:
+        """Kill a worker whose event loop has stopped beating: it holds its share of the
+        connections and answers none. Its restart follows as for any dead worker. (systemd's
+        watchdog sees only the supervisor's loop.)"""
+        timeout = self.config.limits.worker_stall_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(timeout / 4)
+            now = loop.time()
+            for slot, proc in list(self.workers.items()):
+                last = self.beats.get(slot)
+                since = self.started.get(slot, now) if last is None else last
+                limit = timeout if last is not None else max(timeout, STARTUP_GRACE_SECONDS)
+                if now - since > limit and proc.returncode is None and not self.stopping:
+                    log.error(
+                        "worker_stalled", slot=slot, pid=proc.pid, silent_seconds=round(now - since)
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
 
     def _stopped_when_idle(self) -> None:
         if not self.workers:
@@ -208,6 +257,7 @@ class Supervisor:
         if retention is not None:
             self.tasks.append(retention)
         self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
+        self.tasks.append(loop.create_task(self.check_stalls()))
         log.info(
             "supervisor_started",
             workers=self.config.workers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -223,3 +224,26 @@ def test_a_reload_while_the_workers_start_does_not_kill_them(
         wait_workers(daemon, 2)
         time.sleep(1.0)
         assert daemon.events("worker_died") == []
+
+
+def test_a_worker_whose_loop_stops_is_killed_and_replaced(tmp_path: Path, nexthop: NextHop) -> None:
+    """systemd's watchdog hears only the supervisor: a worker wedged in a loop that never
+    yields would keep its share of the connections and answer none, for good."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    extra = {"workers": 2, "limits": {"worker_stall_timeout": 2}}
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        stuck, other = wait_workers(daemon, 2)
+        os.kill(stuck, signal.SIGSTOP)  # as good as a loop that never yields
+        try:
+            [stalled] = daemon.wait_event("worker_stalled", timeout=15)
+            assert stalled["pid"] == stuck
+            assert daemon.wait_event("worker_died", timeout=15)[0]["pid"] == stuck
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGCONT)
+        pids = wait_workers(daemon, 2)
+        assert stuck not in pids
+        assert other in pids
+        send(daemon.port, 4)
+        assert len(nexthop.wait_for(4)) == 4
