@@ -24,7 +24,9 @@ class SpoolFile:
 
     def __init__(self, folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, self.path = tempfile.mkstemp(prefix="msg-", suffix=".eml", dir=folder)
+        # The writer's pid in the name: when a worker dies, its supervisor removes the files
+        # it left (see leftovers_of) while the other workers' stay in use.
+        fd, self.path = tempfile.mkstemp(prefix=f"msg-{os.getpid()}-", suffix=".eml", dir=folder)
         self.file = os.fdopen(fd, "wb")
         self.size = 0
 
@@ -38,6 +40,12 @@ class SpoolFile:
     def discard(self) -> None:
         self.file.close()
         discard(self.path)
+
+
+def leftovers_of(folder: str | Path, pid: int) -> list[Path]:
+    """The spool files process ``pid`` wrote in ``folder`` (to remove once it has died: their
+    messages were never acknowledged, and the MTA sends them again)."""
+    return sorted(Path(folder).glob(f"msg-{pid}-*.eml"))
 
 
 def discard(path: str) -> None:

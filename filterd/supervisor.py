@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from filterd.actions.quarantine import QuarantineStore
 from filterd.app import HEARTBEAT_FD_ENV, handle_signals, load_for_reload, start_retention
@@ -39,6 +40,7 @@ from filterd.observe import (
 )
 from filterd.rules import load_ruleset
 from filterd.sdnotify import Notifier, watchdog_loop
+from filterd.spool import discard, leftovers_of
 
 log = get_logger("filterd.supervisor")
 
@@ -135,6 +137,8 @@ class Supervisor:
         started = time.monotonic()
         code = await proc.wait()
         mark_process_dead(proc.pid)
+        for leftover in leftovers_of(Path(self.config.state_dir) / "spool", proc.pid):
+            discard(str(leftover))  # a killed worker's half-received or unsent messages
         if self.workers.get(slot) is proc:
             del self.workers[slot]
         if self.stopping:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon
+from tests.support.faultclient import RawClient
 from tests.support.nexthop import NextHop
 
 PLAIN = b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -247,3 +248,32 @@ def test_a_worker_whose_loop_stops_is_killed_and_replaced(tmp_path: Path, nextho
         assert other in pids
         send(daemon.port, 4)
         assert len(nexthop.wait_for(4)) == 4
+
+
+def test_a_killed_workers_spool_files_are_removed(tmp_path: Path, nexthop: NextHop) -> None:
+    """A worker killed in the middle of a large message leaves its spool file: nobody will
+    relay it (the MTA sends the message again), and only a full restart cleaned them up."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    extra = {"workers": 2, "limits": {"spool_threshold": "64K"}}
+    spool = tmp_path / "state" / "spool"
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        wait_workers(daemon, 2)
+        client = RawClient(daemon.port)
+        client.ehlo()
+        client.command("MAIL FROM:<a@example.org>")
+        client.command("RCPT TO:<b@example.net>")
+        assert client.command("DATA").code == 354
+        client.send(b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 4000)  # 312 KB, no end
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not list(spool.glob("msg-*.eml")):
+            time.sleep(0.05)
+        [left] = list(spool.glob("msg-*.eml"))
+        writer = int(left.name.split("-")[1])
+        os.kill(writer, signal.SIGKILL)
+        assert daemon.wait_event("worker_died")[0]["pid"] == writer
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and left.exists():
+            time.sleep(0.05)
+        assert not left.exists()
+        client.abort()
