@@ -10,7 +10,6 @@ visible to ``gc`` here) against a real next hop on loopback.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import smtplib
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from filterd.app import Daemon
-from filterd.config import HostPort, QuarantineConfig, default_config
 from filterd.smtp_protocol import FilterdSMTP
+from tests.support.inprocess import inprocess_config
 from tests.support.nexthop import NextHop
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nMessage-ID: <m@example.org>\r\n\r\nhi\r\n"
@@ -74,15 +73,7 @@ async def _sessions(daemon: Daemon) -> None:
 def test_finished_sessions_leave_no_cyclic_garbage(
     tmp_path: Path, nexthop: NextHop, saved_garbage: list[object]
 ) -> None:
-    base = default_config()
-    config = dataclasses.replace(
-        base,
-        relay=HostPort("127.0.0.1", nexthop.port),
-        state_dir=str(tmp_path / "state"),
-        quarantine=QuarantineConfig(path=str(tmp_path / "state" / "quarantine")),
-        metrics_listen=None,
-        workers=1,
-    )
+    config = inprocess_config(tmp_path, nexthop)
 
     async def main() -> None:
         daemon = Daemon(config, None, {})

@@ -36,6 +36,13 @@ def wait_workers(daemon: Daemon, count: int, timeout: float = 15.0) -> list[int]
     raise AssertionError(f"expected {count} workers, have {worker_pids(daemon.proc.pid)}")
 
 
+def assert_replaced(daemon: Daemon, *, gone: int, kept: int) -> None:
+    """Two workers again: ``gone`` replaced by a new one, ``kept`` still serving."""
+    pids = wait_workers(daemon, 2)
+    assert gone not in pids
+    assert kept in pids
+
+
 def send(port: int, count: int) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
         for _ in range(count):
@@ -85,9 +92,7 @@ def test_a_dead_worker_is_restarted_and_mail_keeps_flowing(
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and first in worker_pids(daemon.proc.pid):  # type: ignore[union-attr]
             time.sleep(0.1)
-        pids = wait_workers(daemon, 2)
-        assert first not in pids
-        assert second in pids
+        assert_replaced(daemon, gone=first, kept=second)
         send(daemon.port, 3)
         assert len(nexthop.wait_for(6)) == 6
 
@@ -243,9 +248,7 @@ def test_a_worker_whose_loop_stops_is_killed_and_replaced(tmp_path: Path, nextho
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stuck, signal.SIGCONT)
-        pids = wait_workers(daemon, 2)
-        assert stuck not in pids
-        assert other in pids
+        assert_replaced(daemon, gone=stuck, kept=other)
         send(daemon.port, 4)
         assert len(nexthop.wait_for(4)) == 4
 

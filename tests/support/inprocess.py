@@ -16,9 +16,37 @@ from pathlib import Path
 from typing import Any
 
 from filterd.app import Daemon
-from filterd.config import HostPort, QuarantineConfig, default_config
+from filterd.config import Config, HostPort, QuarantineConfig, default_config
 from filterd.smtp_protocol import FilterdSMTP
 from tests.support.nexthop import NextHop
+
+
+def inprocess_config(
+    tmp_path: Path,
+    nexthop: NextHop,
+    *,
+    limits: dict[str, Any] | None = None,
+    rules: str | None = None,
+) -> Config:
+    """The default config, relaying to ``nexthop``, with its state under ``tmp_path``; one
+    process, no metrics listener. ``limits`` replaces config limits, ``rules`` is a rule
+    file's text."""
+    config = default_config()
+    overrides: dict[str, Any] = {}
+    if rules is not None:
+        rule_file = tmp_path / "rules.yaml"
+        rule_file.write_text(rules)
+        overrides["rules"] = str(rule_file)
+    return dataclasses.replace(
+        config,
+        relay=HostPort("127.0.0.1", nexthop.port),
+        state_dir=str(tmp_path / "state"),
+        quarantine=QuarantineConfig(path=str(tmp_path / "state" / "quarantine")),
+        metrics_listen=None,
+        workers=1,
+        limits=dataclasses.replace(config.limits, **(limits or {})),
+        **overrides,
+    )
 
 
 def serve_in_process(
@@ -36,22 +64,7 @@ def serve_in_process(
     and the names of the coroutines of every task created meanwhile. ``limits`` replaces
     config limits, ``rules`` is a rule file's text; what the event loop reports as errors goes
     to ``reports``; ``after`` sees the daemon once the session has ended, before it stops."""
-    config = default_config()
-    overrides: dict[str, Any] = {}
-    if rules is not None:
-        rule_file = tmp_path / "rules.yaml"
-        rule_file.write_text(rules)
-        overrides["rules"] = str(rule_file)
-    config = dataclasses.replace(
-        config,
-        relay=HostPort("127.0.0.1", nexthop.port),
-        state_dir=str(tmp_path / "state"),
-        quarantine=QuarantineConfig(path=str(tmp_path / "state" / "quarantine")),
-        metrics_listen=None,
-        workers=1,
-        limits=dataclasses.replace(config.limits, **(limits or {})),
-        **overrides,
-    )
+    config = inprocess_config(tmp_path, nexthop, limits=limits, rules=rules)
     created: list[str] = []
 
     def counting_factory(
