@@ -24,7 +24,7 @@ from filterd.actions.nexthop import NO_TLS, RelayTls
 from filterd.actions.quarantine import QuarantineStore, run_retention
 from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
-from filterd.errors import ConfigError, QuarantineError
+from filterd.errors import ConfigError
 from filterd.logsetup import get_logger
 from filterd.observe import Metrics, make_registry, start_metrics_server
 from filterd.processor import MessageProcessor
@@ -312,16 +312,12 @@ async def load_for_reload(
 async def start_retention(
     open_store: Callable[[], QuarantineStore], config: Config, metrics: Metrics
 ) -> asyncio.Task[None] | None:
-    """Start the quarantine retention purge (it also keeps the size gauge current); with an
-    unusable quarantine log it and go on: only quarantined mail is affected."""
-    try:
-        store = await asyncio.to_thread(open_store)
-    except QuarantineError as exc:
-        log.error("quarantine_unavailable", path=config.quarantine.path, error=str(exc))
-        return None
+    """Start the quarantine retention purge (it also keeps the size gauge current). An
+    unusable quarantine is logged and tried again at each pass: only quarantined mail is
+    affected meanwhile."""
     return asyncio.get_running_loop().create_task(
         run_retention(
-            store,
+            open_store,
             timedelta(seconds=config.quarantine.retention_seconds),
             interval=PURGE_INTERVAL_SECONDS,
             on_count=metrics.set_quarantine_size,

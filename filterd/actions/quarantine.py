@@ -208,9 +208,18 @@ class QuarantineStore:
         self._stale = False
         return len(on_disk)
 
+    def _follow_rebuild(self) -> None:
+        """Reopen the index if another process rebuilt it, and resync from the files."""
+        if self._index.replaced():
+            with self._sync_lock:
+                self._index.close()
+                self._index = QuarantineIndex(self.path)
+                self._stale = True
+
     def _indexed(self) -> QuarantineIndex:
         """The index, resynchronised first if a write to it failed or it turned out corrupt."""
         try:
+            self._follow_rebuild()
             if self._stale:
                 with self._sync_lock:
                     self._sync()
@@ -234,6 +243,7 @@ class QuarantineStore:
     def _index_call(self, name: str, *args: Any) -> None:
         """A write to the index after the files are safe: a failure only makes the index stale."""
         try:
+            self._follow_rebuild()
             getattr(self._index, name)(*args)
         except (sqlite3.Error, IndexCorruptError) as exc:
             log.warning("quarantine_index_failed", path=str(self.path), error=str(exc))
@@ -464,23 +474,27 @@ class QuarantineStore:
 
 
 async def run_retention(
-    store: QuarantineStore,
+    open_store: Callable[[], QuarantineStore],
     retention: timedelta,
     *,
     interval: float = 3600.0,
     on_count: Callable[[int], None] | None = None,
 ) -> None:
     """Purge entries past ``retention`` now and every ``interval`` seconds until cancelled;
-    after each pass ``on_count`` gets the number of entries left (for the size gauge).
+    after each pass ``on_count`` gets the number of entries left (for the size gauge). The
+    store is opened (``open_store``) at the first pass that can.
 
-    A failing purge is logged and retried at the next interval: retention is housekeeping and
-    never stops the daemon.
+    A failing pass is logged and tried again at the next interval: retention is housekeeping,
+    never stops the daemon, and never stops for good either.
     """
+    store: QuarantineStore | None = None
     while True:
         try:
+            if store is None:  # an unusable folder (a mount not up yet) is tried again
+                store = await asyncio.to_thread(open_store)
             await asyncio.to_thread(store.purge, retention)
             if on_count is not None:
                 on_count(await asyncio.to_thread(store.count))
-        except QuarantineError as exc:
-            log.error("quarantine_purge_failed", error=str(exc))
+        except Exception as exc:  # housekeeping: whatever fails, the next pass tries again
+            log.error("quarantine_purge_failed", error=repr(exc), exc_info=exc)
         await asyncio.sleep(interval)

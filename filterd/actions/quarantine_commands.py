@@ -20,6 +20,7 @@ import structlog
 from filterd.actions.quarantine import Entry, EntryNotFoundError, EntryStatus, QuarantineStore
 from filterd.actions.tag import SPAM_HEADER_PREFIX, remove_headers
 from filterd.errors import QuarantineError
+from filterd.mime_headers import without_surrogates
 
 __all__ = [
     "SendFunction",
@@ -68,11 +69,19 @@ _JSON_C1_RE = re.compile(r"[\x7f-\x9f]")  # json.dumps escapes C0 itself, not DE
 
 
 def _printable(text: str) -> str:
-    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    # Lone surrogates (a sender's bytes that were not UTF-8) cannot be written to a UTF-8
+    # terminal: U+FFFD in their place.
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", without_surrogates(text))
+
+
+def _one_line(text: str) -> str:
+    """``_printable`` for a field shown on one line: a newline (an encoded Subject may decode
+    to one) would let the sender print lines of their own, a forged ``status:`` say."""
+    return _printable(text).replace("\n", "\\n")
 
 
 def _dump_json(data: object, out: TextIO) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False)
+    text = without_surrogates(json.dumps(data, indent=2, ensure_ascii=False))
     out.write(_JSON_C1_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
@@ -177,7 +186,7 @@ def show_entry(
         ]
     width = max(len(name) for name, _ in fields) + 1
     for name, value in fields:
-        out.write(f"{name + ':':<{width}} {_printable(value)}\n")
+        out.write(f"{name + ':':<{width}} {_one_line(value)}\n")
     if entry.trace:
         out.write("trace:\n")
         for t in entry.trace:
@@ -185,7 +194,7 @@ def show_entry(
             extra = [f"score={t.score:g}"] if t.score else []
             extra += ["shadow"] if t.shadow else []
             extra += [f"action={t.action.value}"] if t.action else []
-            extra += [_printable(t.detail)] if t.detail else []
+            extra += [_one_line(t.detail)] if t.detail else []
             out.write(f"  {mark} {t.rule}" + (f"  ({'; '.join(extra)})" if extra else "") + "\n")
     out.write("\n" + _printable(_header_block(raw)) + "\n")
     return EXIT_OK

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from filterd.mime_headers import without_surrogates
 from filterd.model import Action, RuleTrace
 
 __all__ = ["INDEX_NAME", "Entry", "EntryStatus", "IndexCorruptError", "QuarantineIndex", "iso_utc"]
@@ -53,6 +54,18 @@ _TEXT_COLUMNS = (
     "released_at",
 )
 _LIST_COLUMNS = ("recipients", "rules", "released_to")
+
+
+def _storable(value: Any) -> Any:
+    """``value`` as SQLite can store it. A sender's bytes that were not UTF-8 reach the entry
+    as lone surrogates (the ``.json``, the truth, keeps them escaped); SQLite refuses them, and
+    the resync of every later open would fail on that entry for good. The index, a listing
+    aid, holds U+FFFD in their place."""
+    if isinstance(value, str) and not value.isascii():
+        return without_surrogates(value)
+    return value
+
+
 _COLUMNS = ("id", "date", "status", "size", "score", *_TEXT_COLUMNS, *_LIST_COLUMNS)
 _SELECT = ", ".join(_COLUMNS)
 # S608: every interpolated name below is one of the constant column names above.
@@ -212,6 +225,20 @@ class QuarantineIndex:
         self._lock = threading.Lock()
         self._created = not self.path.exists()
         self._conn = self._open()
+        found = os.stat(self.path)
+        self._identity = (found.st_dev, found.st_ino)
+
+    def replaced(self) -> bool:
+        """Whether the file at ``path`` is no longer the one this index has open: another
+        process rebuilt the index (removed the file and made a new one). Writes to the old,
+        unlinked file would reach no one, and reads would miss what others stored."""
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell (the folder is unusable): the next step reports that
+        return (found.st_dev, found.st_ino) != self._identity
 
     @property
     def created(self) -> bool:
@@ -281,14 +308,14 @@ class QuarantineIndex:
 
     @staticmethod
     def _values(meta: Mapping[str, Any]) -> tuple[Any, ...]:
-        lists = tuple("\n".join(meta.get(c) or ()) for c in _LIST_COLUMNS)
+        lists = tuple(_storable("\n".join(meta.get(c) or ())) for c in _LIST_COLUMNS)
         return (
             meta["id"],
             meta["date"],
             meta["status"],
             int(meta.get("size", 0)),
             float(meta.get("score", 0.0)),
-            *(meta.get(c) for c in _TEXT_COLUMNS),
+            *(_storable(meta.get(c)) for c in _TEXT_COLUMNS),
             *lists,
         )
 

@@ -260,7 +260,7 @@ def test_retention_task_purges_on_its_own(store: QuarantineStore) -> None:
     young = _store(store, 2)
 
     async def run() -> None:
-        task = asyncio.create_task(run_retention(store, timedelta(days=30), interval=0.05))
+        task = asyncio.create_task(run_retention(lambda: store, timedelta(days=30), interval=0.05))
         for _ in range(200):
             await asyncio.sleep(0.02)
             if not (store.path / f"{old}.json").exists():
@@ -271,6 +271,74 @@ def test_retention_task_purges_on_its_own(store: QuarantineStore) -> None:
 
     asyncio.run(run())
     assert [e.id for e in store.list()] == [young]
+
+
+def test_retention_waits_for_a_quarantine_that_comes_up_late(tmp_path: Path) -> None:
+    # The folder is unusable when the daemon starts (here a file stands where it goes, as a
+    # mount that is not up yet would): retention tries again at each pass, and does not die.
+    folder = tmp_path / "quarantine"
+    folder.write_text("not a folder yet")
+    purged_counts: list[int] = []
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            run_retention(
+                lambda: QuarantineStore(folder),
+                timedelta(days=30),
+                interval=0.05,
+                on_count=purged_counts.append,
+            )
+        )
+        await asyncio.sleep(0.2)
+        assert purged_counts == []
+        assert not task.done()
+        folder.unlink()
+        with QuarantineStore(folder) as late:
+            _store(late, 1, now=datetime.now(UTC) - timedelta(days=40))
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if purged_counts:
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert purged_counts[:1] == [0]  # the old entry purged, none left
+
+
+def test_a_sender_that_was_not_utf8_is_stored_and_listed(
+    store: QuarantineStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # MAIL FROM:<a\xff@...> reaches the entry as a lone surrogate. SQLite refused it: a 451
+    # (and a second copy at each retry), then every later open of the store failed.
+    envelope = Envelope(sender="a\udcff@example.org", recipients=("bob@example.net",))
+    message = Message(envelope, b"Subject: hi\r\n\r\nbody\r\n")
+    entry_id = store.store(message, VERDICT, rule="r", reason="test")
+    assert store.count() == 1
+    with QuarantineStore(store.path) as reopened:  # a later process, resyncing from the files
+        assert [e.id for e in reopened.list()] == [entry_id]
+        assert reopened.get(entry_id).sender == "a\udcff@example.org"  # the .json keeps it
+    out = io.StringIO()
+    assert list_entries(store, as_json=False, out=out) == 0
+    assert "a\ufffd@example.org" in out.getvalue()
+    shown = io.StringIO()
+    assert show_entry(store, entry_id, shown) == 0
+    shown.getvalue().encode("utf-8")  # printable on a UTF-8 terminal
+
+
+def test_a_store_follows_an_index_another_process_rebuilt(tmp_path: Path) -> None:
+    # The rebuild removes the index file and makes a new one; a process that kept the old one
+    # open wrote to a file nobody reads, and its purges missed the entries others stored.
+    folder = tmp_path / "quarantine"
+    with QuarantineStore(folder) as first, QuarantineStore(folder) as second:
+        _store(first, 1)
+        first.rebuild_index()
+        stored_after = _store(second, 2)
+        assert stored_after in {e.id for e in first.list()}
+        old = _store(first, 3, now=datetime.now(UTC) - timedelta(days=40))
+        assert second.purge(timedelta(days=30)) == 1
+        assert old not in {e.id for e in first.list()}
 
 
 # --- the index is a cache -----------------------------------------------------------------------
@@ -741,6 +809,17 @@ def test_list_empty(store: QuarantineStore) -> None:
     out = io.StringIO()
     assert list_entries(store, as_json=True, out=out) == 0
     assert json.loads(out.getvalue()) == []
+
+
+def test_show_keeps_a_decoded_newline_from_forging_lines(store: QuarantineStore) -> None:
+    raw = b"Subject: =?utf-8?q?hello=0Astatus:_released?=\r\n\r\nbody\r\n"
+    message = Message(Envelope("a@example.org", ("b@example.net",)), raw)
+    entry_id = store.store(message, VERDICT, rule="r", reason="test")
+    out = io.StringIO()
+    assert show_entry(store, entry_id, out) == 0
+    lines = out.getvalue().splitlines()
+    assert [line for line in lines if line.startswith("status:")] == ["status:      quarantined"]
+    assert "subject:     hello\\nstatus: released" in lines
 
 
 def test_show_prints_metadata_trace_and_headers(store: QuarantineStore) -> None:
