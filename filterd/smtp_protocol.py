@@ -782,6 +782,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         received = 0  # bytes already moved out of buf (to the spool, or dropped)
         refusal: str | None = None
         scanned = 0
+        # buf[:no_line_end_below] was searched for a line end already (apart from the virtual
+        # one at the start): each byte is looked at once however long a line is.
+        no_line_end_below = 0
         try:
             while True:
                 end = buf.find(b"\r\n.\r\n", max(0, scanned - 4))
@@ -790,27 +793,34 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 scanned = len(buf)
                 if refusal is None and limit and received + scanned > limit + 2 + 8192:
                     refusal = REPLY_TOO_BIG
-                if (
-                    refusal or spool is not None or scanned > policy.spool_threshold
-                ) and scanned > 65536:
+                if refusal is not None and scanned > 65536:
+                    # Refused: nothing of the message is kept but its last bytes, in case the
+                    # end marker straddles the next chunk. (Dropping only complete lines kept
+                    # data without any line end, a single line or bare CRs, in memory.)
+                    received += scanned - 4
+                    del buf[: scanned - 4]
+                    scanned = len(buf)
+                elif (spool is not None or scanned > policy.spool_threshold) and scanned > 65536:
                     # Move every complete line out of memory; keep the line ending before the
                     # last partial line so the marker and the stuffing stay visible in buf.
-                    cut = buf.rfind(b"\n", 0, scanned - 5)
+                    cut = buf.rfind(b"\n", no_line_end_below, scanned - 5)
                     if cut > 2:
                         cut = cut - 1 if buf[cut - 1] == 0x0D else cut
-                        if refusal is None:
-                            try:
-                                if spool is None:
-                                    spool = SpoolFile(policy.spool_dir)
-                                    spool.write(unstuff(bytes(buf[:cut]))[2:])
-                                else:
-                                    spool.write(unstuff(bytes(buf[:cut])))
-                            except OSError as exc:
-                                log.error("spool_failed", error=str(exc))
-                                refusal = TEMPFAIL_INTERNAL.render()
+                        try:
+                            if spool is None:
+                                spool = SpoolFile(policy.spool_dir)
+                                spool.write(unstuff(bytes(buf[:cut]))[2:])
+                            else:
+                                spool.write(unstuff(bytes(buf[:cut])))
+                        except OSError as exc:
+                            log.error("spool_failed", error=str(exc))
+                            refusal = TEMPFAIL_INTERNAL.render()
                         received += cut
                         del buf[:cut]
+                        no_line_end_below = max(0, scanned - 5 - cut)
                         scanned = len(buf)
+                    else:
+                        no_line_end_below = max(0, scanned - 5)
                 chunk = await self._reader.read(_DATA_CHUNK)
                 if not chunk:
                     raise ConnectionResetError(  # noqa: TRY301 - the handler discards the spool

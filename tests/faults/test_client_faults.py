@@ -14,11 +14,12 @@ import time
 from collections import Counter
 from email import message_from_bytes
 from email.policy import compat32
+from pathlib import Path
 
 import pytest
 
 from tests.faults.accounting import delta, message, messages_by_action, token_of
-from tests.faults.conftest import assert_still_serving, new_token
+from tests.faults.conftest import assert_still_serving, new_token, write_rules
 from tests.support.daemon import Daemon
 from tests.support.faultclient import RawClient, ServerClosed, scrape, stuff, value, wait_until
 from tests.support.nexthop import NextHop
@@ -383,3 +384,36 @@ def test_a_client_flooding_unknown_commands_is_disconnected_and_others_are_serve
     assert last is not None
     assert last.code in (421, 502), f"last reply before the close: {last}"
     assert_still_serving(filterd, hop)
+
+
+def _peak_rss_kb(pid: int) -> int:
+    found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    assert found is not None
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("line_end", [b"", b"\r"], ids=["no-line-end", "bare-cr"])
+def test_an_oversized_message_without_line_feeds_is_dropped_as_it_comes(
+    tmp_path_factory: pytest.TempPathFactory, hop: NextHop, line_end: bytes
+) -> None:
+    """Past max_message_size the rest of DATA is read and dropped, whatever its lines look
+    like: data without a single LF (one long line, or bare CRs) used to stay in memory, and
+    was searched again at every chunk."""
+    work = tmp_path_factory.mktemp("oversized")
+    extra = {"limits": {"max_message_size": "1M"}}
+    with Daemon(work, hop.port, rules=write_rules(work), extra=extra) as daemon:
+        assert daemon.proc is not None
+        before = _peak_rss_kb(daemon.proc.pid)
+        with RawClient(daemon.port) as client:
+            client.ehlo()
+            client.command("MAIL FROM:<a@example.org>")
+            client.command("RCPT TO:<b@example.net>")
+            assert client.command("DATA").code == 354
+            chunk = (b"x" * 999 + line_end) * 1024  # 1 MB without a line feed
+            for _ in range(60):
+                client.send(chunk)
+            client.send(b"\r\n.\r\n")
+            reply = client.read_reply()
+        assert reply.code == 552
+        grown = _peak_rss_kb(daemon.proc.pid) - before
+        assert grown < 20_000, f"peak RSS grew by {grown} kB for 60 MB of refused data"
