@@ -76,9 +76,12 @@ def unstuff(block: bytes) -> bytes:
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-def _help(text: str, extended: str | None = None) -> Callable[[_Method], _Method]:
-    """aiosmtpd's ``@syntax`` (HELP lists a command only if it carries it), typed."""
-    return cast(Callable[[_Method], _Method], syntax(text, extended=extended))
+def _help(
+    text: str, extended: str | None = None, when: str | None = None
+) -> Callable[[_Method], _Method]:
+    """aiosmtpd's ``@syntax`` (HELP lists a command only if it carries it; with ``when``, only
+    while that attribute is true), typed."""
+    return cast(Callable[[_Method], _Method], syntax(text, extended=extended, when=when))
 
 
 @dataclass(frozen=True)
@@ -653,6 +656,18 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             self._writer.write(data + b"\r\n")
             return
         await super().push(data)
+
+    @_help("STARTTLS", when="tls_context")  # as aiosmtpd's: listed only with TLS configured
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        await super().smtp_STARTTLS(arg)
+        original = self._original_transport
+        if original is not None and original.is_closing():
+            # The connection went while the handshake had not even started (the session
+            # timer closed it): asyncio's TLS layer then reports the handshake as done,
+            # without an error, and no connection_lost follows. End the session here, as a
+            # failed handshake ends it (_reply_to_failure), or it would keep its slot under
+            # max_connections for good.
+            self.connection_lost(None)
 
     @_help("EHLO hostname")
     async def smtp_EHLO(self, hostname: str | None) -> None:

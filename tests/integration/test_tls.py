@@ -136,3 +136,32 @@ def test_a_tls_client_vanishing_after_the_final_dot_still_gets_its_message_deliv
         assert line["action"] == "accept"
         assert line["reply"].startswith("250")
     assert [m.data for m in nexthop.wait_for(1)] == [PLAIN]
+
+
+def test_a_client_silent_after_starttls_gives_its_connection_slot_back(
+    tmp_path: Path, nexthop: NextHop, rules: Path
+) -> None:
+    """The session timer closes a connection whose TLS handshake never starts; asyncio then
+    reports that handshake as finished, without an error, and no connection_lost follows.
+    The session must still end, and give back its slot under max_connections."""
+    cert, key = self_signed(tmp_path)
+    extra = {
+        "tls": {"cert": str(cert), "key": str(key)},
+        "limits": {"session_timeout": 1, "max_connections": 1},
+    }
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
+        time.sleep(0.5)  # the start-up check's own connection is gone
+        silent = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        reader = silent.makefile("rb")
+        reader.readline()
+        silent.sendall(b"EHLO client.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        silent.sendall(b"STARTTLS\r\n")
+        assert reader.readline().startswith(b"220")
+        time.sleep(3)  # past the session timeout; the client never starts the handshake
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as next_client:
+            banner = next_client.makefile("rb").readline()
+        assert banner.startswith(b"220"), banner  # not 421: the slot is free again
+        reader.close()
+        silent.close()
