@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.certs import self_signed
 from tests.support.daemon import Daemon
+from tests.support.faultclient import RawClient
 from tests.support.nexthop import NextHop
 
 pytestmark = pytest.mark.skipif(
@@ -151,17 +152,11 @@ def test_a_client_silent_after_starttls_gives_its_connection_slot_back(
     }
     with Daemon(tmp_path, nexthop.port, rules=rules, extra=extra) as daemon:
         time.sleep(0.5)  # the start-up check's own connection is gone
-        silent = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-        reader = silent.makefile("rb")
-        reader.readline()
-        silent.sendall(b"EHLO client.test\r\n")
-        while reader.readline()[3:4] == b"-":
-            pass
-        silent.sendall(b"STARTTLS\r\n")
-        assert reader.readline().startswith(b"220")
+        silent = RawClient(daemon.port)
+        silent.ehlo()
+        assert silent.command("STARTTLS").code == 220
         time.sleep(3)  # past the session timeout; the client never starts the handshake
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as next_client:
             banner = next_client.makefile("rb").readline()
         assert banner.startswith(b"220"), banner  # not 421: the slot is free again
-        reader.close()
         silent.close()
