@@ -103,6 +103,13 @@ def _xtext_decode(value: str) -> str:
     return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
+def _has_line_break(address: str) -> bool:
+    """A CR, LF or NUL in an address (a quoted local part may carry one, and aiosmtpd's parser
+    drops the quotes): relayed, it would end or split the next hop's command line at a next
+    hop that takes a bare CR as a line end."""
+    return "\r" in address or "\n" in address or "\0" in address
+
+
 def _peer_ip(session: AioSession) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
@@ -241,6 +248,8 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
+        if _has_line_break(address):
+            return "501 5.1.7 Bad sender address syntax"
         state = session_state(session)
         sender = "" if address == "<>" else address
         # No next-hop I/O yet: MAIL travels with the first RCPT (see RelayTransaction.begin).
@@ -260,6 +269,8 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
+        if _has_line_break(address):
+            return "501 5.1.3 Bad recipient address syntax"
         state = session_state(session)
         if state.relay_failed:
             return TEMPFAIL_INTERNAL.render()

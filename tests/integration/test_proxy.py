@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import CORPUS, corpus_manifest
 from tests.support.daemon import Daemon
+from tests.support.faultclient import RawClient
 from tests.support.nexthop import NextHop
 
 EMPTY_RULES = "rules: []\n"
@@ -449,3 +450,18 @@ def test_a_client_that_half_closes_after_quit_still_gets_its_replies(
     assert len(nexthop.wait_for(1)) == 1
     time.sleep(0.3)
     assert len(nexthop.messages) == 1
+
+
+def test_an_address_with_a_line_break_is_refused(daemon: Daemon, nexthop: NextHop) -> None:
+    # A quoted local part may carry a bare CR, and aiosmtpd's parser drops the quotes: relayed,
+    # it would split the next hop's command line at a next hop that ends lines at a bare CR.
+    with RawClient(daemon.port) as smtp:
+        smtp.ehlo()
+        assert smtp.command(b'MAIL FROM:<"a\rRSET"@example.org>').code == 501
+        assert smtp.command("MAIL FROM:<a@example.org>").code == 250
+        assert smtp.command(b'RCPT TO:<"b\rRSET"@example.net>').code == 501
+        assert smtp.command("RCPT TO:<b@example.net>").code == 250
+        assert smtp.data(PLAIN).code == 250
+    [received] = nexthop.wait_for(1)
+    assert received.recipients == ["b@example.net"]
+    assert not any(b"\r" in line.rstrip(b"\r\n") for line in nexthop.commands)
