@@ -28,6 +28,7 @@ from filterd.actions.relay import RelayClient, RelayTransaction, Xforward
 from filterd.errors import RelayError
 from filterd.logsetup import get_logger
 from filterd.model import TEMPFAIL_INTERNAL, Envelope, Message, SmtpReply
+from filterd.rules.lists import parse_client_ip
 from filterd.spool import SpoolFile, read_prefix
 
 if TYPE_CHECKING:
@@ -179,13 +180,8 @@ class FilterdHandler:
         return allowed
 
     def _check_networks(self, client_ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.policy.networks)
+        address = parse_client_ip(client_ip)
+        return address is not None and any(address in net for net in self.policy.networks)
 
     def closed(self, session: AioSession) -> RelayTransaction | None:
         """Account for a session whose connection ended; returns the next-hop transaction it

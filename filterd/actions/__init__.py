@@ -13,7 +13,7 @@ import threading
 
 from filterd.actions.nexthop import NextHopReply
 from filterd.actions.quarantine import QuarantineStore
-from filterd.actions.relay import RelayTransaction
+from filterd.actions.relay import RelayTransaction, first_refused
 from filterd.actions.tag import apply_modifications, spam_headers
 from filterd.errors import QuarantineError
 from filterd.logsetup import get_logger
@@ -40,20 +40,6 @@ def rewrite(message: Message, verdict: Verdict) -> bytes:
         add=added,
         subject_prefix=verdict.subject_prefix if verdict.tag or verdict.subject_prefix else "",
     )
-
-
-def _refusal(added: list[str], replies: list[NextHopReply]) -> SmtpReply | None:
-    """451 naming the first recipient a rule added (redirect, bcc) that the next hop did not
-    accept, or None when it accepted them all.
-
-    The message then goes to nobody: a copy a rule asked for must not go missing while the
-    client hears 250, and a retry delivers all of them once the next hop takes each. ``replies``
-    holds only MAIL's reply when the next hop refused MAIL (see RelayTransaction.restart).
-    """
-    for address, reply in zip(added, replies, strict=False):
-        if reply.code not in (250, 251):
-            return SmtpReply(451, "4.3.0", f"Next hop refused <{address}>: {reply}")
-    return None
 
 
 class LazyQuarantine:
@@ -131,9 +117,14 @@ class Executor:
         elif extra:
             added = extra
             replies = await txn.add_recipients(extra)  # one write for all of them (PIPELINING)
-        refusal = _refusal(added, replies)
-        if refusal is not None:
-            return Outcome(verdict.action, refusal)
+        refused = first_refused(added, replies)
+        if refused is not None:
+            # The message goes to nobody: a copy a rule asked for must not go missing while the
+            # client hears 250, and a retry delivers them all once the next hop takes each.
+            address, reply = refused
+            return Outcome(
+                verdict.action, SmtpReply(451, "4.3.0", f"Next hop refused <{address}>: {reply}")
+            )
         if message.spool_path is None:
             data_reply = await txn.send_data(rewrite(message, verdict))
         else:

@@ -61,9 +61,7 @@ def _storable(value: Any) -> Any:
     as lone surrogates (the ``.json``, the truth, keeps them escaped); SQLite refuses them, and
     the resync of every later open would fail on that entry for good. The index, a listing
     aid, holds U+FFFD in their place."""
-    if isinstance(value, str) and not value.isascii():
-        return without_surrogates(value)
-    return value
+    return without_surrogates(value) if isinstance(value, str) else value
 
 
 _COLUMNS = ("id", "date", "status", "size", "score", *_TEXT_COLUMNS, *_LIST_COLUMNS)

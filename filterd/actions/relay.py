@@ -92,6 +92,18 @@ def mail_options_for(sender: str, recipients: Sequence[str], raw: bytes) -> tupl
     return tuple(options)
 
 
+def first_refused(
+    recipients: Sequence[str], replies: Sequence[NextHopReply]
+) -> tuple[str, NextHopReply] | None:
+    """The first recipient the next hop did not accept, with its reply; None if it took them
+    all. ``replies`` may hold only MAIL's reply when it refused MAIL (RelayTransaction.restart):
+    that refuses the first recipient."""
+    for recipient, reply in zip(recipients, replies, strict=False):
+        if reply.code not in (250, 251):
+            return recipient, reply
+    return None
+
+
 def xtext(value: str) -> str:
     """RFC 1891 xtext encoding, as XFORWARD attribute values use it."""
     if _XTEXT_SAFE.fullmatch(value):
@@ -206,10 +218,10 @@ class RelayClient:
         txn = self.transaction()
         try:
             txn.begin(sender, mail_options_for(sender, recipients, raw))
-            replies = await txn.add_recipients(recipients)
-            for rcpt, reply in zip(recipients, replies, strict=True):
-                if reply.code not in (250, 251):
-                    raise RelayError(_refusal(reply.code), f"RCPT {rcpt} refused: {reply}")
+            refused = first_refused(recipients, await txn.add_recipients(recipients))
+            if refused is not None:
+                rcpt, reply = refused
+                raise RelayError(_refusal(reply.code), f"RCPT {rcpt} refused: {reply}")
             reply = await txn.send_data(raw)
             if reply.code != 250:
                 raise RelayError(_refusal(reply.code), f"DATA refused: {reply}")

@@ -9,8 +9,6 @@ Python work per message follows the rules that match, not the size of the rule s
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,7 +16,7 @@ import re2
 
 from filterd.mime import Address, ArchiveMember, Attachment, Url
 from filterd.mime_headers import without_surrogates
-from filterd.rules.lists import IpNetwork
+from filterd.rules.lists import IpNetwork, parse_client_ip
 from filterd.rules.matchers import LookupMatch, Matcher, PatternMatch
 
 if TYPE_CHECKING:
@@ -249,16 +247,13 @@ def domains_related(first: str, second: str) -> bool:
     return a == b or a.endswith("." + b) or b.endswith("." + a)
 
 
-def _strict(text: str) -> str:
-    """``text`` as RE2 can take a str (strict UTF-8): a lone surrogate becomes U+FFFD instead
-    of an error that would fail the message on every retry."""
-    return text if text.isascii() else without_surrogates(text)
-
-
 def shown_domain(text: str) -> str | None:
     """The host a link's visible text claims, when the text is itself a URL or host name."""
     # A host name has a dot: most link text ("Read more") needs no regex search at all.
-    found = _SHOWN_URL.search(_strict(text)) if text and len(text) <= 2048 and "." in text else None
+    if not text or len(text) > 2048 or "." not in text:
+        return None
+    # RE2 takes a str as strict UTF-8: a lone surrogate must not fail the message for good.
+    found = _SHOWN_URL.search(without_surrogates(text))
     return found.group(1).lower() if found else None
 
 
@@ -315,7 +310,8 @@ class NameDomainMismatch:
         address = scan.items(self.group)[item]
         if not isinstance(address, Address) or not address.name or not address.domain:
             return None
-        name = _strict(address.name[:512])
+        # RE2 takes a str as strict UTF-8: a lone surrogate must not fail the message for good.
+        name = without_surrogates(address.name[:512])
         for pattern in (_NAME_ADDRESS, _NAME_DOMAIN):
             for found in pattern.finditer(name):
                 claimed = str(found.group(1)).lower()
@@ -366,28 +362,6 @@ class MessageSize(Condition):
             if size_in_bounds(size, self.gt, self.lt)
             else None
         )
-
-
-def parse_client_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not text:
-        return None
-    return _parse_client_ip(text)
-
-
-@functools.lru_cache(maxsize=4096)  # the same clients come back; parsing costs more than a lookup
-def _parse_client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    text = text.strip().strip("[]")
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]  # Postfix XFORWARD writes IPv6 clients as IPv6:2001:db8::1
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        # ::ffff:192.0.2.7, as a socket listening on [::] sees an IPv4 client: the client is
-        # 192.0.2.7 (the connection ACL reads it so too), and IPv4 lists must match it.
-        return address.ipv4_mapped
-    return address
 
 
 class ClientIp(Condition):

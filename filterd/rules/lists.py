@@ -8,6 +8,7 @@ the rules, so a reload picks up edited lists too.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -56,6 +57,30 @@ class NamedList:
             else:
                 out.append(network)
         return tuple(out)
+
+
+def parse_client_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address as a peer name or XFORWARD gives it ([1.2.3.4], IPv6:..., a zone
+    suffix, IPv4-mapped IPv6); None if it is none."""
+    if not text:
+        return None
+    return _parse_client_ip(text)
+
+
+@functools.lru_cache(maxsize=4096)  # the same clients come back; parsing costs more than a lookup
+def _parse_client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip().strip("[]")
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]  # Postfix XFORWARD writes IPv6 clients as IPv6:2001:db8::1
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        # ::ffff:192.0.2.7, as a socket listening on [::] sees an IPv4 client: the client is
+        # 192.0.2.7, for the connection ACL and for the rules' IPv4 lists alike.
+        return address.ipv4_mapped
+    return address
 
 
 def parse_network(text: str) -> IpNetwork | None:
