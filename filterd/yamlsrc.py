@@ -70,11 +70,6 @@ def _pos(source: str, node: yaml.Node) -> Pos:
 MAX_VALUES = 200_000
 
 
-class _TooLarge(Exception):
-    def __init__(self, pos: Pos) -> None:
-        self.pos = pos
-
-
 class _Converter:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -86,7 +81,13 @@ class _Converter:
     def convert(self, node: yaml.Node) -> Any:
         self.values += 1
         if self.values > MAX_VALUES:
-            raise _TooLarge(_pos(self.source, node))
+            mark = node.start_mark
+            raise ConfigError.single(
+                self.source,
+                mark.line + 1,
+                mark.column + 1,
+                f"more than {MAX_VALUES:,} values once aliases are expanded (an alias bomb?)",
+            )
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
             if id(node) in self.open:
                 self.problems.append(
@@ -163,13 +164,6 @@ def load_yaml(text: str, source: str) -> Any:
     converter = _Converter(source)
     try:
         value = converter.convert(node)
-    except _TooLarge as exc:
-        raise ConfigError.single(
-            source,
-            exc.pos.line,
-            exc.pos.col,
-            f"more than {MAX_VALUES:,} values once aliases are expanded (an alias bomb?)",
-        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
