@@ -189,14 +189,25 @@ class PatternMatch:
         return f"{self.label} matched {_quote(excerpt)}"
 
 
+# The longest DNS name (RFC 1035, without the root dot). A ``.suffix`` entry can only cover a
+# host through a suffix no longer than this, so longer suffixes need not be looked up.
+MAX_DOMAIN_LENGTH = 253
+
+
 def domain_candidates(domain: str) -> list[str]:
-    """``domain`` and the ``.suffix`` forms that cover it: a.b.c -> a.b.c, .b.c, .c"""
+    """``domain`` and the ``.suffix`` forms that cover it: a.b.c -> a.b.c, .b.c, .c
+
+    Only suffixes of at most ``MAX_DOMAIN_LENGTH`` characters are built: every suffix of a
+    hostile 40,000-label host would be quadratic in its length (gigabytes of strings), while
+    no real name, and so no meaningful list entry, is longer. At most 128 short candidates.
+    """
     out = [domain]
-    rest = domain
-    while "." in rest:
-        rest = rest[rest.index(".") + 1 :]
-        if rest:
-            out.append("." + rest)
+    # A suffix starting after the dot at index i has len(domain) - i - 1 characters.
+    dot = domain.find(".", max(0, len(domain) - MAX_DOMAIN_LENGTH - 1))
+    while dot >= 0:
+        if dot + 1 < len(domain):
+            out.append(domain[dot:])
+        dot = domain.find(".", dot + 1)
     return out
 
 

@@ -11,6 +11,7 @@ import re2
 from filterd.errors import Problem
 from filterd.rules.lists import parse_list_text, parse_network
 from filterd.rules.matchers import (
+    MAX_DOMAIN_LENGTH,
     LookupKind,
     LookupMatch,
     MatcherKind,
@@ -115,6 +116,39 @@ def test_domain_candidates() -> None:
         ".com",
     ]
     assert domain_candidates("localhost") == ["localhost"]
+
+
+def _every_suffix(domain: str) -> list[str]:
+    """The candidates by definition: the domain and every non-empty ``.suffix`` of it."""
+    return [domain] + ["." + domain[i + 1 :] for i, c in enumerate(domain[:-1]) if c == "."]
+
+
+def test_domain_candidates_of_real_names_are_every_suffix() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        count = rng.randint(1, 6)
+        labels = [rng.choice(["a", "mail", "x" * 63, "", "example"]) for _ in range(count)]
+        host = ".".join(labels)[:MAX_DOMAIN_LENGTH]
+        assert domain_candidates(host) == _every_suffix(host)
+
+
+def test_domain_candidates_of_a_hostile_host_stay_few_and_short() -> None:
+    """Every suffix of a 5,000-label host would be 5,000 strings of up to 10,000 characters
+    (quadratic); only the suffixes a real name can have are built."""
+    host = ".".join(["a"] * 5000) + ".evil.example"
+    candidates = domain_candidates(host)
+    assert candidates[0] == host
+    assert len(candidates) <= MAX_DOMAIN_LENGTH // 2 + 2
+    assert all(len(candidate) <= MAX_DOMAIN_LENGTH + 1 for candidate in candidates[1:])
+    assert candidates[-2:] == [".evil.example", ".example"]
+
+
+def test_a_hostile_host_is_still_covered_by_its_real_suffix() -> None:
+    host = ".".join(["a"] * 5000) + ".evil.example"
+    match = LookupMatch("url.domain", frozenset({".example"}), LookupKind.DOMAIN, False, "t")
+    assert match.lookup(host) == ".example"
+    whole = LookupMatch("url.domain", frozenset({host}), LookupKind.DOMAIN, False, "t")
+    assert whole.lookup(host) == host
 
 
 @pytest.mark.parametrize(
