@@ -223,13 +223,6 @@ class ParsedMessage:
         """URLs of all text parts and HTML links, deduplicated, in order of appearance."""
         return self._collect_urls(MAX_URLS)
 
-    def first_urls(self, limit: int) -> tuple[Url, ...]:
-        """``urls[:limit]``; when ``urls`` was not computed, only as many URLs are resolved
-        (host parsed, deduplicated) as the first ``limit`` need."""
-        if limit >= MAX_URLS or "urls" in self.__dict__:
-            return self.urls[: max(0, limit)]
-        return self._collect_urls(max(0, limit))
-
     def _collect_urls(self, limit: int) -> tuple[Url, ...]:
         found: dict[tuple[str, str | None], Url] = {}
         if limit <= 0:

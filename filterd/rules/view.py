@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from filterd.mime import Address, ArchiveMember, Attachment, ParsedMessage, Url
+from filterd.mime import MAX_URLS, Address, ArchiveMember, Attachment, ParsedMessage, Url
 from filterd.model import Message
 
 if TYPE_CHECKING:
     from filterd.rules.matchers import FieldScanner
 
-MAX_ITEMS = 1000  # per group: bounds per-message work on mail with absurd numbers of links
+MAX_ITEMS = 1000  # per group: bounds per-message work on mail with absurd numbers of items
+# Groups the parser bounds itself are not cut again at MAX_ITEMS, which would hide what comes
+# after: a deceptive link behind 1,000 harmless ones. URLs stop at mime.MAX_URLS.
+_LIMITS: dict[str, int | None] = {"url": MAX_URLS}
 
 
 def envelope_domain(address: str) -> str:
@@ -80,7 +83,7 @@ class MessageScan:
     def items(self, group: str) -> Sequence[object]:
         cached = self._items.get(group)
         if cached is None:
-            cached = self._load_items(group)[:MAX_ITEMS]
+            cached = self._load_items(group)[: _LIMITS.get(group, MAX_ITEMS)]
             self._items[group] = cached
         return cached
 
@@ -108,7 +111,7 @@ class MessageScan:
         if group == "raw":
             return [self.message.raw[: self._max_scan]]
         if group == "url":
-            return self.parsed.first_urls(MAX_ITEMS)  # only these are ever looked at
+            return self.parsed.urls
         if group == "attachment":
             return self.parsed.attachments
         if group == "archive":

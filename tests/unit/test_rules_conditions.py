@@ -345,3 +345,28 @@ def test_trace_detail_names_the_matched_text(tmp_path: Path) -> None:
     details = {entry.rule: entry.detail for entry in verdict.trace}
     assert '"agenda is at"' in details["agenda"]
     assert '"inner/tool.exe"' in details["zipped-exe"]
+
+
+def _html_links(harmless: int) -> Message:
+    """An HTML mail with ``harmless`` distinct ordinary links, then a deceptive one."""
+    links = "".join(
+        f'<a href="https://news.example.org/item/{i}">item {i}</a>\n' for i in range(harmless)
+    )
+    deceptive = '<a href="https://evil.example/login">https://www.paypal.com/signin</a>'
+    raw = f"Subject: news\r\nContent-Type: text/html\r\n\r\n{links}{deceptive}\r\n"
+    return Message(Envelope("a@example.org", ("b@example.org",)), raw.encode())
+
+
+def test_url_rules_see_a_link_behind_a_thousand_harmless_ones(tmp_path: Path) -> None:
+    message = _html_links(1500)
+    assert _matches(tmp_path, "{url: {text_domain_mismatch: true}}", message) is True
+    assert _matches(tmp_path, "{url: {domain: {in: [evil.example]}}}", message) is True
+
+
+def test_url_rules_see_the_urls_the_parser_keeps_and_no_more(tmp_path: Path) -> None:
+    """The limit docs/security.md states: the first MAX_URLS distinct URLs of a message."""
+    from filterd.mime import MAX_URLS
+
+    assert _matches(tmp_path, "{url: {domain: {in: [evil.example]}}}", _html_links(MAX_URLS - 1))
+    assert not _matches(tmp_path, "{url: {domain: {in: [evil.example]}}}", _html_links(MAX_URLS))
+
