@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 
 MAX_ITEMS = 1000  # per group: bounds per-message work on mail with absurd numbers of items
 # Groups the parser bounds itself are not cut again at MAX_ITEMS, which would hide what comes
-# after: a deceptive link behind 1,000 harmless ones. URLs stop at mime.MAX_URLS.
-_LIMITS: dict[str, int | None] = {"url": MAX_URLS}
+# after: a deceptive link behind 1,000 harmless ones, a script in a second zip behind a first
+# zip of 1,000 photos. URLs stop at mime.MAX_URLS; zip members at mime.MAX_ARCHIVE_MEMBERS per
+# archive and archives at the MIME part limit, so the work their names cost stays linear in
+# the size of the message.
+_LIMITS: dict[str, int | None] = {"url": MAX_URLS, "archive": None}
 
 
 def envelope_domain(address: str) -> str:
@@ -185,7 +188,7 @@ class MessageScan:
     def archive_range(self, attachment_index: int) -> range:
         """Indices into the ``archive`` group of the members of one attachment."""
         start, end = self._archive()[1][attachment_index]
-        return range(min(start, MAX_ITEMS), min(end, MAX_ITEMS))
+        return range(start, end)
 
 
 def _address(item: object) -> str:

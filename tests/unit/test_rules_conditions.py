@@ -370,3 +370,26 @@ def test_url_rules_see_the_urls_the_parser_keeps_and_no_more(tmp_path: Path) -> 
     assert _matches(tmp_path, "{url: {domain: {in: [evil.example]}}}", _html_links(MAX_URLS - 1))
     assert not _matches(tmp_path, "{url: {domain: {in: [evil.example]}}}", _html_links(MAX_URLS))
 
+
+def _zip_attachment(filename: str, members: list[str]) -> str:
+    archive = _zip(dict.fromkeys(members, b""))
+    return (
+        "--b\r\nContent-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n"
+        f'Content-Disposition: attachment; filename="{filename}"\r\n\r\n{archive}\r\n'
+    )
+
+
+def test_the_archive_member_limit_applies_per_archive(tmp_path: Path) -> None:
+    # A first zip of 1,000 photos must not hide a script in the second.
+    from filterd.mime import MAX_ARCHIVE_MEMBERS
+
+    photos = _zip_attachment("photos.zip", [f"img{i}.jpg" for i in range(MAX_ARCHIVE_MEMBERS)])
+    script = _zip_attachment("invoice.zip", ["invoice.js"])
+    head = 'Subject: x\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    raw = f"{head}{photos}{script}--b--\r\n"
+    message = Message(Envelope("a@example.org", ("b@example.org",)), raw.encode())
+    condition = (
+        "{attachment: {filename: {equals: invoice.zip}, archive: {filename: {glob: '*.js'}}}}"
+    )
+    assert _matches(tmp_path, condition, message) is True
+    assert _matches(tmp_path, "{attachment: {archive: {filename: {equals: img999.jpg}}}}", message)
