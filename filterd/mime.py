@@ -5,7 +5,7 @@ URLs and attachments.
 that looks only at headers never walks the MIME tree, and a body never gets decoded twice. It
 never raises on any input bytes and bounds its work on hostile input (``max_depth``,
 ``max_parts``, ``max_text_bytes``, at most ``MAX_ARCHIVE_MEMBERS`` zip names and ``MAX_URLS``
-URLs); ``truncated`` tells whether a limit cut the MIME walk short.
+URLs); ``truncated`` tells whether a limit cut the MIME walk short, ``truncated_by`` which.
 
 The pieces live in helpers: ``mime_headers`` (header section, RFC 2047/2231, charsets),
 ``mime_address`` (address lists), ``mime_parts`` (MIME tree walk, transfer decoding),
@@ -195,6 +195,12 @@ class ParsedMessage:
     def truncated(self) -> bool:
         """Whether ``max_parts`` or ``max_depth`` cut the MIME walk short (a sign of abuse)."""
         return self._structure.truncated
+
+    @computed_once
+    def truncated_by(self) -> frozenset[str]:
+        """Which limits cut the MIME walk short: ``"parts"`` (``max_parts``), ``"depth"``
+        (``max_depth``); empty when the whole structure was walked."""
+        return self._structure.cut_by
 
     @computed_once
     def _text_parts(self) -> tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]:

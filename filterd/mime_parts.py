@@ -38,12 +38,21 @@ class Leaf:
     container: bool = False  # a message/rfc822 walked into, or a multipart cut at max_depth
 
 
+PARTS = "parts"
+DEPTH = "depth"
+
+
 @dataclass(frozen=True, slots=True)
 class Structure:
-    """The leaves of a message in document order, and whether a limit cut the walk short."""
+    """The leaves of a message in document order, and the limits (``PARTS``, ``DEPTH``) that
+    cut the walk short, if any."""
 
     leaves: tuple[Leaf, ...]
-    truncated: bool
+    cut_by: frozenset[str] = frozenset()
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.cut_by)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +108,7 @@ def walk(
     """Walk the message whose header fields are ``fields`` and whose body starts at
     ``body_start``; return its leaves."""
     leaves: list[Leaf] = []
-    truncated = False
+    cut_by: set[str] = set()
     count = 0
     # (buffer, header start, end, depth, default type, pre-parsed (fields, body start) or None)
     stack: list[tuple[bytes, int, int, int, str, tuple[list[HeaderField], int] | None]] = [
@@ -109,7 +118,7 @@ def walk(
         data, start, end, depth, default_type, parsed = stack.pop()
         count += 1
         if count > max_parts:
-            truncated = True
+            cut_by.add(PARTS)
             break
         if parsed is None:
             part_fields, _, body = split_section(data, start, end)
@@ -119,20 +128,21 @@ def walk(
         ctype = info.content_type
         if ctype.startswith("multipart/"):
             if depth >= max_depth:
-                truncated = True
+                cut_by.add(DEPTH)
                 leaves.append(_leaf(data, body, end, ctype, info, container=True))
                 continue
             split = _split_multipart(data, body, end, info.boundary, max_parts)
             if split is not None:
                 parts, cut = split
-                truncated = truncated or cut
+                if cut:
+                    cut_by.add(PARTS)
                 child_type = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
                 stack.extend((data, s, e, depth + 1, child_type, None) for s, e in reversed(parts))
                 continue
             ctype = "text/plain"  # no usable boundary: what is there is shown as text
         elif ctype in _MESSAGE_TYPES:
             if depth >= max_depth:
-                truncated = True
+                cut_by.add(DEPTH)
             else:
                 outer = _leaf(data, body, end, ctype, info, container=True)
                 leaves.append(outer)
@@ -143,7 +153,7 @@ def walk(
                 stack.append((inner, inner_start, inner_end, depth + 1, "text/plain", None))
                 continue
         leaves.append(_leaf(data, body, end, ctype, info))
-    return Structure(tuple(leaves), truncated)
+    return Structure(tuple(leaves), frozenset(cut_by))
 
 
 def _leaf(

@@ -272,8 +272,10 @@ def test_deep_nesting_is_cut_at_max_depth() -> None:
     assert shallow.truncated
     assert "deep" not in shallow.body_text
     assert [a.content_type for a in shallow.attachments] == ["multipart/mixed"]
+    assert shallow.truncated_by == {"depth"}
     deep = ParsedMessage(raw, max_depth=100)
     assert not deep.truncated
+    assert deep.truncated_by == frozenset()
     assert deep.body_text.strip() == "deep"
 
 
@@ -624,6 +626,7 @@ def test_max_parts_bounds_the_walk() -> None:
     raw = mail("Content-Type: multipart/mixed; boundary=B", "", *parts, "--B--")
     limited = ParsedMessage(raw, max_parts=10)
     assert limited.truncated
+    assert limited.truncated_by == {"parts"}
     assert len(limited.attachments) < 10
     full = ParsedMessage(raw)
     assert not full.truncated
