@@ -364,6 +364,32 @@ class MessageSize(Condition):
         )
 
 
+class MimeTruncated(Condition):
+    """``mime_truncated: true | parts | depth``: a parser limit cut the MIME walk short.
+
+    Parts past the limit are invisible to every other condition; this lets a rule fail closed
+    on such a message instead of judging the part of it that was looked at. ``limit`` is the
+    one limit asked about (``"parts"``, ``"depth"``), or None for either.
+    """
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: str | None) -> None:
+        super().__init__(f"mime_truncated {limit or 'true'}")
+        self.limit = limit
+
+    def eval(self, scan: MessageScan) -> str | None:
+        parsed = scan.parsed
+        cut_by = parsed.truncated_by
+        if not cut_by or (self.limit is not None and self.limit not in cut_by):
+            return None
+        reasons = {
+            "parts": f"more than {parsed.max_parts} parts",
+            "depth": f"more than {parsed.max_depth} levels of nesting",
+        }
+        return "MIME structure cut short: " + " and ".join(reasons[key] for key in sorted(cut_by))
+
+
 class ClientIp(Condition):
     __slots__ = ("networks",)
 
@@ -400,6 +426,7 @@ __all__ = [
     "LookupMatch",
     "Matcher",
     "MessageSize",
+    "MimeTruncated",
     "NameDomainMismatch",
     "NotOf",
     "PatternMatch",

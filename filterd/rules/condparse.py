@@ -1,9 +1,10 @@
 """``if:`` blocks → compiled conditions, with every shape problem reported where it stands.
 
 The condition vocabulary (PRODUCT.md, "Rule files") plus the documented extensions
-``url: {link_text: M, text_domain_mismatch: true}`` and ``from/to: {name_domain_mismatch:
-true}``. Pattern matchers register in the rule set's ``PatternTable``; list matchers resolve
-their named list here, so an unknown list is a located error at load, not a miss at run time.
+``url: {link_text: M, text_domain_mismatch: true}``, ``from/to: {name_domain_mismatch:
+true}`` and ``mime_truncated: true | parts | depth``. Pattern matchers register in the rule set's
+``PatternTable``; list matchers resolve their named list here, so an unknown list is a
+located error at load, not a miss at run time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from filterd.mime_parts import DEPTH, PARTS
 from filterd.rules.conditions import (
     AllOf,
     AnyOf,
@@ -22,6 +24,7 @@ from filterd.rules.conditions import (
     ItemPredicate,
     LinkTextMismatch,
     MessageSize,
+    MimeTruncated,
     NameDomainMismatch,
     NotOf,
     SizePredicate,
@@ -70,6 +73,7 @@ CONDITION_KEYS = (
     "raw",
     "url",
     "attachment",
+    "mime_truncated",
 )
 MATCHER_KEYS = tuple(kind.value for kind in MatcherKind)
 CASE_VALUES = ("insensitive", "sensitive")
@@ -79,6 +83,7 @@ URL_PARTS = ("domain", "link_text", "text_domain_mismatch")
 ATTACHMENT_KEYS = ("filename", "content_type", "detected_type", "size", "archive")
 ARCHIVE_KEYS = ("filename", "size")
 SIZE_KEYS = ("gt", "lt")
+MIME_LIMITS = (PARTS, DEPTH)  # the parser limits mime_truncated can name
 _SHOWN = 50
 
 
@@ -114,6 +119,7 @@ class ConditionParser:
             "header": self._header,
             "url": self._url,
             "attachment": self._attachment,
+            "mime_truncated": self._mime_truncated,
         }
 
     # -- structure ------------------------------------------------------------------------
@@ -388,6 +394,22 @@ class ConditionParser:
     def _size(self, value: Any, pos: Pos) -> Condition | None:
         bounds = self._bounds(value, pos, "'size:'")
         return None if bounds is None else MessageSize(*bounds)
+
+    def _mime_truncated(self, value: Any, pos: Pos) -> Condition | None:
+        if value is True:
+            return MimeTruncated(None)
+        if isinstance(value, str) and value in MIME_LIMITS:
+            return MimeTruncated(value)
+        if value is False:
+            got = "false; wrap the condition in not: to negate"
+        elif isinstance(value, str):
+            got = f"'{value}'{suggestion(value, MIME_LIMITS)}"
+        else:
+            got = describe_type(value)
+        self.problems.add(
+            pos, f"mime_truncated takes true (either limit), {' or '.join(MIME_LIMITS)}; got {got}"
+        )
+        return None
 
     def _url(self, value: Any, pos: Pos) -> Condition | None:
         if not isinstance(value, YamlMap) or not value or not self._parts(value, URL_PARTS, "url"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from filterd.model import Action
-from filterd.rules.condparse import CASE_VALUES, MATCHER_KEYS
+from filterd.rules.condparse import CASE_VALUES, MATCHER_KEYS, MIME_LIMITS
 from filterd.rules.schema import NAME_RE
 
 _KINDS = [k for k in MATCHER_KEYS if k not in ("in", "in_list")]
@@ -140,6 +140,11 @@ def _definitions() -> dict[str, Any]:
                 "a URL of the text or HTML links",
             ),
             "attachment": attachment,
+            "mime_truncated": {
+                "enum": [True, *MIME_LIMITS],
+                "description": "extension: a parser limit cut the MIME walk short (true: either"
+                " limit; parts: too many parts; depth: nested too deep)",
+            },
         },
         "several keys in one mapping must all hold",
         min_properties=1,

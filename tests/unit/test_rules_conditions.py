@@ -169,6 +169,9 @@ CASES = [
     ("{attachment: {filename: {glob: '*.pdf'}, archive: {filename: {glob: '*.exe'}}}}", False),
     ("{attachment: {size: {gt: 10M}}}", False),
     ("{attachment: {size: {lt: 100}}}", True),
+    # message structure (RAW is walked whole)
+    ("{mime_truncated: true}", False),
+    ("{not: {mime_truncated: parts}}", True),
     # combinators
     ("{all: [{subject: {contains: café}}, {not: {body: {contains: viagra}}}]}", True),
     ("{all: [{subject: {contains: café}}, {body: {contains: viagra}}]}", False),
@@ -393,3 +396,56 @@ def test_the_archive_member_limit_applies_per_archive(tmp_path: Path) -> None:
     )
     assert _matches(tmp_path, condition, message) is True
     assert _matches(tmp_path, "{attachment: {archive: {filename: {equals: img999.jpg}}}}", message)
+
+
+def _many_parts(empty: int) -> Message:
+    """``empty`` empty MIME parts, then an executable behind a double extension."""
+    parts = "--b\r\n" * empty
+    exe = (
+        "--b\r\nContent-Type: application/octet-stream\r\n"
+        'Content-Disposition: attachment; filename="invoice.pdf.exe"\r\n\r\nMZ\r\n--b--\r\n'
+    )
+    raw = f'Subject: x\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n{parts}{exe}'
+    return Message(Envelope("a@example.org", ("b@example.org",)), raw.encode())
+
+
+DEEP = (Path(__file__).resolve().parents[1] / "corpus" / "malformed-deep-nesting.eml").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        ("{mime_truncated: true}", {"parts": True, "depth": True, "whole": False}),
+        ("{mime_truncated: parts}", {"parts": True, "depth": False, "whole": False}),
+        ("{mime_truncated: depth}", {"parts": False, "depth": True, "whole": False}),
+    ],
+)
+def test_mime_truncated_names_the_limit_that_cut_the_walk(
+    tmp_path: Path, condition: str, expected: dict[str, bool]
+) -> None:
+    envelope = Envelope("a@example.org", ("b@example.org",))
+    messages = {
+        "parts": _many_parts(600),
+        "depth": Message(envelope, DEEP),
+        "whole": _many_parts(400),
+    }
+    found = {name: _matches(tmp_path, condition, message) for name, message in messages.items()}
+    assert found == expected
+
+
+def test_a_part_past_the_limit_is_unseen_but_the_cut_is_not(tmp_path: Path) -> None:
+    # Why mime_truncated exists. The message itself is the walk's first part, so after 499
+    # empty parts the executable is the 501st: no attachment rule sees it.
+    message = _many_parts(499)
+    assert not _matches(tmp_path, "{attachment: {filename: {glob: '*.exe'}}}", message)
+    assert _matches(tmp_path, "{mime_truncated: parts}", message)
+    assert _matches(tmp_path, "{attachment: {filename: {glob: '*.exe'}}}", _many_parts(498))
+    assert not _matches(tmp_path, "{mime_truncated: true}", _many_parts(498))
+
+
+def test_the_trace_says_which_limit_cut_the_walk(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - {name: cut, if: {mime_truncated: true}, then: {score: 1}}\n"
+    )
+    verdict = evaluate(load_ruleset(tmp_path / "rules.yaml"), _many_parts(600))
+    assert verdict.trace[0].detail == "MIME structure cut short: more than 500 parts"

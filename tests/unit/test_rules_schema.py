@@ -129,6 +129,9 @@ X = "if: {subject: {contains: x}}\n"
             "either exists or a matcher",
         ),
         ("if: {url: {text_domain_mismatch: false}}\nthen: {score: 1}", "false", "only takes true"),
+        ("if: {mime_truncated: false}\nthen: {score: 1}", "false", "wrap the condition in not:"),
+        ("if: {mime_truncated: part}\nthen: {score: 1}", "part", "did you mean 'parts'?"),
+        ("if: {mime_truncated: 500}\nthen: {score: 1}", "500", "takes true (either limit)"),
         (
             "if: {attachment: {archive: {name: {glob: x}}}}\nthen: {score: 1}",
             "name",
