@@ -449,3 +449,31 @@ def test_the_trace_says_which_limit_cut_the_walk(tmp_path: Path) -> None:
     )
     verdict = evaluate(load_ruleset(tmp_path / "rules.yaml"), _many_parts(600))
     assert verdict.trace[0].detail == "MIME structure cut short: more than 500 parts"
+
+
+@pytest.mark.parametrize(
+    ("condition", "latin1", "utf8"),
+    [
+        # What docs/rules.md says of raw regexes on text that is not UTF-8.
+        ("{raw: {regex: 'caf. cr'}}", False, True),
+        ("{raw: {regex: 'caf[^a] cr'}}", False, True),
+        ("{raw: {contains: café}}", False, True),
+        ("{raw: {regex: 'caf\\C{1,2} cr'}}", True, True),
+        ("{body: {contains: café crème}}", True, True),
+        ("{body: {regex: 'caf. cr'}}", True, True),
+    ],
+)
+def test_raw_regexes_read_bytes_as_utf8(
+    tmp_path: Path, condition: str, latin1: bool, utf8: bool
+) -> None:
+    envelope = Envelope("a@example.org", ("b@example.org",))
+    head = "Subject: x\r\nContent-Type: text/plain; charset={}\r\n\r\n"
+    messages = {
+        "latin1": head.format("iso-8859-1").encode() + "un café crème\r\n".encode("latin-1"),
+        "utf8": head.format("utf-8").encode() + "un café crème\r\n".encode(),
+    }
+    found = {
+        name: _matches(tmp_path, condition, Message(envelope, raw))
+        for name, raw in messages.items()
+    }
+    assert found == {"latin1": latin1, "utf8": utf8}
