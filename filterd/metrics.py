@@ -192,7 +192,7 @@ class Metrics:
         )
         self._relay_errors = Counter(
             "filterd_relay_errors_total",
-            "Failures talking to the next hop, by reason.",
+            "Failures talking to the next hop, its refusals of a message included, by reason.",
             ["reason"],
             registry=reg,
         )
@@ -325,7 +325,9 @@ class Metrics:
         return counter
 
     def relay_error(self, reason: str | RelayErrorReason) -> None:
-        """Count one failure talking to the next hop."""
+        """Count one failure talking to the next hop: a failed connection or command, or its
+        4xx/5xx to a message's DATA, BDAT or end of data (once per message). A recipient it
+        refuses is its verdict on that address, not a failure."""
         self._relay_errors.labels(reason=RelayErrorReason(reason).value).inc()
 
     # -- sessions ----------------------------------------------------------------------
