@@ -209,7 +209,9 @@ class Metrics:
         )
         self._refused = Counter(
             "filterd_connections_refused_total",
-            "Client connections refused before SMTP, by reason (acl, limit).",
+            "Client connections refused before SMTP, by reason ("
+            + ", ".join(r.value for r in RefusalReason)
+            + ").",
             ["reason"],
             registry=reg,
         )

@@ -245,3 +245,39 @@ def test_every_referenced_metric_is_exported() -> None:
             else:
                 assert types.get(base.removesuffix("_total")) in {"counter", "gauge"}, name
                 assert types.get(base) != "histogram", f"{where}: bare histogram name {name}"
+
+
+# -- documentation -----------------------------------------------------------------------
+
+MONITORING_DOC = REPO / "docs" / "monitoring.md"
+
+
+def _doc_metric_row(name: str) -> list[str]:
+    """The cells of ``name``'s row in the metrics table of docs/monitoring.md."""
+    for line in MONITORING_DOC.read_text().splitlines():
+        if line.startswith(f"| `{name}` |"):
+            return [cell.strip() for cell in line.strip("|").split("|")]
+    raise AssertionError(f"{name}: no row in the metrics table of {MONITORING_DOC.name}")
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("filterd_connections_refused_total", [r.value for r in RefusalReason]),
+        ("filterd_relay_errors_total", [r.value for r in RelayErrorReason]),
+    ],
+    ids=["connections_refused", "relay_errors"],
+)
+def test_the_docs_and_the_help_text_name_every_exported_label_value(
+    name: str, values: list[str]
+) -> None:
+    _, _, labels, series, _ = _doc_metric_row(name)
+    documented = re.search(r"\(([^)]*)\)", labels)
+    assert documented is not None, labels
+    assert documented.group(1).split(", ") == values, f"docs: {labels}"
+    assert series == str(len(values)), f"docs: {name} has {len(values)} series, not {series}"
+    families = {f.name: f for f in text_string_to_metric_families(_live_scrape())}
+    help_text = families[name.removesuffix("_total")].documentation
+    listed = re.search(r"\(([^)]*)\)", help_text)
+    if listed is not None:  # a help text that lists the values must list them all
+        assert listed.group(1).split(", ") == values, f"help: {help_text}"
