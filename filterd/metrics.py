@@ -304,9 +304,10 @@ class Metrics:
         rules: Sequence[str],
         shadow_rules: Sequence[str] = (),
     ) -> None:
-        """Record one finished message: the action finally taken (a 451 after a failed
-        delivery counts as ``tempfail``), its processing time, its size, and the enforcing
-        and shadow rules that matched."""
+        """Record one finished message: the action finally taken (a 451 after a delivery
+        that failed past the end of data counts as ``tempfail``; a transaction that failed at
+        RCPT never gets here), its processing time, its size, and the enforcing and shadow
+        rules that matched."""
         counter = self._message_counters.get(action)
         if counter is None:  # anything outside the closed set
             raise ValueError(f"{action!r} is not an action")
