@@ -21,7 +21,7 @@ from pathlib import Path
 from filterd import __version__
 from filterd.actions import Executor, LazyQuarantine
 from filterd.actions.nexthop import NO_TLS, RelayTls
-from filterd.actions.quarantine import QuarantineStore, run_retention
+from filterd.actions.quarantine import QuarantineStore, run_retention, track_size
 from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
 from filterd.errors import ConfigError
@@ -36,6 +36,9 @@ from filterd.smtp_protocol import FilterdSMTP
 log = get_logger("filterd")
 
 PURGE_INTERVAL_SECONDS = 3600.0
+# The quarantine size gauge follows the store within this time, whatever changed it: the CLI's
+# delete, purge or release, or a worker that stored an entry and was restarted since.
+QUARANTINE_COUNT_INTERVAL_SECONDS = 60.0
 EXIT_FORCED = 1
 
 
@@ -247,9 +250,9 @@ class Daemon:
                         self.registry,
                     )
                 )
-            retention = await start_retention(self.quarantine.get, self.config, self.metrics)
-            if retention is not None:
-                self.tasks.append(retention)
+            self.tasks.extend(
+                start_quarantine_upkeep(self.quarantine.get, self.config, self.metrics)
+            )
             self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
         heartbeat = os.environ.get(HEARTBEAT_FD_ENV)
         if heartbeat and not self.primary:
@@ -309,20 +312,29 @@ async def load_for_reload(
     return config, ruleset
 
 
-async def start_retention(
+def start_quarantine_upkeep(
     open_store: Callable[[], QuarantineStore], config: Config, metrics: Metrics
-) -> asyncio.Task[None] | None:
-    """Start the quarantine retention purge (it also keeps the size gauge current). An
-    unusable quarantine is logged and tried again at each pass: only quarantined mail is
-    affected meanwhile."""
-    return asyncio.get_running_loop().create_task(
-        run_retention(
-            open_store,
-            timedelta(seconds=config.quarantine.retention_seconds),
-            interval=PURGE_INTERVAL_SECONDS,
-            on_count=metrics.set_quarantine_size,
-        )
-    )
+) -> list[asyncio.Task[None]]:
+    """Start what the one process that owns the quarantine does for it: the retention purge
+    (every PURGE_INTERVAL_SECONDS) and the count that keeps the size gauge true (every
+    QUARANTINE_COUNT_INTERVAL_SECONDS). An unusable quarantine is logged and tried again at
+    each pass: only quarantined mail is affected meanwhile."""
+    loop = asyncio.get_running_loop()
+    return [
+        loop.create_task(
+            run_retention(
+                open_store,
+                timedelta(seconds=config.quarantine.retention_seconds),
+                interval=PURGE_INTERVAL_SECONDS,
+                on_count=metrics.set_quarantine_size,
+            )
+        ),
+        loop.create_task(
+            track_size(
+                open_store, metrics.set_quarantine_size, interval=QUARANTINE_COUNT_INTERVAL_SECONDS
+            )
+        ),
+    ]
 
 
 def prepare_state(config: Config, *, clean_spool: bool = True) -> None:

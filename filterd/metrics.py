@@ -192,7 +192,7 @@ class Metrics:
         )
         self._relay_errors = Counter(
             "filterd_relay_errors_total",
-            "Failures talking to the next hop, by reason.",
+            "Failures talking to the next hop, its refusals of a message included, by reason.",
             ["reason"],
             registry=reg,
         )
@@ -209,7 +209,9 @@ class Metrics:
         )
         self._refused = Counter(
             "filterd_connections_refused_total",
-            "Client connections refused before SMTP, by reason (acl, limit).",
+            "Client connections refused before SMTP, by reason ("
+            + ", ".join(r.value for r in RefusalReason)
+            + ").",
             ["reason"],
             registry=reg,
         )
@@ -302,9 +304,10 @@ class Metrics:
         rules: Sequence[str],
         shadow_rules: Sequence[str] = (),
     ) -> None:
-        """Record one finished message: the action finally taken (a 451 after a failed
-        delivery counts as ``tempfail``), its processing time, its size, and the enforcing
-        and shadow rules that matched."""
+        """Record one finished message: the action finally taken (a 451 after a delivery
+        that failed past the end of data counts as ``tempfail``; a transaction that failed at
+        RCPT never gets here), its processing time, its size, and the enforcing and shadow
+        rules that matched."""
         counter = self._message_counters.get(action)
         if counter is None:  # anything outside the closed set
             raise ValueError(f"{action!r} is not an action")
@@ -325,7 +328,9 @@ class Metrics:
         return counter
 
     def relay_error(self, reason: str | RelayErrorReason) -> None:
-        """Count one failure talking to the next hop."""
+        """Count one failure talking to the next hop: a failed connection or command, or its
+        4xx/5xx to a message's DATA, BDAT or end of data (once per message). A recipient it
+        refuses is its verdict on that address, not a failure."""
         self._relay_errors.labels(reason=RelayErrorReason(reason).value).inc()
 
     # -- sessions ----------------------------------------------------------------------

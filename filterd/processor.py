@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from filterd.actions import Executor
-from filterd.actions.relay import RelayTransaction
+from filterd.actions.relay import RelayTransaction, refusal_reason
 from filterd.errors import FilterdError, QuarantineError, RelayError
 from filterd.logsetup import get_logger
 from filterd.model import TEMPFAIL_INTERNAL, Action, Message, Outcome, SmtpReply, Verdict
@@ -121,6 +121,12 @@ class MessageProcessor:
         """Count and log one processed message (its one ``message_processed`` line)."""
         if outcome.quarantine_size is not None:
             self.metrics.set_quarantine_size(outcome.quarantine_size)
+        refusal = _next_hop_refusal(outcome)
+        if refusal is not None:
+            # Counted besides the action: a next hop that refuses every message (a re-injection
+            # port that answers 5xx) would otherwise pass for rule rejects, and no relay alert
+            # would fire.
+            self.metrics.relay_error(refusal)
         action = _accounted_action(outcome)
         self.metrics.message_processed(
             action.value, duration, message.size, verdict.rules, verdict.shadow_rules
@@ -148,6 +154,16 @@ class MessageProcessor:
             quarantine_id=outcome.quarantine_id,
             error=error or None,
         )
+
+
+def _next_hop_refusal(outcome: Outcome) -> str | None:
+    """The relay error reason when the next hop refused the message itself (a 4xx/5xx to its
+    DATA, BDAT or end of data: only then does the outcome carry the next hop's reply), else
+    None. A recipient a rule added and the next hop refused is a per-recipient verdict, not
+    a relay error."""
+    if not outcome.next_hop_reply or outcome.reply.is_success:
+        return None
+    return refusal_reason(outcome.reply.code)
 
 
 def _accounted_action(outcome: Outcome) -> Action:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import os
 import re
 import ssl
 from collections import Counter
@@ -146,7 +147,9 @@ class FilterdHandler:
     def admit(self, session: AioSession) -> str | None:
         """Attach state to a new session; return a refusal reply, or None to go on."""
         client_ip = _peer_ip(session)
-        state = SessionState(session_id=f"{next(_session_ids):x}", client_ip=client_ip)
+        # Each worker counts its sessions from 1: its pid makes the id unique in the daemon.
+        session_id = f"{os.getpid()}-{next(_session_ids):x}"
+        state = SessionState(session_id=session_id, client_ip=client_ip)
         session.filterd_state = state
         if not self.accepting:
             self.metrics.connection_refused("shutdown")

@@ -11,7 +11,8 @@ kernel hands each connection to one of them). The supervisor:
 - validates a reload once on SIGHUP, then fans the signal out; fans SIGTERM out and exits 0 once
   every worker has drained; a second SIGTERM kills the workers and exits at once;
 - serves /metrics merged over all workers (prometheus-client's multiprocess mode), runs the
-  quarantine retention purge and speaks the systemd notify protocol.
+  quarantine retention purge and the count behind its size gauge, and speaks the systemd
+  notify protocol.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from filterd.actions.quarantine import QuarantineStore
-from filterd.app import HEARTBEAT_FD_ENV, handle_signals, load_for_reload, start_retention
+from filterd.actions import LazyQuarantine
+from filterd.app import (
+    HEARTBEAT_FD_ENV,
+    handle_signals,
+    load_for_reload,
+    start_quarantine_upkeep,
+)
 from filterd.config import Config
 from filterd.logsetup import get_logger
 from filterd.observe import (
@@ -256,10 +262,9 @@ class Supervisor:
             if self.stopping:
                 break  # SIGTERM during start-up: the listening sockets are closed already
             await self.start_worker(slot)
-        path = self.config.quarantine.path
-        retention = await start_retention(lambda: QuarantineStore(path), self.config, self.metrics)
-        if retention is not None:
-            self.tasks.append(retention)
+        # One store for the purge and the count (workers open their own).
+        quarantine = LazyQuarantine(self.config.quarantine.path)
+        self.tasks.extend(start_quarantine_upkeep(quarantine.get, self.config, self.metrics))
         self.tasks.append(loop.create_task(watchdog_loop(self.notifier)))
         self.tasks.append(loop.create_task(self.check_stalls()))
         log.info(

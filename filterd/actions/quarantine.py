@@ -52,6 +52,7 @@ __all__ = [
     "EntryStatus",
     "QuarantineStore",
     "run_retention",
+    "track_size",
 ]
 
 log = structlog.stdlib.get_logger(__name__)
@@ -497,4 +498,33 @@ async def run_retention(
                 on_count(await asyncio.to_thread(store.count))
         except Exception as exc:  # housekeeping: whatever fails, the next pass tries again
             log.error("quarantine_purge_failed", error=repr(exc), exc_info=exc)
+        await asyncio.sleep(interval)
+
+
+async def track_size(
+    open_store: Callable[[], QuarantineStore],
+    on_count: Callable[[int], None],
+    *,
+    interval: float,
+) -> None:
+    """Count the entries now and every ``interval`` seconds until cancelled, and hand the
+    number to ``on_count`` (the size gauge).
+
+    Entries also go away outside the daemon (the CLI's delete, purge and release), and the
+    process that stored the last one may have been restarted since: only counting the store
+    itself keeps the gauge true. A count is one query on the index, cheap at any size.
+    A failing count is logged once until one succeeds again; the gauge keeps its value.
+    """
+    store: QuarantineStore | None = None
+    failing = False
+    while True:
+        try:
+            if store is None:  # an unusable folder (a mount not up yet) is tried again
+                store = await asyncio.to_thread(open_store)
+            on_count(await asyncio.to_thread(store.count))
+            failing = False
+        except Exception as exc:  # the gauge only: the next pass tries again
+            if not failing:
+                log.warning("quarantine_count_failed", error=repr(exc))
+            failing = True
         await asyncio.sleep(interval)

@@ -221,16 +221,17 @@ class RelayClient:
             refused = first_refused(recipients, await txn.add_recipients(recipients))
             if refused is not None:
                 rcpt, reply = refused
-                raise RelayError(_refusal(reply.code), f"RCPT {rcpt} refused: {reply}")
+                raise RelayError(refusal_reason(reply.code), f"RCPT {rcpt} refused: {reply}")
             reply = await txn.send_data(raw)
             if reply.code != 250:
-                raise RelayError(_refusal(reply.code), f"DATA refused: {reply}")
+                raise RelayError(refusal_reason(reply.code), f"DATA refused: {reply}")
             return reply
         finally:
             await txn.finish()
 
 
-def _refusal(code: int) -> str:
+def refusal_reason(code: int) -> str:
+    """The relay error reason (filterd_relay_errors_total) of a next hop's 4xx/5xx reply."""
     return "refused_5xx" if code >= 500 else "refused_4xx"
 
 

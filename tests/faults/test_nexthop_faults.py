@@ -60,8 +60,23 @@ def _cases() -> list[Case]:
         ("data", "451 4.3.0 no data now", "554 5.5.1 no data ever"),
         ("dot", "451 4.3.0 queue trouble", "552 5.3.4 too big for me"),
     ):
-        cases.append(Case(Fault(stage, "reply", temp), next_hop_code=int(temp[:3])))
-        cases.append(Case(Fault(stage, "reply", perm), next_hop_code=int(perm[:3])))
+        # A refusal of the message itself (DATA or the end of data) is a relay error as well;
+        # one of the sender or a recipient is the next hop's verdict on that address.
+        refused = stage in ("data", "dot")
+        cases.append(
+            Case(
+                Fault(stage, "reply", temp),
+                next_hop_code=int(temp[:3]),
+                relay_error="refused_4xx" if refused else None,
+            )
+        )
+        cases.append(
+            Case(
+                Fault(stage, "reply", perm),
+                next_hop_code=int(perm[:3]),
+                relay_error="refused_5xx" if refused else None,
+            )
+        )
     # replies out of step with the commands: one too many in the greeting, a 250 where the
     # 354 belongs, a 354 for the message. None may be taken for the message's reply.
     for stage, reply in (
@@ -152,6 +167,8 @@ def test_a_next_hop_fault_gives_the_safe_reply_and_nothing_is_delivered(
             before, "filterd_relay_errors_total", reason=case.relay_error
         )
         assert grown >= 1, f"{case.id}: relay error {case.relay_error!r} not counted"
+        if case.relay_error.startswith("refused") and stage == "final":
+            assert grown == 1, f"{case.id}: one refused message counted {grown} times"
 
 
 @pytest.mark.parametrize("nth", [1, 2], ids=["first-recipient", "second-recipient"])

@@ -162,24 +162,91 @@ def test_dashboard_has_the_required_views() -> None:
 @needs_promtool
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     # promtool has no offline "check expr"; a recording rule per query gets the same parser.
-    def concrete(expr: str) -> str:
-        for var, value in (
-            ("$__rate_interval", "5m"),
-            ("$__range", "6h"),
-            ("$__interval", "1m"),
-            ("$job", ".+"),
-            ("$instance", ".+"),
-        ):
-            expr = expr.replace(var, value)
-        return expr
-
     rules = [
-        {"record": f"dashboard:query_{i}", "expr": concrete(e)}
+        {"record": f"dashboard:query_{i}", "expr": _concrete(e)}
         for i, e in enumerate(_dashboard_exprs())
     ]
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     done = _promtool("check", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _concrete(expr: str) -> str:
+    """A dashboard query with Grafana's variables replaced by what Prometheus can run."""
+    for var, value in (
+        ("$__rate_interval", "5m"),
+        ("$__range", "6h"),
+        ("$__interval", "1m"),
+        ("$job", ".+"),
+        ("$instance", ".+"),
+    ):
+        expr = expr.replace(var, value)
+    return expr
+
+
+def _reload_annotations() -> dict[str, str]:
+    """The reload annotations' queries, by result (success, failure), made concrete."""
+    found = {}
+    for annotation in _dashboard()["annotations"]["list"]:
+        match = re.search(r'result="(\w+)"', annotation.get("expr", ""))
+        if match and "filterd_config_reloads_total" in annotation["expr"]:
+            found[match.group(1)] = _concrete(annotation["expr"])
+    assert set(found) == {"success", "failure"}, found
+    return found
+
+
+@needs_promtool
+def test_reload_annotations_mark_reloads_but_not_restarts(tmp_path: Path) -> None:
+    """A restart resets the counters (and counts its initial load as one success): the
+    annotations must mark the reloads that happened, not every restart."""
+    queries = _reload_annotations()
+    rules = [
+        {"alert": f"Reload_{result}", "expr": expr} for result, expr in sorted(queries.items())
+    ]
+    (tmp_path / "annotations.yaml").write_text(
+        yaml.safe_dump({"groups": [{"name": "annotations", "rules": rules}]})
+    )
+    series = 'filterd_config_reloads_total{{job="filterd", instance="mx1:9125", result="{}"}}'
+    # Minute by minute: a good reload at 5m, a refused one at 10m, a restart at 20m (the
+    # counters start again: success 1 for the initial load, failure 0), nothing after.
+    success = "1 1 1 1 1 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 1 1 1 1 1 1"
+    failure = "0 0 0 0 0 0 0 0 0 0 1 1 1 1 1 1 1 1 1 1 0 0 0 0 0 0"
+
+    def case(at: str, fired: dict[str, bool]) -> list[dict[str, Any]]:
+        return [
+            {
+                "eval_time": at,
+                "alertname": f"Reload_{result}",
+                "exp_alerts": [{"exp_labels": {"instance": "mx1:9125"}}] if fired[result] else [],
+            }
+            for result in ("success", "failure")
+        ]
+
+    tests = {
+        "rule_files": ["annotations.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": series.format("success"), "values": success},
+                    {"series": series.format("failure"), "values": failure},
+                ],
+                "alert_rule_test": [
+                    *case("3m", {"success": False, "failure": False}),
+                    *case("5m", {"success": True, "failure": False}),
+                    *case("10m", {"success": False, "failure": True}),
+                    *case("15m", {"success": False, "failure": False}),
+                    *case("20m", {"success": False, "failure": False}),
+                    *case("21m", {"success": False, "failure": False}),
+                    *case("24m", {"success": False, "failure": False}),
+                ],
+            }
+        ],
+    }
+    (tmp_path / "annotations.test.yaml").write_text(yaml.safe_dump(tests))
+    done = _promtool("test", "rules", str(tmp_path / "annotations.test.yaml"))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -245,3 +312,39 @@ def test_every_referenced_metric_is_exported() -> None:
             else:
                 assert types.get(base.removesuffix("_total")) in {"counter", "gauge"}, name
                 assert types.get(base) != "histogram", f"{where}: bare histogram name {name}"
+
+
+# -- documentation -----------------------------------------------------------------------
+
+MONITORING_DOC = REPO / "docs" / "monitoring.md"
+
+
+def _doc_metric_row(name: str) -> list[str]:
+    """The cells of ``name``'s row in the metrics table of docs/monitoring.md."""
+    for line in MONITORING_DOC.read_text().splitlines():
+        if line.startswith(f"| `{name}` |"):
+            return [cell.strip() for cell in line.strip("|").split("|")]
+    raise AssertionError(f"{name}: no row in the metrics table of {MONITORING_DOC.name}")
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("filterd_connections_refused_total", [r.value for r in RefusalReason]),
+        ("filterd_relay_errors_total", [r.value for r in RelayErrorReason]),
+    ],
+    ids=["connections_refused", "relay_errors"],
+)
+def test_the_docs_and_the_help_text_name_every_exported_label_value(
+    name: str, values: list[str]
+) -> None:
+    _, _, labels, series, _ = _doc_metric_row(name)
+    documented = re.search(r"\(([^)]*)\)", labels)
+    assert documented is not None, labels
+    assert documented.group(1).split(", ") == values, f"docs: {labels}"
+    assert series == str(len(values)), f"docs: {name} has {len(values)} series, not {series}"
+    families = {f.name: f for f in text_string_to_metric_families(_live_scrape())}
+    help_text = families[name.removesuffix("_total")].documentation
+    listed = re.search(r"\(([^)]*)\)", help_text)
+    if listed is not None:  # a help text that lists the values must list them all
+        assert listed.group(1).split(", ") == values, f"help: {help_text}"

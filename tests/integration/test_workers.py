@@ -64,6 +64,28 @@ def counter(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def test_session_ids_are_unique_across_workers(tmp_path: Path, nexthop: NextHop) -> None:
+    """Each worker counts its sessions from 1; the id's worker pid keeps a relay_failed or
+    message_failed line tied to the one message_processed line of its session."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    with Daemon(tmp_path, nexthop.port, rules=rules, extra={"workers": 2}) as daemon:
+        pids = {str(pid) for pid in wait_workers(daemon, 2)}
+        # Sessions open at once, so both workers take some.
+        clients = [smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) for _ in range(8)]
+        for client in clients:
+            assert client.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+        for client in clients:
+            client.quit()
+        lines = daemon.wait_event("message_processed", 8)
+    ids = [line["session"] for line in lines]
+    assert len(set(ids)) == len(ids), ids
+    for session in ids:
+        pid, _, number = session.partition("-")
+        assert pid in pids, f"{session}: not prefixed by a worker's pid {sorted(pids)}"
+        assert re.fullmatch(r"[0-9a-f]+", number), session
+
+
 def test_workers_share_the_load_and_metrics_merge(tmp_path: Path, nexthop: NextHop) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules: []\n")

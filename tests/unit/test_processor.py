@@ -20,6 +20,7 @@ from filterd.model import Envelope, Message
 from filterd.observe import Metrics
 from filterd.processor import MessageProcessor
 from filterd.rules import load_ruleset
+from tests.support.nexthop import NextHop
 
 
 def _processor(tmp_path: Path, registry: CollectorRegistry) -> MessageProcessor:
@@ -111,3 +112,90 @@ def test_a_stored_entry_is_answered_250_when_the_index_cannot_count(
     assert asyncio.run(run()) == 250
     assert len(list((tmp_path / "quarantine").glob("*.eml"))) == 1
     assert registry.get_sample_value("filterd_messages_total", {"action": "quarantine"}) == 1.0
+
+
+def _relay_errors(registry: CollectorRegistry, reason: str) -> float | None:
+    return registry.get_sample_value("filterd_relay_errors_total", {"reason": reason})
+
+
+@pytest.mark.parametrize(
+    ("chunking", "data_reply", "final_reply", "reason", "action"),
+    [
+        (False, "554 5.3.2 no DATA here", None, "refused_5xx", "reject"),
+        (False, "451 4.3.0 no DATA now", None, "refused_4xx", "tempfail"),
+        (False, None, "554 5.7.1 refused at the dot", "refused_5xx", "reject"),
+        (False, None, "452 4.3.1 queue full", "refused_4xx", "tempfail"),
+        (True, None, "554 5.7.1 refused at BDAT", "refused_5xx", "reject"),
+        (True, None, "451 4.3.0 BDAT later", "refused_4xx", "tempfail"),
+    ],
+    ids=["data-5xx", "data-4xx", "dot-5xx", "dot-4xx", "bdat-5xx", "bdat-4xx"],
+)
+def test_a_next_hop_refusing_the_message_counts_one_relay_error(
+    tmp_path: Path,
+    chunking: bool,
+    data_reply: str | None,
+    final_reply: str | None,
+    reason: str,
+    action: str,
+) -> None:
+    """A next hop that refuses every message (a re-injection port answering 5xx) must show as
+    relay errors, or it passes for rule rejects and no alert fires; the message itself is
+    still accounted by what its client was told."""
+    registry = CollectorRegistry()
+    processor = _processor(tmp_path, registry)
+    clean = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n",
+    )
+    with NextHop() as hop:
+        if chunking:
+            hop.behaviour.announce = (*hop.behaviour.announce, "CHUNKING")
+        if data_reply is not None:
+            hop.behaviour.data_reply = data_reply
+        hop.behaviour.final_reply = final_reply
+
+        async def run() -> int:
+            txn = RelayClient("127.0.0.1", hop.port, timeout=5.0, helo="localhost").transaction()
+            txn.begin("a@example.org", ())
+            await txn.add_recipients(["b@example.net"])
+            try:
+                reply = await processor.process(clean, txn, "s1")
+            finally:
+                await txn.finish()
+            await asyncio.sleep(0)
+            return reply.code
+
+        code = asyncio.run(run())
+    assert code == int((data_reply or final_reply or "")[:3])
+    assert _relay_errors(registry, reason) == 1.0
+    other = "refused_4xx" if reason == "refused_5xx" else "refused_5xx"
+    assert _relay_errors(registry, other) == 0.0
+    assert registry.get_sample_value("filterd_messages_total", {"action": action}) == 1.0
+    assert registry.get_sample_value("filterd_messages_total", {"action": "accept"}) == 0.0
+
+
+def test_a_delivered_message_and_a_rule_reject_count_no_relay_error(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    processor = _processor(tmp_path, registry)
+    clean = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n",
+    )
+    with NextHop() as hop:
+
+        async def run() -> None:
+            txn = RelayClient("127.0.0.1", hop.port, timeout=5.0, helo="localhost").transaction()
+            txn.begin("a@example.org", ())
+            await txn.add_recipients(["b@example.net"])
+            try:
+                assert (await processor.process(clean, txn, "s1")).code == 250
+            finally:
+                await txn.finish()
+            assert (await processor.process(_offer(), _unused_transaction(), "s2")).code == 554
+            await asyncio.sleep(0)
+
+        asyncio.run(run())
+    for reason in ("refused_4xx", "refused_5xx"):
+        assert _relay_errors(registry, reason) == 0.0
+    assert registry.get_sample_value("filterd_messages_total", {"action": "accept"}) == 1.0
+    assert _rejected(registry) == 1.0

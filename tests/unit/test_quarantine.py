@@ -41,6 +41,7 @@ from filterd.actions.quarantine import (
     EntryStatus,
     QuarantineStore,
     run_retention,
+    track_size,
 )
 from filterd.actions.quarantine_commands import (
     delete_entry,
@@ -305,6 +306,71 @@ def test_retention_waits_for_a_quarantine_that_comes_up_late(tmp_path: Path) -> 
 
     asyncio.run(run())
     assert purged_counts[:1] == [0]  # the old entry purged, none left
+
+
+def test_the_size_count_follows_changes_made_outside_the_daemon(
+    store: QuarantineStore, tmp_path: Path
+) -> None:
+    """Entries deleted or purged by another process (the CLI) reach the gauge at the next
+    count, not only when something is quarantined again."""
+    old = _store(store, 1, now=datetime.now(UTC) - timedelta(days=40))
+    first, _ = _store(store, 2), _store(store, 3)
+    counts: list[int] = []
+
+    async def until(expected: int) -> None:
+        for _ in range(200):
+            if counts and counts[-1] == expected:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"the count stayed at {counts[-1:]} instead of {expected}")
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            track_size(lambda: QuarantineStore(store.path), counts.append, interval=0.05)
+        )
+        try:
+            await until(3)
+            with QuarantineStore(store.path) as other:  # as `filterd quarantine delete` does
+                assert delete_entry(other, first, io.StringIO()) == 0
+            await until(2)
+            with QuarantineStore(store.path) as other:
+                assert purge_entries(other, "30d", io.StringIO()) == 0
+            await until(1)
+            assert not task.done()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(run())
+    assert old not in [e.id for e in store.list()]
+
+
+def test_the_size_count_waits_for_a_quarantine_that_comes_up_late(tmp_path: Path) -> None:
+    folder = tmp_path / "quarantine"
+    folder.write_text("not a folder yet")
+    counts: list[int] = []
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            track_size(lambda: QuarantineStore(folder), counts.append, interval=0.05)
+        )
+        await asyncio.sleep(0.2)
+        assert counts == []
+        assert not task.done()
+        folder.unlink()
+        with QuarantineStore(folder) as late:
+            _store(late, 1)
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if counts:
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert counts[:1] == [1]
 
 
 def test_a_sender_that_was_not_utf8_is_stored_and_listed(
