@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from filterd import __version__
-from filterd.config import Config, HostPort, load_config
+from filterd.config import Config, HostPort, find_config_file, load_config
 from filterd.errors import ConfigError
 
 EX_OK = 0
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+def _load(args: argparse.Namespace, config_path: str | None) -> Config:
+    config = load_config(config_path)
     if getattr(args, "rules", None):
         config = config.with_overrides(rules=args.rules)
     return config
@@ -146,9 +146,12 @@ def _run(args: argparse.Namespace) -> int:
         from filterd.rules.commands import schema
 
         return schema(sys.stdout)
-    config = _load(args)
+    # Found once: the daemon reloads from this same file on SIGHUP, also when it was not named
+    # with -c but found at its default place.
+    config_path = find_config_file(args.config)
+    config = _load(args, config_path)
     if args.command == "serve":
-        return _serve(args, config)
+        return _serve(args, config, config_path)
     if args.command == "check":
         from filterd.rules.commands import check
 
@@ -175,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
     return _quarantine(args, config)
 
 
-def _serve(args: argparse.Namespace, config: Config) -> int:
+def _serve(args: argparse.Namespace, config: Config, config_path: str | None) -> int:
     overrides = _serve_overrides(args)
     config = config.with_overrides(**overrides)
     if args.worker_fds:
@@ -191,16 +194,16 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     if args.worker_fds:
         from filterd.app import serve
 
-        return serve(config, args.config, overrides, inherited_fds=fds)
+        return serve(config, config_path, overrides, inherited_fds=fds)
     if config.workers > 1:
         from filterd.app import prepare_state
         from filterd.supervisor import run_supervisor
 
         prepare_state(config)
-        return run_supervisor(config, args.config, args.raw_argv, overrides)
+        return run_supervisor(config, config_path, args.raw_argv, overrides)
     from filterd.app import serve
 
-    return serve(config, args.config, overrides)
+    return serve(config, config_path, overrides)
 
 
 def _quarantine(args: argparse.Namespace, config: Config) -> int:

@@ -421,12 +421,21 @@ def parse_config(data: object, source: str, base: Path) -> Config:
     return config
 
 
+def find_config_file(path: str | None) -> str | None:
+    """The config file to read: ``path`` when given, else /etc/filterd/filterd.yaml when it
+    exists, else None (the built-in defaults). The daemon keeps this answer so that a reload
+    reads the file it started from, however that file was found."""
+    if path is not None:
+        return path
+    # Looked up at call time, not bound at import, so tests can point it elsewhere.
+    return DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None
+
+
 def load_config(path: str | None) -> Config:
     """Load ``path``; with ``None`` use /etc/filterd/filterd.yaml when it exists, else defaults."""
+    path = find_config_file(path)
     if path is None:
-        if not Path(DEFAULT_CONFIG_PATH).exists():
-            return default_config()
-        path = DEFAULT_CONFIG_PATH
+        return default_config()
     data = load_yaml_file(path)
     return parse_config(data, path, Path(path).resolve().parent)
 
@@ -440,6 +449,7 @@ __all__ = [
     "RelayTlsConfig",
     "TlsConfig",
     "default_config",
+    "find_config_file",
     "load_config",
     "parse_duration",
     "parse_size",
