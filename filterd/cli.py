@@ -174,7 +174,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "test":
         from filterd.rules.commands import run_tests
 
-        return run_tests(config.rules, sys.stdout, sys.stderr)
+        return run_tests(
+            config.rules,
+            sys.stdout,
+            sys.stderr,
+            max_scan_bytes=config.limits.max_scan_bytes,
+        )
     return _quarantine(args, config)
 
 

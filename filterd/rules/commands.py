@@ -194,9 +194,16 @@ def case_message(case: RuleTestCase) -> bytes:
         return to_crlf(handle.read())
 
 
-def run_tests(rules_path: RulesPath, out: TextIO, err: TextIO) -> int:
-    """Run the ``tests:`` of every rule file; exit 1 when any case fails."""
-    ruleset = _load(rules_path, err)
+def run_tests(
+    rules_path: RulesPath,
+    out: TextIO,
+    err: TextIO,
+    *,
+    max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
+) -> int:
+    """Run the ``tests:`` of every rule file; exit 1 when any case fails. ``max_scan_bytes`` is
+    the config's limit, so a case gets the verdict ``scan`` and the daemon give its message."""
+    ruleset = _load(rules_path, err, max_scan_bytes)
     if ruleset is None:
         return EXIT_CONFIG
     if not ruleset.tests:

@@ -4,6 +4,7 @@ exit codes of bad invocations."""
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,40 @@ def test_without_any_config_file_serve_runs_on_the_built_in_defaults(
     [(config, config_path, _)] = served
     assert config_path is None
     assert config.source == "<built-in defaults>"
+
+
+def _far_needle(tmp_path: Path) -> Path:
+    """A config whose max_scan_bytes stops the body rules before a word late in the body, and
+    a rule file whose test case expects what the daemon does: the word is not seen."""
+    body = "From: a@b.example\nSubject: x\n\n" + "0123456789" * 4 + " needle\n"
+    (tmp_path / "m.eml").write_text(body)
+    _write(
+        tmp_path / "r.yaml",
+        """\
+        rules:
+          - name: far-word
+            if: {body: {contains: needle}}
+            then: {action: reject}
+        tests:
+          - name: past the scan limit
+            message: m.eml
+            expect: {action: accept}
+        """,
+    )
+    return _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {max_scan_bytes: 10}\n")
+
+
+def test_test_command_applies_the_configs_max_scan_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _far_needle(tmp_path)
+    assert main(["test", "-c", str(config)]) == 0, capsys.readouterr().out
+    assert "PASS past the scan limit" in capsys.readouterr().out
+
+
+def test_scan_and_test_agree_on_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _far_needle(tmp_path)
+    assert main(["scan", "-c", str(config), "--json", str(tmp_path / "m.eml")]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "accept"
