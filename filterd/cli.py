@@ -66,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     _rules_option(check)
 
     scan = commands.add_parser(
-        "scan", help="dry-run messages through the rules and print the verdict"
+        "scan",
+        help="dry-run messages through the rules and print the verdict",
+        description=(
+            "Dry-run messages through the rules and print the verdict and a trace of every"
+            " rule; nothing is changed. Each message is judged as the daemon judges it: with"
+            " the config's limits, and a message larger than limits.spool_threshold (default"
+            " 1M) on its first spool_threshold bytes, cut back to a line end and with the"
+            " whole header, as the daemon's rules see a spooled message."
+        ),
     )
     _config_option(scan)
     _rules_option(scan)
@@ -170,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
             out=sys.stdout,
             err=sys.stderr,
             max_scan_bytes=config.limits.max_scan_bytes,
+            spool_threshold=config.limits.spool_threshold,
         )
     if args.command == "test":
         from filterd.rules.commands import run_tests
@@ -179,6 +188,7 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout,
             sys.stderr,
             max_scan_bytes=config.limits.max_scan_bytes,
+            spool_threshold=config.limits.spool_threshold,
         )
     return _quarantine(args, config)
 

@@ -34,6 +34,13 @@ def _rules(folder: Path, *names: str) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def no_host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read this host's /etc/filterd: a test that wants a default file points at one."""
+    absent = tmp_path / "no-etc" / "filterd.yaml"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(absent))
+
+
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, str | None, dict[str, Any]]]:
     """What ``filterd serve`` hands the daemon, instead of running it."""
@@ -77,10 +84,7 @@ def test_a_reload_rereads_the_default_config_file(
     assert asyncio.run(reload_after_edit()) == ("rule-b",)
 
 
-def test_without_any_config_file_serve_runs_on_the_built_in_defaults(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, served: list[Any]
-) -> None:
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent.yaml"))
+def test_without_any_config_file_serve_runs_on_the_built_in_defaults(served: list[Any]) -> None:
     assert main(["serve", "--workers", "1"]) == 0
     [(config, config_path, _)] = served
     assert config_path is None
@@ -122,3 +126,70 @@ def test_scan_and_test_agree_on_the_config(
     config = _far_needle(tmp_path)
     assert main(["scan", "-c", str(config), "--json", str(tmp_path / "m.eml")]) == 0
     assert json.loads(capsys.readouterr().out)["action"] == "accept"
+
+
+def exe_after(filler: int) -> bytes:
+    """A message whose .exe attachment comes after ``filler`` bytes of an image part."""
+    line = b"A" * 76 + b"\n"
+    return (
+        b"From: a@x.example\nTo: b@y.example\nSubject: t\nMIME-Version: 1.0\n"
+        b"Content-Type: multipart/mixed; boundary=BB\n\n"
+        b"--BB\nContent-Type: text/plain\n\nhi\n"
+        b"--BB\nContent-Type: image/png; name=a.png\nContent-Transfer-Encoding: base64\n\n"
+        + line
+        * (filler // len(line))
+        + b"--BB\nContent-Type: application/octet-stream; name=invoice.pdf.exe\n"
+        b"Content-Transfer-Encoding: base64\n"
+        b"Content-Disposition: attachment; filename=invoice.pdf.exe\n\n"
+        b"TVqQAAAA\n--BB--\n"
+    )
+
+
+EXE_RULES = """\
+rules:
+  - name: executable
+    if: {attachment: {filename: {glob: "*.exe"}}}
+    then: {action: reject}
+  - name: big
+    if: {size: {gt: 1M}}
+    then: {score: 1}
+"""
+
+
+def test_scan_judges_a_large_message_on_what_the_daemon_sees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Past limits.spool_threshold (1M by default) the daemon's rules see only the message's
+    # first bytes: an attachment after them goes unseen there, so scan must not see it either.
+    rules = _write(tmp_path / "r.yaml", EXE_RULES)
+    (tmp_path / "big.eml").write_bytes(exe_after(1_200_000))
+    (tmp_path / "small.eml").write_bytes(exe_after(1000))
+    argv = ["scan", "--rules", str(rules), "--json", str(tmp_path / "big.eml")]
+    assert main([*argv, str(tmp_path / "small.eml")]) == 0
+    big, small = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (big["action"], big["rules"]) == ("accept", ["big"])  # size sees the whole message
+    assert (small["action"], small["rules"]) == ("reject", ["executable"])
+
+
+def test_scan_uses_the_configs_spool_threshold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path / "r.yaml", EXE_RULES)
+    config = _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {spool_threshold: 128K}\n")
+    (tmp_path / "m.eml").write_bytes(exe_after(200_000))
+    assert main(["scan", "-c", str(config), "--json", str(tmp_path / "m.eml")]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "accept"
+    assert main(["scan", "--rules", str(tmp_path / "r.yaml"), str(tmp_path / "m.eml")]) == 0
+    assert "REJECT" in capsys.readouterr().out  # under the default 1M it is seen whole
+
+
+def test_test_cases_are_judged_on_what_the_daemon_sees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "big.eml").write_bytes(exe_after(200_000))
+    _write(
+        tmp_path / "r.yaml",
+        EXE_RULES + "tests:\n  - {name: spooled, message: big.eml, expect: {action: accept}}\n",
+    )
+    config = _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {spool_threshold: 128K}\n")
+    assert main(["test", "-c", str(config)]) == 0, capsys.readouterr().out
