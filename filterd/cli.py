@@ -21,6 +21,40 @@ EX_FAILURE = 1
 EX_CONFIG = 78
 
 
+# Option values are checked while parsing, so a bad one is a usage error (exit 2, with the
+# command's usage line) before anything runs.
+def _hostport_arg(text: str) -> HostPort:
+    try:
+        return HostPort.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _metrics_listen_arg(text: str) -> HostPort | None:
+    return None if text == "none" else _hostport_arg(text)
+
+
+def _workers_arg(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return workers
+
+
+def _client_ip_arg(text: str) -> str:
+    # The rules' own parser: an address they would not understand never matches a client_ip
+    # rule, which would make the dry-run's verdict silently wrong. Imported here: the rules
+    # package is heavy and most commands never need it.
+    from filterd.rules.lists import parse_client_ip
+
+    if parse_client_ip(text) is None:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 or IPv6 address, got {text!r}")
+    return text
+
+
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",
@@ -48,15 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     _config_option(serve)
     serve.add_argument(
-        "--listen", metavar="H:P", action="append", help="listen address (repeatable)"
+        "--listen",
+        type=_hostport_arg,
+        metavar="H:P",
+        action="append",
+        help="listen address (repeatable)",
     )
-    serve.add_argument("--relay", metavar="H:P", help="next hop")
+    serve.add_argument("--relay", type=_hostport_arg, metavar="H:P", help="next hop")
     _rules_option(serve)
     serve.add_argument(
-        "--metrics-listen", metavar="H:P", help="metrics address ('none' to disable)"
+        "--metrics-listen",
+        type=_metrics_listen_arg,
+        default=False,  # False: not given; None: given as 'none', no metrics listener
+        metavar="H:P",
+        help="metrics address ('none' to disable)",
     )
     serve.add_argument(
-        "--workers", type=int, metavar="N", help="serving processes (default: config, else CPUs)"
+        "--workers",
+        type=_workers_arg,
+        metavar="N",
+        help="serving processes (default: config, else CPUs)",
     )
     # Internal: a worker started by the supervisor serves these inherited listening sockets.
     serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
@@ -87,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A",
         help="envelope recipient",
     )
-    scan.add_argument("--client-ip", metavar="IP")
+    scan.add_argument("--client-ip", type=_client_ip_arg, metavar="IP")
     scan.add_argument("--helo", metavar="NAME")
     scan.add_argument("--json", action="store_true", help="one JSON object per message")
     scan.add_argument("files", nargs="+", metavar="FILE.eml")
@@ -129,22 +174,15 @@ def _load(args: argparse.Namespace, config_path: str | None) -> Config:
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    try:
-        if args.listen:
-            overrides["listen"] = tuple(HostPort.parse(item) for item in args.listen)
-        if args.relay:
-            overrides["relay"] = HostPort.parse(args.relay)
-        if args.metrics_listen:
-            overrides["metrics_listen"] = (
-                None if args.metrics_listen == "none" else HostPort.parse(args.metrics_listen)
-            )
-    except ValueError as exc:
-        raise SystemExit(f"filterd: error: {exc}") from exc
+    if args.listen:
+        overrides["listen"] = tuple(args.listen)
+    if args.relay:
+        overrides["relay"] = args.relay
+    if args.metrics_listen is not False:
+        overrides["metrics_listen"] = args.metrics_listen
     if args.rules:
         overrides["rules"] = args.rules
     if args.workers is not None:
-        if args.workers < 1:
-            raise SystemExit("filterd: error: --workers must be at least 1")
         overrides["workers"] = args.workers
     return overrides
 

@@ -193,3 +193,57 @@ def test_test_cases_are_judged_on_what_the_daemon_sees(
     )
     config = _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {spool_threshold: 128K}\n")
     assert main(["test", "-c", str(config)]) == 0, capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--listen", "bogus"],
+        ["serve", "--listen", "127.0.0.1:99999"],
+        ["serve", "--relay", "bad"],
+        ["serve", "--metrics-listen", "nowhere"],
+        ["serve", "--workers", "0"],
+        ["serve", "--workers", "many"],
+        ["scan", "--client-ip", "10.0.0.300", "m.eml"],
+        ["scan", "--client-ip", "mail.example", "m.eml"],
+    ],
+)
+def test_a_bad_option_value_is_a_usage_error(
+    argv: list[str], served: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: filterd ")
+    assert f"argument {argv[1]}" in err
+    assert served == []
+
+
+def test_good_option_values_reach_the_daemon(served: list[Any]) -> None:
+    argv = ["serve", "--listen", "[::1]:10024", "--relay", "127.0.0.1:25", "--workers", "1"]
+    assert main([*argv, "--metrics-listen", "none"]) == 0
+    [(config, _, overrides)] = served
+    assert [str(address) for address in config.listen] == ["[::1]:10024"]
+    assert str(config.relay) == "127.0.0.1:25"
+    assert config.metrics_listen is None
+    assert overrides["workers"] == 1
+
+
+@pytest.mark.parametrize("address", ["10.0.0.3", "[10.0.0.3]", "::ffff:10.0.0.3", "IPv6:fd00::1"])
+def test_scan_accepts_a_client_ip_as_the_daemon_reads_one(
+    address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = _write(
+        tmp_path / "r.yaml",
+        """\
+        rules:
+          - name: inside
+            if: {client_ip: {in: [10.0.0.0/8, "fd00::/8"]}}
+            then: {action: reject}
+        """,
+    )
+    (tmp_path / "m.eml").write_text("Subject: x\n\nhi\n")
+    argv = ["scan", "--rules", str(rules), "--client-ip", address, "--json"]
+    assert main([*argv, str(tmp_path / "m.eml")]) == 0
+    assert json.loads(capsys.readouterr().out)["rules"] == ["inside"]
