@@ -21,6 +21,7 @@ from filterd.errors import ConfigError, Problem
 from filterd.yamlsrc import Pos, YamlMap, load_yaml_file
 
 DEFAULT_CONFIG_PATH = "/etc/filterd/filterd.yaml"
+DEFAULT_RULES_DIR = "/etc/filterd/rules"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -135,12 +136,21 @@ def shipped_rules_dir() -> str:
     return str(Path(sys.prefix) / "share" / "filterd" / "rules")
 
 
+def default_rules() -> str:
+    """The rules of a config that names none: /etc/filterd/rules when that directory exists
+    (where an admin keeps them, beside /etc/filterd/filterd.yaml), else the shipped rules, so
+    a clone or a fresh install runs with those."""
+    # Looked up at call time, not bound at import, so tests can point it elsewhere.
+    installed = Path(DEFAULT_RULES_DIR)
+    return str(installed) if installed.is_dir() else shipped_rules_dir()
+
+
 def default_config() -> Config:
     state_dir = default_state_dir()
     return Config(
         listen=(HostPort("127.0.0.1", 10024),),
         relay=HostPort("127.0.0.1", 10025),
-        rules=shipped_rules_dir(),
+        rules=default_rules(),
         quarantine=QuarantineConfig(path=str(Path(state_dir) / "quarantine")),
         metrics_listen=HostPort("127.0.0.1", 9125),
         limits=Limits(),
@@ -449,6 +459,7 @@ __all__ = [
     "RelayTlsConfig",
     "TlsConfig",
     "default_config",
+    "default_rules",
     "find_config_file",
     "load_config",
     "parse_duration",
