@@ -13,12 +13,46 @@ from collections.abc import Sequence
 from typing import Any
 
 from filterd import __version__
-from filterd.config import Config, HostPort, load_config
+from filterd.config import Config, HostPort, find_config_file, load_config
 from filterd.errors import ConfigError
 
 EX_OK = 0
 EX_FAILURE = 1
 EX_CONFIG = 78
+
+
+# Option values are checked while parsing, so a bad one is a usage error (exit 2, with the
+# command's usage line) before anything runs.
+def _hostport_arg(text: str) -> HostPort:
+    try:
+        return HostPort.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _metrics_listen_arg(text: str) -> HostPort | None:
+    return None if text == "none" else _hostport_arg(text)
+
+
+def _workers_arg(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return workers
+
+
+def _client_ip_arg(text: str) -> str:
+    # The rules' own parser: an address they would not understand never matches a client_ip
+    # rule, which would make the dry-run's verdict silently wrong. Imported here: the rules
+    # package is heavy and most commands never need it.
+    from filterd.rules.lists import parse_client_ip
+
+    if parse_client_ip(text) is None:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 or IPv6 address, got {text!r}")
+    return text
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -48,15 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     _config_option(serve)
     serve.add_argument(
-        "--listen", metavar="H:P", action="append", help="listen address (repeatable)"
+        "--listen",
+        type=_hostport_arg,
+        metavar="H:P",
+        action="append",
+        help="listen address (repeatable)",
     )
-    serve.add_argument("--relay", metavar="H:P", help="next hop")
+    serve.add_argument("--relay", type=_hostport_arg, metavar="H:P", help="next hop")
     _rules_option(serve)
     serve.add_argument(
-        "--metrics-listen", metavar="H:P", help="metrics address ('none' to disable)"
+        "--metrics-listen",
+        type=_metrics_listen_arg,
+        default=False,  # False: not given; None: given as 'none', no metrics listener
+        metavar="H:P",
+        help="metrics address ('none' to disable)",
     )
     serve.add_argument(
-        "--workers", type=int, metavar="N", help="serving processes (default: config, else CPUs)"
+        "--workers",
+        type=_workers_arg,
+        metavar="N",
+        help="serving processes (default: config, else CPUs)",
     )
     # Internal: a worker started by the supervisor serves these inherited listening sockets.
     serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
@@ -66,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     _rules_option(check)
 
     scan = commands.add_parser(
-        "scan", help="dry-run messages through the rules and print the verdict"
+        "scan",
+        help="dry-run messages through the rules and print the verdict",
+        description=(
+            "Dry-run messages through the rules and print the verdict and a trace of every"
+            " rule; nothing is changed. Each message is judged as the daemon judges it: with"
+            " the config's limits, and a message larger than limits.spool_threshold (default"
+            " 1M) on its first spool_threshold bytes, cut back to a line end and with the"
+            " whole header, as the daemon's rules see a spooled message."
+        ),
     )
     _config_option(scan)
     _rules_option(scan)
@@ -79,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A",
         help="envelope recipient",
     )
-    scan.add_argument("--client-ip", metavar="IP")
+    scan.add_argument("--client-ip", type=_client_ip_arg, metavar="IP")
     scan.add_argument("--helo", metavar="NAME")
     scan.add_argument("--json", action="store_true", help="one JSON object per message")
     scan.add_argument("files", nargs="+", metavar="FILE.eml")
@@ -112,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+def _load(args: argparse.Namespace, config_path: str | None) -> Config:
+    config = load_config(config_path)
     if getattr(args, "rules", None):
         config = config.with_overrides(rules=args.rules)
     return config
@@ -121,22 +174,15 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    try:
-        if args.listen:
-            overrides["listen"] = tuple(HostPort.parse(item) for item in args.listen)
-        if args.relay:
-            overrides["relay"] = HostPort.parse(args.relay)
-        if args.metrics_listen:
-            overrides["metrics_listen"] = (
-                None if args.metrics_listen == "none" else HostPort.parse(args.metrics_listen)
-            )
-    except ValueError as exc:
-        raise SystemExit(f"filterd: error: {exc}") from exc
+    if args.listen:
+        overrides["listen"] = tuple(args.listen)
+    if args.relay:
+        overrides["relay"] = args.relay
+    if args.metrics_listen is not False:
+        overrides["metrics_listen"] = args.metrics_listen
     if args.rules:
         overrides["rules"] = args.rules
     if args.workers is not None:
-        if args.workers < 1:
-            raise SystemExit("filterd: error: --workers must be at least 1")
         overrides["workers"] = args.workers
     return overrides
 
@@ -146,9 +192,12 @@ def _run(args: argparse.Namespace) -> int:
         from filterd.rules.commands import schema
 
         return schema(sys.stdout)
-    config = _load(args)
+    # Found once: the daemon reloads from this same file on SIGHUP, also when it was not named
+    # with -c but found at its default place.
+    config_path = find_config_file(args.config)
+    config = _load(args, config_path)
     if args.command == "serve":
-        return _serve(args, config)
+        return _serve(args, config, config_path)
     if args.command == "check":
         from filterd.rules.commands import check
 
@@ -167,15 +216,22 @@ def _run(args: argparse.Namespace) -> int:
             out=sys.stdout,
             err=sys.stderr,
             max_scan_bytes=config.limits.max_scan_bytes,
+            spool_threshold=config.limits.spool_threshold,
         )
     if args.command == "test":
         from filterd.rules.commands import run_tests
 
-        return run_tests(config.rules, sys.stdout, sys.stderr)
+        return run_tests(
+            config.rules,
+            sys.stdout,
+            sys.stderr,
+            max_scan_bytes=config.limits.max_scan_bytes,
+            spool_threshold=config.limits.spool_threshold,
+        )
     return _quarantine(args, config)
 
 
-def _serve(args: argparse.Namespace, config: Config) -> int:
+def _serve(args: argparse.Namespace, config: Config, config_path: str | None) -> int:
     overrides = _serve_overrides(args)
     config = config.with_overrides(**overrides)
     if args.worker_fds:
@@ -191,16 +247,16 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     if args.worker_fds:
         from filterd.app import serve
 
-        return serve(config, args.config, overrides, inherited_fds=fds)
+        return serve(config, config_path, overrides, inherited_fds=fds)
     if config.workers > 1:
         from filterd.app import prepare_state
         from filterd.supervisor import run_supervisor
 
         prepare_state(config)
-        return run_supervisor(config, args.config, args.raw_argv, overrides)
+        return run_supervisor(config, config_path, args.raw_argv, overrides)
     from filterd.app import serve
 
-    return serve(config, args.config, overrides)
+    return serve(config, config_path, overrides)
 
 
 def _quarantine(args: argparse.Namespace, config: Config) -> int:

@@ -21,6 +21,7 @@ from filterd.errors import ConfigError, Problem
 from filterd.yamlsrc import Pos, YamlMap, load_yaml_file
 
 DEFAULT_CONFIG_PATH = "/etc/filterd/filterd.yaml"
+DEFAULT_RULES_DIR = "/etc/filterd/rules"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -135,12 +136,21 @@ def shipped_rules_dir() -> str:
     return str(Path(sys.prefix) / "share" / "filterd" / "rules")
 
 
+def default_rules() -> str:
+    """The rules of a config that names none: /etc/filterd/rules when that directory exists
+    (where an admin keeps them, beside /etc/filterd/filterd.yaml), else the shipped rules, so
+    a clone or a fresh install runs with those."""
+    # Looked up at call time, not bound at import, so tests can point it elsewhere.
+    installed = Path(DEFAULT_RULES_DIR)
+    return str(installed) if installed.is_dir() else shipped_rules_dir()
+
+
 def default_config() -> Config:
     state_dir = default_state_dir()
     return Config(
         listen=(HostPort("127.0.0.1", 10024),),
         relay=HostPort("127.0.0.1", 10025),
-        rules=shipped_rules_dir(),
+        rules=default_rules(),
         quarantine=QuarantineConfig(path=str(Path(state_dir) / "quarantine")),
         metrics_listen=HostPort("127.0.0.1", 9125),
         limits=Limits(),
@@ -421,12 +431,21 @@ def parse_config(data: object, source: str, base: Path) -> Config:
     return config
 
 
+def find_config_file(path: str | None) -> str | None:
+    """The config file to read: ``path`` when given, else /etc/filterd/filterd.yaml when it
+    exists, else None (the built-in defaults). The daemon keeps this answer so that a reload
+    reads the file it started from, however that file was found."""
+    if path is not None:
+        return path
+    # Looked up at call time, not bound at import, so tests can point it elsewhere.
+    return DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None
+
+
 def load_config(path: str | None) -> Config:
     """Load ``path``; with ``None`` use /etc/filterd/filterd.yaml when it exists, else defaults."""
+    path = find_config_file(path)
     if path is None:
-        if not Path(DEFAULT_CONFIG_PATH).exists():
-            return default_config()
-        path = DEFAULT_CONFIG_PATH
+        return default_config()
     data = load_yaml_file(path)
     return parse_config(data, path, Path(path).resolve().parent)
 
@@ -440,6 +459,8 @@ __all__ = [
     "RelayTlsConfig",
     "TlsConfig",
     "default_config",
+    "default_rules",
+    "find_config_file",
     "load_config",
     "parse_duration",
     "parse_size",

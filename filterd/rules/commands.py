@@ -3,27 +3,54 @@
 Each function prints to the streams it is given and returns the exit code (0 ok, 1 a message
 or test failed, 78 invalid rules), so the CLI stays a thin dispatcher and tests can call
 these directly. ``scan`` and ``test`` normalize line endings to CRLF, as mail arrives over
-SMTP, so a message saved with LF endings gets the verdict the daemon would give it.
+SMTP, and show the rules of a message past ``limits.spool_threshold`` only the first bytes the
+daemon's rules see of it once spooled, so a saved message gets the verdict the daemon would
+give it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from filterd.config import Limits
 from filterd.errors import ConfigError
 from filterd.model import Envelope, Message, Verdict
 from filterd.rules.jsonschema import json_schema
 from filterd.rules.pipeline import DEFAULT_MAX_SCAN_BYTES, RuleSet, RuleTestCase, evaluate
 from filterd.rules.schema import load_ruleset
 from filterd.rules.testcases import to_crlf
+from filterd.spool import read_prefix
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 78
 RulesPath = str | os.PathLike[str]
+DEFAULT_SPOOL_THRESHOLD = Limits.spool_threshold
+# The ingress moves DATA to the spool only once more than this is buffered
+# (smtp_protocol._read_data): a smaller message stays whole in memory whatever the threshold.
+NEVER_SPOOLED_UP_TO = 65536
+
+
+def daemon_view(
+    envelope: Envelope, raw: bytes, source: str, spool_threshold: int = DEFAULT_SPOOL_THRESHOLD
+) -> Message:
+    """``raw`` (CRLF) as the daemon's rules see it. A message past ``spool_threshold`` is spooled
+    by the daemon and its rules see only the first bytes of it (``read_prefix``: cut back to a
+    line end, the whole header kept), while ``size`` still sees the whole message."""
+    if len(raw) <= max(spool_threshold, NEVER_SPOOLED_UP_TO):
+        return Message(envelope, raw)
+    # The daemon's own cut, on a private copy: the file itself may have LF line endings.
+    with tempfile.TemporaryDirectory(prefix="filterd-scan-") as folder:
+        copy = os.path.join(folder, "message.eml")
+        with open(copy, "wb") as handle:
+            handle.write(raw)
+        prefix = read_prefix(copy, spool_threshold)
+    # spool_path is only where the whole message is; the rules never read it.
+    return Message(envelope, prefix, spool_path=source, spooled_size=len(raw))
 
 
 def _plural(count: int, word: str) -> str:
@@ -137,8 +164,10 @@ def scan(
     out: TextIO,
     err: TextIO,
     max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
+    spool_threshold: int = DEFAULT_SPOOL_THRESHOLD,
 ) -> int:
-    """Dry-run each message file through the rules; print its verdict and full trace."""
+    """Dry-run each message file through the rules, as the daemon would see it (see
+    ``daemon_view``); print its verdict and full trace."""
     ruleset = _load(rules_path, err, max_scan_bytes)
     if ruleset is None:
         return EXIT_CONFIG
@@ -152,7 +181,7 @@ def scan(
             print(f"filterd scan: cannot read {file}: {exc.strerror or exc}", file=err)
             status = EXIT_FAILED
             continue
-        verdict = evaluate(ruleset, Message(envelope, to_crlf(raw)))
+        verdict = evaluate(ruleset, daemon_view(envelope, to_crlf(raw), file, spool_threshold))
         if as_json:
             print(json.dumps(verdict_json(file, verdict), ensure_ascii=False), file=out)
         else:
@@ -194,9 +223,17 @@ def case_message(case: RuleTestCase) -> bytes:
         return to_crlf(handle.read())
 
 
-def run_tests(rules_path: RulesPath, out: TextIO, err: TextIO) -> int:
-    """Run the ``tests:`` of every rule file; exit 1 when any case fails."""
-    ruleset = _load(rules_path, err)
+def run_tests(
+    rules_path: RulesPath,
+    out: TextIO,
+    err: TextIO,
+    *,
+    max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
+    spool_threshold: int = DEFAULT_SPOOL_THRESHOLD,
+) -> int:
+    """Run the ``tests:`` of every rule file; exit 1 when any case fails. The limits are the
+    config's, so a case gets the verdict ``scan`` and the daemon give its message."""
+    ruleset = _load(rules_path, err, max_scan_bytes)
     if ruleset is None:
         return EXIT_CONFIG
     if not ruleset.tests:
@@ -215,7 +252,8 @@ def run_tests(rules_path: RulesPath, out: TextIO, err: TextIO) -> int:
                 file=out,
             )
             continue
-        verdict = evaluate(ruleset, Message(case.envelope, raw))
+        source = case.message_path or f"{case.source}:{case.line}"
+        verdict = evaluate(ruleset, daemon_view(case.envelope, raw, source, spool_threshold))
         differences = case_differences(case, verdict)
         if differences:
             failed += 1

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from filterd.config import load_config, parse_duration
+from filterd import config as config_module
+from filterd.config import default_config, load_config, parse_duration, shipped_rules_dir
 from filterd.errors import ConfigError
 
 
@@ -31,3 +32,40 @@ def test_a_nan_timeout_in_the_file_is_a_located_error(tmp_path: Path) -> None:
     [problem] = caught.value.problems
     assert str(problem).startswith(f"{config}:2:")
     assert "positive, finite" in str(problem)
+
+
+@pytest.fixture
+def etc_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where /etc/filterd/rules would be (not created): tests never look at the real one."""
+    folder = tmp_path / "etc" / "rules"
+    monkeypatch.setattr(config_module, "DEFAULT_RULES_DIR", str(folder))
+    return folder
+
+
+def test_without_rules_the_config_uses_etc_filterd_rules_when_it_exists(
+    tmp_path: Path, etc_rules: Path
+) -> None:
+    etc_rules.mkdir(parents=True)
+    config = tmp_path / "filterd.yaml"
+    config.write_text("relay: 127.0.0.1:10025\n")
+    assert load_config(str(config)).rules == str(etc_rules)
+    assert default_config().rules == str(etc_rules)
+
+
+def test_without_rules_and_without_etc_filterd_rules_the_shipped_rules_load(
+    tmp_path: Path, etc_rules: Path
+) -> None:
+    config = tmp_path / "filterd.yaml"
+    config.write_text("relay: 127.0.0.1:10025\n")
+    assert load_config(str(config)).rules == shipped_rules_dir()
+    assert default_config().rules == shipped_rules_dir()
+    assert (Path(shipped_rules_dir()) / "00-baseline.yaml").is_file()
+
+
+def test_rules_named_in_the_config_win_over_etc_filterd_rules(
+    tmp_path: Path, etc_rules: Path
+) -> None:
+    etc_rules.mkdir(parents=True)
+    config = tmp_path / "filterd.yaml"
+    config.write_text("rules: mine\n")
+    assert load_config(str(config)).rules == str(tmp_path / "mine")

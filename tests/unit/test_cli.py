@@ -1,0 +1,249 @@
+"""The ``filterd`` command line: which config file it finds, what it hands the daemon, and the
+exit codes of bad invocations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import filterd.app
+import filterd.observe
+from filterd import config as config_module
+from filterd.app import Daemon
+from filterd.cli import main
+from filterd.config import Config
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _rules(folder: Path, *names: str) -> Path:
+    folder.mkdir()
+    rules = "".join(
+        f"  - {{name: {name}, if: {{subject: {{contains: {name}}}}}, then: {{score: 1}}}}\n"
+        for name in names
+    )
+    _write(folder / "r.yaml", "rules:\n" + rules)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def no_host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read this host's /etc/filterd: a test that wants a default file points at one."""
+    absent = tmp_path / "no-etc" / "filterd.yaml"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(absent))
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, str | None, dict[str, Any]]]:
+    """What ``filterd serve`` hands the daemon, instead of running it."""
+    calls: list[tuple[Config, str | None, dict[str, Any]]] = []
+
+    def fake_serve(config: Config, config_path: str | None, overrides: dict[str, Any]) -> int:
+        calls.append((config, config_path, overrides))
+        return 0
+
+    monkeypatch.setattr(filterd.app, "serve", fake_serve)
+    monkeypatch.setattr(filterd.observe, "configure_logging", lambda *args: None)
+    return calls
+
+
+def test_a_reload_rereads_the_default_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, served: list[Any]
+) -> None:
+    # Started without -c, from the config file at its default place: a SIGHUP must read that
+    # file again, not reuse the config loaded at start.
+    _rules(tmp_path / "rules-a", "rule-a")
+    _rules(tmp_path / "rules-b", "rule-b")
+    config_file = tmp_path / "filterd.yaml"
+    body = f"workers: 1\nmetrics: {{listen: null}}\nstate_dir: {tmp_path / 'state'}\n"
+    config_file.write_text(body + "rules: rules-a\n")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(config_file))
+
+    assert main(["serve"]) == 0
+    [(config, config_path, overrides)] = served
+    assert config_path == str(config_file)
+
+    async def reload_after_edit() -> tuple[str, ...]:
+        daemon = Daemon(config, config_path, overrides)
+        try:
+            assert daemon.ruleset.rule_names == ("rule-a",)
+            config_file.write_text(body + "rules: rules-b\n")
+            await daemon.reload()
+            return tuple(daemon.ruleset.rule_names)
+        finally:
+            await daemon.relay.close()
+
+    assert asyncio.run(reload_after_edit()) == ("rule-b",)
+
+
+def test_without_any_config_file_serve_runs_on_the_built_in_defaults(served: list[Any]) -> None:
+    assert main(["serve", "--workers", "1"]) == 0
+    [(config, config_path, _)] = served
+    assert config_path is None
+    assert config.source == "<built-in defaults>"
+
+
+def _far_needle(tmp_path: Path) -> Path:
+    """A config whose max_scan_bytes stops the body rules before a word late in the body, and
+    a rule file whose test case expects what the daemon does: the word is not seen."""
+    body = "From: a@b.example\nSubject: x\n\n" + "0123456789" * 4 + " needle\n"
+    (tmp_path / "m.eml").write_text(body)
+    _write(
+        tmp_path / "r.yaml",
+        """\
+        rules:
+          - name: far-word
+            if: {body: {contains: needle}}
+            then: {action: reject}
+        tests:
+          - name: past the scan limit
+            message: m.eml
+            expect: {action: accept}
+        """,
+    )
+    return _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {max_scan_bytes: 10}\n")
+
+
+def test_test_command_applies_the_configs_max_scan_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _far_needle(tmp_path)
+    assert main(["test", "-c", str(config)]) == 0, capsys.readouterr().out
+    assert "PASS past the scan limit" in capsys.readouterr().out
+
+
+def test_scan_and_test_agree_on_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _far_needle(tmp_path)
+    assert main(["scan", "-c", str(config), "--json", str(tmp_path / "m.eml")]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "accept"
+
+
+def exe_after(filler: int) -> bytes:
+    """A message whose .exe attachment comes after ``filler`` bytes of an image part."""
+    line = b"A" * 76 + b"\n"
+    return (
+        b"From: a@x.example\nTo: b@y.example\nSubject: t\nMIME-Version: 1.0\n"
+        b"Content-Type: multipart/mixed; boundary=BB\n\n"
+        b"--BB\nContent-Type: text/plain\n\nhi\n"
+        b"--BB\nContent-Type: image/png; name=a.png\nContent-Transfer-Encoding: base64\n\n"
+        + line
+        * (filler // len(line))
+        + b"--BB\nContent-Type: application/octet-stream; name=invoice.pdf.exe\n"
+        b"Content-Transfer-Encoding: base64\n"
+        b"Content-Disposition: attachment; filename=invoice.pdf.exe\n\n"
+        b"TVqQAAAA\n--BB--\n"
+    )
+
+
+EXE_RULES = """\
+rules:
+  - name: executable
+    if: {attachment: {filename: {glob: "*.exe"}}}
+    then: {action: reject}
+  - name: big
+    if: {size: {gt: 1M}}
+    then: {score: 1}
+"""
+
+
+def test_scan_judges_a_large_message_on_what_the_daemon_sees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Past limits.spool_threshold (1M by default) the daemon's rules see only the message's
+    # first bytes: an attachment after them goes unseen there, so scan must not see it either.
+    rules = _write(tmp_path / "r.yaml", EXE_RULES)
+    (tmp_path / "big.eml").write_bytes(exe_after(1_200_000))
+    (tmp_path / "small.eml").write_bytes(exe_after(1000))
+    argv = ["scan", "--rules", str(rules), "--json", str(tmp_path / "big.eml")]
+    assert main([*argv, str(tmp_path / "small.eml")]) == 0
+    big, small = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (big["action"], big["rules"]) == ("accept", ["big"])  # size sees the whole message
+    assert (small["action"], small["rules"]) == ("reject", ["executable"])
+
+
+def test_scan_uses_the_configs_spool_threshold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path / "r.yaml", EXE_RULES)
+    config = _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {spool_threshold: 128K}\n")
+    (tmp_path / "m.eml").write_bytes(exe_after(200_000))
+    assert main(["scan", "-c", str(config), "--json", str(tmp_path / "m.eml")]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "accept"
+    assert main(["scan", "--rules", str(tmp_path / "r.yaml"), str(tmp_path / "m.eml")]) == 0
+    assert "REJECT" in capsys.readouterr().out  # under the default 1M it is seen whole
+
+
+def test_test_cases_are_judged_on_what_the_daemon_sees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "big.eml").write_bytes(exe_after(200_000))
+    _write(
+        tmp_path / "r.yaml",
+        EXE_RULES + "tests:\n  - {name: spooled, message: big.eml, expect: {action: accept}}\n",
+    )
+    config = _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {spool_threshold: 128K}\n")
+    assert main(["test", "-c", str(config)]) == 0, capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--listen", "bogus"],
+        ["serve", "--listen", "127.0.0.1:99999"],
+        ["serve", "--relay", "bad"],
+        ["serve", "--metrics-listen", "nowhere"],
+        ["serve", "--workers", "0"],
+        ["serve", "--workers", "many"],
+        ["scan", "--client-ip", "10.0.0.300", "m.eml"],
+        ["scan", "--client-ip", "mail.example", "m.eml"],
+    ],
+)
+def test_a_bad_option_value_is_a_usage_error(
+    argv: list[str], served: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: filterd ")
+    assert f"argument {argv[1]}" in err
+    assert served == []
+
+
+def test_good_option_values_reach_the_daemon(served: list[Any]) -> None:
+    argv = ["serve", "--listen", "[::1]:10024", "--relay", "127.0.0.1:25", "--workers", "1"]
+    assert main([*argv, "--metrics-listen", "none"]) == 0
+    [(config, _, overrides)] = served
+    assert [str(address) for address in config.listen] == ["[::1]:10024"]
+    assert str(config.relay) == "127.0.0.1:25"
+    assert config.metrics_listen is None
+    assert overrides["workers"] == 1
+
+
+@pytest.mark.parametrize("address", ["10.0.0.3", "[10.0.0.3]", "::ffff:10.0.0.3", "IPv6:fd00::1"])
+def test_scan_accepts_a_client_ip_as_the_daemon_reads_one(
+    address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = _write(
+        tmp_path / "r.yaml",
+        """\
+        rules:
+          - name: inside
+            if: {client_ip: {in: [10.0.0.0/8, "fd00::/8"]}}
+            then: {action: reject}
+        """,
+    )
+    (tmp_path / "m.eml").write_text("Subject: x\n\nhi\n")
+    argv = ["scan", "--rules", str(rules), "--client-ip", address, "--json"]
+    assert main([*argv, str(tmp_path / "m.eml")]) == 0
+    assert json.loads(capsys.readouterr().out)["rules"] == ["inside"]
