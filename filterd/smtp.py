@@ -142,13 +142,15 @@ class FilterdHandler:
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.protocols: set[FilterdSMTP] = set()
         self._acl_cache: dict[str, bool] = {}
+        # Each worker builds its own handler and counts its sessions from 1: its pid makes the
+        # ids unique in the daemon (taken once: getpid() is a system call).
+        self._session_prefix = f"{os.getpid()}-"
 
     # --- admission -------------------------------------------------------------------------
     def admit(self, session: AioSession) -> str | None:
         """Attach state to a new session; return a refusal reply, or None to go on."""
         client_ip = _peer_ip(session)
-        # Each worker counts its sessions from 1: its pid makes the id unique in the daemon.
-        session_id = f"{os.getpid()}-{next(_session_ids):x}"
+        session_id = f"{self._session_prefix}{next(_session_ids):x}"
         state = SessionState(session_id=session_id, client_ip=client_ip)
         session.filterd_state = state
         if not self.accepting:
