@@ -18,7 +18,15 @@ from filterd.actions import Executor
 from filterd.actions.relay import RelayTransaction, refusal_reason
 from filterd.errors import FilterdError, QuarantineError, RelayError
 from filterd.logsetup import get_logger
-from filterd.model import TEMPFAIL_INTERNAL, Action, Message, Outcome, SmtpReply, Verdict
+from filterd.model import (
+    TEMPFAIL_INTERNAL,
+    Action,
+    Envelope,
+    Message,
+    Outcome,
+    SmtpReply,
+    Verdict,
+)
 from filterd.rules import RuleSet, evaluate
 
 log = get_logger("filterd")
@@ -91,7 +99,9 @@ class MessageProcessor:
         self._loop().call_soon(
             functools.partial(
                 self._account,
-                message,
+                message.envelope,
+                message.raw,
+                message.size,
                 verdict,
                 outcome,
                 duration=duration,
@@ -108,9 +118,30 @@ class MessageProcessor:
             loop = self._running_loop = asyncio.get_running_loop()
         return loop
 
+    def refused(
+        self, envelope: Envelope, size: int, reply: SmtpReply, reason: str, session_id: str
+    ) -> None:
+        """Account for a message the ingress refused before it could be processed (larger
+        than ``max_message_size``, or not stored): its one log line and its count, as for a
+        processed one, with no rule run."""
+        action = Action.TEMPFAIL if reply.is_transient else Action.REJECT
+        verdict = Verdict(action=action, reason=reason)
+        self._account(
+            envelope,
+            b"",
+            size,
+            verdict,
+            Outcome(action, reply),
+            duration=0.0,
+            error="",
+            session_id=session_id,
+        )
+
     def _account(
         self,
-        message: Message,
+        envelope: Envelope,
+        head: bytes,
+        size: int,
         verdict: Verdict,
         outcome: Outcome,
         *,
@@ -118,7 +149,8 @@ class MessageProcessor:
         error: str,
         session_id: str,
     ) -> None:
-        """Count and log one processed message (its one ``message_processed`` line)."""
+        """Count and log one processed message (its one ``message_processed`` line); ``head``
+        is the start of the message, where its Message-ID is."""
         if outcome.quarantine_size is not None:
             self.metrics.set_quarantine_size(outcome.quarantine_size)
         refusal = _next_hop_refusal(outcome)
@@ -129,17 +161,17 @@ class MessageProcessor:
             self.metrics.relay_error(refusal)
         action = _accounted_action(outcome)
         self.metrics.message_processed(
-            action.value, duration, message.size, verdict.rules, verdict.shadow_rules
+            action.value, duration, size, verdict.rules, verdict.shadow_rules
         )
-        env = message.envelope
+        env = envelope
         log.info(
             "message_processed",
             session=session_id,
             queue_id=env.queue_id,
-            message_id=message_id_of(message.raw),
+            message_id=message_id_of(head),
             sender=env.sender,
             recipients=len(env.recipients),
-            size=message.size,
+            size=size,
             client_ip=env.client_ip,
             helo=env.helo,
             action=action.value,

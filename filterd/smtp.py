@@ -48,6 +48,9 @@ class MessageSink(Protocol):
     async def process(
         self, message: Message, txn: RelayTransaction, session_id: str
     ) -> SmtpReply: ...
+    def refused(
+        self, envelope: Envelope, size: int, reply: SmtpReply, reason: str, session_id: str
+    ) -> None: ...
 
 
 class IngressMetrics(Protocol):
@@ -412,6 +415,19 @@ class FilterdHandler:
             smtputf8=bool(envelope.smtp_utf8),
             body_8bitmime=any(opt.upper() == "BODY=8BITMIME" for opt in envelope.mail_options),
             mail_options=tuple(envelope.mail_options),
+        )
+
+    def refused(
+        self, session: AioSession, envelope: AioEnvelope, size: int, reply: SmtpReply
+    ) -> None:
+        """Account for a message whose data came in and was refused before processing."""
+        reason = "larger than max_message_size" if reply.code == 552 else "could not be spooled"
+        self.sink.refused(
+            self.envelope_of(session, envelope),
+            size,
+            reply,
+            reason,
+            session_state(session).session_id,
         )
 
     async def deliver(

@@ -32,7 +32,7 @@ from aiosmtpd.smtp import (
 
 from filterd.actions.relay import crlf_lines
 from filterd.logsetup import get_logger
-from filterd.model import TEMPFAIL_INTERNAL
+from filterd.model import TEMPFAIL_INTERNAL, SmtpReply
 from filterd.smtp import (
     REPLY_FROM_NEXT_HOP,
     FilterdHandler,
@@ -64,7 +64,7 @@ _EXTENDED_COMMAND_LIMITS = {"MAIL": _COMMAND_LIMIT + 26 + 10, "XFORWARD": 1000}
 # write and reads the replies together.
 _GROUPABLE_REPLIES = frozenset({"XFORWARD", "MAIL", "RCPT", "RSET"})
 
-REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
 
 def unstuff(block: bytes) -> bytes:
@@ -87,11 +87,13 @@ def _help(
 
 @dataclass(frozen=True)
 class DataResult:
-    """What DATA produced: the message (in memory or spooled), or the reply refusing it."""
+    """What DATA produced: the message (in memory or spooled), or the reply refusing it, and
+    how many bytes of message the client sent."""
 
     raw: bytes
     spool: SpoolFile | None
-    refusal: str | None
+    refusal: SmtpReply | None
+    size: int
 
 
 class _Resumption(Coroutine[Any, Any, None]):
@@ -877,7 +879,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     async def smtp_MAIL(self, arg: str | None) -> None:
         size = _SIZE_PARAM.search(arg or "")
         if size and self.data_size_limit and int(size.group(1)) > self.data_size_limit:
-            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            await self.push(TOO_BIG.render())
             return
         await super().smtp_MAIL(arg)
 
@@ -911,9 +913,12 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             self.transport.close()
             return
         if result.refusal is not None:
+            # Refused here, never processed: still one log line and one count, as for every
+            # message whose data came in.
+            self.filterd_handler.refused(self.session, self.envelope, result.size, result.refusal)
             await self.filterd_handler.handle_RSET(self, self.session, self.envelope)
             self._set_post_data_state()
-            await self.push(result.refusal)
+            await self.push(result.refusal.render())
             return
         spool = result.spool
         log.debug(
@@ -951,7 +956,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         buf = bytearray(b"\r\n")
         spool: SpoolFile | None = None
         received = 0  # bytes already moved out of buf (to the spool, or dropped)
-        refusal: str | None = None
+        refusal: SmtpReply | None = None
         scanned = 0
         # buf[:no_line_end_below] was searched for a line end already (apart from the virtual
         # one at the start): each byte is looked at once however long a line is.
@@ -963,7 +968,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                     break
                 scanned = len(buf)
                 if refusal is None and limit and received + scanned > limit + 2 + 8192:
-                    refusal = REPLY_TOO_BIG
+                    refusal = TOO_BIG
                 if refusal is not None and scanned > 65536:
                     # Refused: nothing of the message is kept but its last bytes, in case the
                     # end marker straddles the next chunk. (Dropping only complete lines kept
@@ -985,7 +990,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                                 spool.write(unstuff(bytes(buf[:cut])))
                         except OSError as exc:
                             log.error("spool_failed", error=str(exc))
-                            refusal = TEMPFAIL_INTERNAL.render()
+                            refusal = TEMPFAIL_INTERNAL
                         received += cut
                         del buf[:cut]
                         no_line_end_below = max(0, scanned - 5 - cut)
@@ -1004,22 +1009,23 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 # StreamReader has no unread(); aiosmtpd itself manipulates this buffer (STARTTLS).
                 self._reader._buffer[:0] = leftover
             del buf[end + 2 :]
-            if refusal is None and limit and received + len(buf) - 2 > limit:
-                refusal = REPLY_TOO_BIG
+            size = received + len(buf) - 2  # (buf starts with the virtual line end)
+            if refusal is None and limit and size > limit:
+                refusal = TOO_BIG
             if refusal is not None:
                 if spool is not None:
                     spool.discard()
-                return DataResult(b"", None, refusal)
+                return DataResult(b"", None, refusal, size)
             if spool is None:
-                return DataResult(unstuff(bytes(buf))[2:], None, None)
+                return DataResult(unstuff(bytes(buf))[2:], None, None, size)
             try:
                 spool.write(unstuff(bytes(buf)))
                 spool.close()
             except OSError as exc:
                 log.error("spool_failed", error=str(exc))
                 spool.discard()
-                return DataResult(b"", None, TEMPFAIL_INTERNAL.render())
-            return DataResult(b"", spool, None)
+                return DataResult(b"", None, TEMPFAIL_INTERNAL, size)
+            return DataResult(b"", spool, None, size)
         except BaseException:
             if spool is not None:
                 spool.discard()

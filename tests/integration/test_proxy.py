@@ -204,7 +204,16 @@ def test_size_over_the_limit_is_refused_at_mail_and_at_data(
         assert (code, text[:5]) == (552, b"5.3.4")
         # the session is still usable afterwards
         assert smtp.sendmail("a@example.org", ["b@example.net"], PLAIN) == {}
+        # The refused message has its one line too (and its count): every message whose
+        # data came in is accounted for, also one no rule ever saw.
+        refused, delivered = daemon.wait_event("message_processed", 2)
     assert len(nexthop.wait_for(1)) == 1
+    assert refused["action"] == refused["verdict"] == "reject"
+    assert refused["reply"].startswith("552 5.3.4")
+    assert refused["reason"] == "larger than max_message_size"
+    assert refused["size"] > 5000
+    assert (refused["sender"], refused["recipients"]) == ("a@example.org", 1)
+    assert delivered["action"] == "accept"
 
 
 def test_help_lists_every_command_a_client_uses(daemon: Daemon) -> None:
