@@ -66,6 +66,37 @@ _GROUPABLE_REPLIES = frozenset({"XFORWARD", "MAIL", "RCPT", "RSET"})
 
 TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
+# RFC 2034: with ENHANCEDSTATUSCODES announced, every reply but the greeting and the replies to
+# HELO/EHLO carries an RFC 3463 code. filterd's own replies do; aiosmtpd's (its syntax errors,
+# "503 Error: need MAIL command", HELP, VRFY, STARTTLS...) get the code that fits their reply
+# code here, as Postfix gives its own.
+_HAS_ENHANCED_CODE = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_ENHANCED_FOR = {
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+
+
+def with_enhanced_code(reply: str) -> str:
+    """``reply`` with an enhanced status code: its own if it has one, else the one that fits
+    its reply code (x.0.0 when none fits better). 3xx replies have none."""
+    if reply[:1] not in ("2", "4", "5") or _HAS_ENHANCED_CODE.match(reply):
+        return reply
+    code, separator, text = reply[:3], reply[3:4] or " ", reply[4:]
+    enhanced = _ENHANCED_FOR.get(code, code[0] + ".0.0")
+    return f"{code}{separator}{enhanced} {text}" if text else f"{code}{separator}{enhanced}"
+
 
 def unstuff(block: bytes) -> bytes:
     """CRLF for every line ending, then remove the dot-stuffing (``block`` starts at a line
@@ -229,6 +260,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._pending: list[bytes | None] = []
         self._assembling = False
         self._groupable = False
+        # Replies that carry no enhanced status code: the greeting and the replies to HELO and
+        # EHLO (RFC 2034, 3). See with_enhanced_code.
+        self._plain_replies = True
         # The command loop waits for a command line, and the commands filterd answers within
         # data_received may be answered there (see _answer_at_once).
         self._at_command = False
@@ -400,6 +434,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # TLS is up.
         quiet = not _MAIL_LOG.isEnabledFor(logging.INFO)
         while self.transport is not None and not self._quit:
+            self._plain_replies = False
             fast = (
                 quiet
                 and self.fast_path
@@ -476,6 +511,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                     # What comes next depends on the next hop's answers (DATA needs the
                     # accepted recipients, RSET must not leave replies unread there).
                     await self._settle()
+                self._plain_replies = command in ("HELO", "EHLO")
                 await method(arg)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
@@ -763,8 +799,12 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return  # the client is gone (its delivery ran to the end): nobody to answer
         if isinstance(status, LaterReply):
             self._pending.append(None)
+        elif isinstance(status, bytes):
+            self._pending.append(status)
         else:
-            self._pending.append(status.encode("utf-8") if isinstance(status, str) else status)
+            if not self._plain_replies:
+                status = with_enhanced_code(status)
+            self._pending.append(status.encode("utf-8"))
         if self._assembling or (self._groupable and self._command_waiting()):
             return
         await self._flush()

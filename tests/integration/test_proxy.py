@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -220,7 +221,7 @@ def test_help_lists_every_command_a_client_uses(daemon: Daemon) -> None:
     with client(daemon.port) as smtp:
         code, text = smtp.docmd("HELP")
         assert code == 250
-        listed = set(text.decode().removeprefix("Supported commands: ").split())
+        listed = set(text.decode().removeprefix("2.0.0 Supported commands: ").split())
         assert {
             "EHLO",
             "HELO",
@@ -235,9 +236,59 @@ def test_help_lists_every_command_a_client_uses(daemon: Daemon) -> None:
         assert "STARTTLS" not in listed  # no TLS configured here
         assert smtp.docmd("HELP MAIL") == (
             250,
-            b"Syntax: MAIL FROM: <address> [SP <mail-parameters>]",
+            b"2.0.0 Syntax: MAIL FROM: <address> [SP <mail-parameters>]",
         )
-        assert smtp.docmd("HELP DATA") == (250, b"Syntax: DATA")
+        assert smtp.docmd("HELP DATA") == (250, b"2.0.0 Syntax: DATA")
+
+
+def test_every_reply_but_the_greeting_and_helo_carries_an_enhanced_code(daemon: Daemon) -> None:
+    """ENHANCEDSTATUSCODES is announced, so (RFC 2034) every reply but the greeting and the
+    replies to HELO/EHLO carries an RFC 3463 code: also aiosmtpd's own refusals."""
+    commands = [
+        "RCPT TO:<b@example.net>",  # 503 need MAIL
+        "MAIL FROM:<a@example.org>",
+        "MAIL FROM:<a@example.org>",  # 503 nested MAIL
+        "RCPT TO:<b@example.net> NOTIFY=NEVER",  # 501: parameters after HELO
+        "RCPT TO:<b@example.net>",
+        "BOGUS",  # 500 not recognized
+        "VRFY someone",  # 252
+        "EXPN list",  # 502
+        "NOOP",
+        "RSET",
+        "QUIT now",  # 501 syntax
+    ]
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        greeting = reader.readline()
+        sock.sendall(b"HELO client.example.org\r\n")
+        helo = reader.readline()
+        replies = []
+        for command in commands:
+            sock.sendall(command.encode() + b"\r\n")
+            replies.append(reader.readline().decode().rstrip("\r\n"))
+        sock.sendall(b"QUIT\r\n")
+        replies.append(reader.readline().decode().rstrip("\r\n"))
+    assert greeting.startswith(b"220 ")
+    assert not greeting[4:5].isdigit()
+    assert helo.startswith(b"250 ")
+    assert not helo[4:5].isdigit()
+    for command, reply in zip([*commands, "QUIT"], replies, strict=True):
+        assert re.fullmatch(r"\d{3} [245]\.\d{1,3}\.\d{1,3} .+", reply), (command, reply)
+        assert reply[4] == reply[0], (command, reply)  # the same class
+    assert [reply[:3] for reply in replies] == [
+        "503",
+        "250",
+        "503",
+        "501",
+        "250",
+        "500",
+        "252",
+        "502",
+        "250",
+        "250",
+        "501",
+        "221",
+    ]
 
 
 def test_command_line_limits_hold_in_every_session(daemon: Daemon) -> None:
