@@ -299,3 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return EX_FAILURE
+    except BrokenPipeError:
+        # The reader went away (`filterd scan ... | head`): stop quietly, as other commands
+        # do, with stdout pointed at /dev/null so the interpreter's final flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_FAILURE

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -247,3 +249,20 @@ def test_scan_accepts_a_client_ip_as_the_daemon_reads_one(
     argv = ["scan", "--rules", str(rules), "--client-ip", address, "--json"]
     assert main([*argv, str(tmp_path / "m.eml")]) == 0
     assert json.loads(capsys.readouterr().out)["rules"] == ["inside"]
+
+
+def test_scan_into_a_closed_pipe_stops_without_a_traceback(tmp_path: Path) -> None:
+    """`filterd scan *.eml | head`: once the reader is gone, scan stops quietly."""
+    repo = Path(__file__).resolve().parents[2]
+    corpus = sorted(str(path) for path in (repo / "tests" / "corpus").glob("*.eml"))
+    scan = subprocess.Popen(
+        [sys.executable, "-m", "filterd", "scan", "--rules", str(repo / "rules"), *corpus],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert scan.stdout is not None
+    scan.stdout.close()  # the reader is gone before the first line is written
+    _, errors = scan.communicate(timeout=60)
+    assert b"Traceback" not in errors, errors.decode()
+    assert scan.returncode == 1
