@@ -118,6 +118,23 @@ def _relay_errors(registry: CollectorRegistry, reason: str) -> float | None:
     return registry.get_sample_value("filterd_relay_errors_total", {"reason": reason})
 
 
+async def _relay_clean_message(processor: MessageProcessor, hop: NextHop) -> int:
+    """Process a clean message relayed to ``hop``; returns the code of the client's reply."""
+    clean = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n",
+    )
+    txn = RelayClient("127.0.0.1", hop.port, timeout=5.0, helo="localhost").transaction()
+    txn.begin("a@example.org", ())
+    await txn.add_recipients(["b@example.net"])
+    try:
+        reply = await processor.process(clean, txn, "s1")
+    finally:
+        await txn.finish()
+    await asyncio.sleep(0)  # the accounting runs in the loop's next pass
+    return reply.code
+
+
 @pytest.mark.parametrize(
     ("chunking", "data_reply", "final_reply", "reason", "action"),
     [
@@ -143,29 +160,13 @@ def test_a_next_hop_refusing_the_message_counts_one_relay_error(
     still accounted by what its client was told."""
     registry = CollectorRegistry()
     processor = _processor(tmp_path, registry)
-    clean = Message(
-        Envelope("a@example.org", ("b@example.net",)),
-        b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n",
-    )
     with NextHop() as hop:
         if chunking:
             hop.behaviour.announce = (*hop.behaviour.announce, "CHUNKING")
         if data_reply is not None:
             hop.behaviour.data_reply = data_reply
         hop.behaviour.final_reply = final_reply
-
-        async def run() -> int:
-            txn = RelayClient("127.0.0.1", hop.port, timeout=5.0, helo="localhost").transaction()
-            txn.begin("a@example.org", ())
-            await txn.add_recipients(["b@example.net"])
-            try:
-                reply = await processor.process(clean, txn, "s1")
-            finally:
-                await txn.finish()
-            await asyncio.sleep(0)
-            return reply.code
-
-        code = asyncio.run(run())
+        code = asyncio.run(_relay_clean_message(processor, hop))
     assert code == int((data_reply or final_reply or "")[:3])
     assert _relay_errors(registry, reason) == 1.0
     other = "refused_4xx" if reason == "refused_5xx" else "refused_5xx"
@@ -177,20 +178,10 @@ def test_a_next_hop_refusing_the_message_counts_one_relay_error(
 def test_a_delivered_message_and_a_rule_reject_count_no_relay_error(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     processor = _processor(tmp_path, registry)
-    clean = Message(
-        Envelope("a@example.org", ("b@example.net",)),
-        b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n",
-    )
     with NextHop() as hop:
 
         async def run() -> None:
-            txn = RelayClient("127.0.0.1", hop.port, timeout=5.0, helo="localhost").transaction()
-            txn.begin("a@example.org", ())
-            await txn.add_recipients(["b@example.net"])
-            try:
-                assert (await processor.process(clean, txn, "s1")).code == 250
-            finally:
-                await txn.finish()
+            assert await _relay_clean_message(processor, hop) == 250
             assert (await processor.process(_offer(), _unused_transaction(), "s2")).code == 554
             await asyncio.sleep(0)
 
