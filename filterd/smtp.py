@@ -252,18 +252,11 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        return self.begin_mail(session, envelope, address, options)
-
-    def begin_mail(
-        self, session: AioSession, envelope: AioEnvelope, address: str, options: list[str]
-    ) -> str:
-        """MAIL once its syntax is checked (also the protocol's fast path): start the
-        transaction; no next-hop I/O yet."""
         if _has_line_break(address):
             return "501 5.1.7 Bad sender address syntax"
         state = session_state(session)
         sender = "" if address == "<>" else address
-        # MAIL travels with the first RCPT (see RelayTransaction.begin).
+        # No next-hop I/O yet: MAIL travels with the first RCPT (see RelayTransaction.begin).
         txn = self.relay.transaction()
         txn.begin(sender, options, self._xforward(session))
         state.txn = txn
@@ -280,11 +273,6 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        return self.add_recipient(session, address)
-
-    def add_recipient(self, session: AioSession, address: str) -> str:
-        """RCPT once its syntax is checked (also the protocol's fast path): the local checks;
-        the reply is the next hop's (REPLY_FROM_NEXT_HOP) once they pass."""
         if _has_line_break(address):
             return "501 5.1.3 Bad recipient address syntax"
         state = session_state(session)
@@ -384,22 +372,16 @@ class FilterdHandler:
         return Xforward(attrs)
 
     async def _end_transaction(self, session: AioSession, *, broken: bool = False) -> None:
-        txn = self.forget_transaction(session)
-        if txn is not None:
-            await (txn.abandon() if broken else txn.finish())
-
-    def forget_transaction(self, session: AioSession) -> RelayTransaction | None:
-        """Reset the session's transaction state; returns the next-hop transaction that was
-        open, for the caller to finish or abandon."""
         state: SessionState | None = getattr(session, "filterd_state", None)
         if state is None:
-            return None
+            return
         state.xforward.clear()
         state.recipients_tried = 0
         state.unsent_recipients = []
         state.relay_failed = False
-        txn, state.txn = state.txn, None
-        return txn
+        if state.txn is not None:
+            txn, state.txn = state.txn, None
+            await (txn.abandon() if broken else txn.finish())
 
     def envelope_of(self, session: AioSession, envelope: AioEnvelope) -> Envelope:
         state = session_state(session)

@@ -34,7 +34,6 @@ from filterd.actions.relay import crlf_lines
 from filterd.logsetup import get_logger
 from filterd.model import TEMPFAIL_INTERNAL, SmtpReply
 from filterd.smtp import (
-    REPLY_FROM_NEXT_HOP,
     FilterdHandler,
     IngressPolicy,
     LaterReply,
@@ -225,9 +224,6 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     _shared: ClassVar[
         dict[int, tuple[dict[str, Any], dict[str, Any], asyncio.AbstractEventLoop]]
     ] = {}
-    # Whether the common commands are answered in data_received (_answer_at_once); off, every
-    # command goes through the command loop (the tests compare the two).
-    fast_path: ClassVar[bool] = True
 
     def __init__(self, handler: FilterdHandler, policy: IngressPolicy) -> None:
         key = id(handler)
@@ -263,9 +259,6 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # Replies that carry no enhanced status code: the greeting and the replies to HELO and
         # EHLO (RFC 2034, 3). See with_enhanced_code.
         self._plain_replies = True
-        # The command loop waits for a command line, and the commands filterd answers within
-        # data_received may be answered there (see _answer_at_once).
-        self._at_command = False
 
     def _init_fast(
         self,
@@ -384,16 +377,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
-        if reader is None:
-            return
-        if self._at_command and not reader._buffer and not self._paused:
-            parked = self._parked
-            if parked is not None and not parked.done():
-                data = self._answer_at_once(data)
-                if not data:
-                    return
-        reader.feed_data(data)
-        self._input_arrived()
+        if reader is not None:
+            reader.feed_data(data)
+            self._input_arrived()
 
     async def _handle_client(self) -> None:
         try:
@@ -429,28 +415,14 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         # aiosmtpd's own trace of every command line, kept for `log: {level: debug}` (AUTH
         # secrets masked, as aiosmtpd does); decided once per session, not per line.
         trace = _MAIL_LOG.isEnabledFor(logging.DEBUG)
-        # The fast path (_answer_at_once) skips aiosmtpd's INFO lines about senders and
-        # recipients, so it is off while they are wanted; and with STARTTLS required, until
-        # TLS is up.
-        quiet = not _MAIL_LOG.isEnabledFor(logging.INFO)
         while self.transport is not None and not self._quit:
             self._plain_replies = False
-            fast = (
-                quiet
-                and self.fast_path
-                and self._tls_handshake_okay
-                and not (self.require_starttls and not self._tls_protocol)
-            )
             self._groupable = False
             if self._pending and not self._command_waiting():
                 await self._flush()  # held for a command that is not there after all
             try:
                 try:
-                    self._at_command = fast
-                    try:
-                        line: bytes = await reader.readuntil()
-                    finally:
-                        self._at_command = False
+                    line: bytes = await reader.readuntil()
                 except asyncio.LimitOverrunError as error:
                     # Too long: read (and drop) to the end of the line, then refuse it.
                     await reader.read(error.consumed)
@@ -518,134 +490,6 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 raise
             except Exception as error:  # every failure becomes a reply, never a crash
                 await self._reply_to_failure(error)
-
-    # --- the fast path ------------------------------------------------------------------------
-    # The commands around every message (MAIL, RCPT within a group, RSET, NOOP, HELO,
-    # XFORWARD, QUIT), in their common forms, are answered right in data_received while the
-    # command loop waits for a command line: no stream reader, no coroutine steps, no aiosmtpd
-    # command method, no hooks. At one session these commands were about a fifth of filterd's
-    # own time per message. Each answer leaves the session as the command loop would (the same
-    # reply, the same state); anything else (another command, an uncommon form, a reply that
-    # has to wait for the next hop) goes, with every byte after it, to the command loop.
-    # tests/integration/test_fast_path.py runs sessions both ways and compares them.
-
-    def _answer_at_once(self, data: bytes) -> bytes:
-        """Answer the complete command lines at the start of ``data`` that the fast path
-        takes; returns the bytes left for the command loop."""
-        start = 0
-        pending = self._pending
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                break
-            line = data[start:end].rstrip(b"\r")
-            verb, _, arg = line.partition(b" ")
-            answer = _FAST_ANSWERS.get(verb.upper())
-            if answer is None or len(line) > _COMMAND_LIMIT:
-                break
-            if None in pending and answer is not FilterdSMTP._fast_RCPT:
-                break  # the command loop first waits for the next hop's RCPT replies
-            more = data.find(b"\n", end + 1) >= 0  # another command is already here
-            reply = answer(self, arg.strip(), more)
-            if reply is None:
-                break
-            start = end + 1
-            self._reset_timeout()
-            pending.append(None if reply is REPLY_FROM_NEXT_HOP else reply.encode())
-            if more and answer in _FAST_GROUPABLE:
-                continue  # held, as the command loop holds it (see push)
-            # Never with a RCPT's place in it: a RCPT is answered here only when more follows,
-            # and nothing else after one.
-            self._write_pending()
-            if self._quit:
-                self.transport.close()
-                return b""
-            if self._paused:
-                break  # the client does not read its replies: the command loop waits for it
-        return data[start:]
-
-    def _write_pending(self) -> None:
-        pending = cast(list[bytes], self._pending)
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(b"\r\n".join(pending) + b"\r\n")
-        pending.clear()
-
-    def _transaction_open(self) -> bool:
-        return session_state(self.session).txn is not None
-
-    def _fast_NOOP(self, arg: bytes, more: bool) -> str | None:
-        return "250 2.0.0 OK"
-
-    def _fast_RSET(self, arg: bytes, more: bool) -> str | None:
-        if arg or self._transaction_open():
-            return None  # a syntax error, or a transaction to finish at the next hop
-        self._set_rset_state()
-        self.filterd_handler.forget_transaction(self.session)
-        return "250 2.0.0 OK"
-
-    def _fast_HELO(self, arg: bytes, more: bool) -> str | None:
-        if not arg or not arg.isascii() or self._transaction_open():
-            return None
-        self._set_rset_state()
-        session = self.session
-        session.extended_smtp = False
-        session.host_name = arg.decode()
-        self.filterd_handler.forget_transaction(session)
-        return f"250 {self.hostname}"
-
-    def _fast_QUIT(self, arg: bytes, more: bool) -> str | None:
-        if arg or self._transaction_open():
-            return None
-        self.filterd_handler.forget_transaction(self.session)
-        self._quit = True
-        return "221 2.0.0 Bye"
-
-    def _fast_XFORWARD(self, arg: bytes, more: bool) -> str | None:
-        if not self.session.host_name or self.envelope.mail_from or not arg.isascii():
-            return None
-        return self.filterd_handler.xforward_command(self.session, arg.decode())
-
-    def _fast_MAIL(self, arg: bytes, more: bool) -> str | None:
-        session = self.session
-        envelope = self.envelope
-        if not session.host_name or envelope.mail_from or arg[:5].upper() != b"FROM:":
-            return None
-        path = _FAST_PATH.fullmatch(arg, 5)
-        if path is None:
-            return None
-        options = path.group(2).upper().split()
-        if options and not session.extended_smtp:
-            return None
-        utf8 = False
-        for option in options:
-            if option == b"SMTPUTF8":
-                utf8 = True
-            elif option.startswith(b"SIZE="):
-                size, limit = option[5:], self.data_size_limit
-                if not size.isdigit() or (limit and int(size) > limit):
-                    return None  # the command loop refuses it
-            elif option not in (b"BODY=7BIT", b"BODY=8BITMIME"):
-                return None
-        envelope.smtp_utf8 = utf8
-        return self.filterd_handler.begin_mail(
-            session,
-            envelope,
-            path.group(1).decode() or "<>",
-            [option.decode() for option in options],
-        )
-
-    def _fast_RCPT(self, arg: bytes, more: bool) -> str | None:
-        # Only within a group that goes on: a RCPT's reply is the next hop's, and waiting for
-        # it is the command loop's part.
-        if not more or not self.session.host_name or not self.envelope.mail_from:
-            return None
-        if arg[:3].upper() != b"TO:":
-            return None
-        path = _FAST_PATH.fullmatch(arg, 3)
-        if path is None or not path.group(1) or path.group(2):
-            return None
-        return self.filterd_handler.add_recipient(self.session, path.group(1).decode())
 
     async def _reply_to_failure(self, error: Exception) -> None:
         """What aiosmtpd's loop does with an exception from a command: a failed TLS setup
@@ -1070,24 +914,3 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             if spool is not None:
                 spool.discard()
             raise
-
-
-# The addresses and parameters the fast path takes: <local@domain> or <> in printable ASCII
-# without quotes, brackets or blanks, then parameters. Anything else (quoted local parts, source
-# routes, address literals, UTF-8) is parsed by the command loop.
-_FAST_PATH = re.compile(
-    rb"[ \t]*<((?:[!#-'*+\--9=?A-Z^-~]+@[!#-'*+\--9=?A-Z^-~]+)?)>((?:[ \t]+[!-~]+)*)[ \t]*"
-)
-_FAST_ANSWERS: dict[bytes, Callable[[FilterdSMTP, bytes, bool], str | None]] = {
-    b"MAIL": FilterdSMTP._fast_MAIL,
-    b"RCPT": FilterdSMTP._fast_RCPT,
-    b"RSET": FilterdSMTP._fast_RSET,
-    b"NOOP": FilterdSMTP._fast_NOOP,
-    b"HELO": FilterdSMTP._fast_HELO,
-    b"XFORWARD": FilterdSMTP._fast_XFORWARD,
-    b"QUIT": FilterdSMTP._fast_QUIT,
-}
-# The answers the command loop holds while the next command is already in (_GROUPABLE_REPLIES).
-_FAST_GROUPABLE = frozenset(
-    _FAST_ANSWERS[verb.encode()] for verb in _GROUPABLE_REPLIES if verb.encode() in _FAST_ANSWERS
-)
