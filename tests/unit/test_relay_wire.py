@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from filterd.actions.relay import chunk_data, crlf_lines, encode_data, mail_options_for
@@ -16,6 +16,7 @@ from filterd.actions.relay import chunk_data, crlf_lines, encode_data, mail_opti
 MESSAGES = st.lists(st.sampled_from([b".", b"..", b"\r", b"\n", b"\r\n", b"a", b"Subject: x"]))
 
 
+@settings(deadline=None)
 @given(MESSAGES)
 def test_line_endings_become_crlf_exactly_as_a_rewrite_would(parts: list[bytes]) -> None:
     # crlf_lines skips the rewrite when it finds nothing but CRLFs; that shortcut must never
@@ -33,6 +34,7 @@ def stored_after_data(wire: bytes) -> bytes:
     return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
 
 
+@settings(deadline=None)
 @given(MESSAGES)
 def test_data_and_bdat_deliver_the_same_bytes(parts: list[bytes]) -> None:
     raw = b"".join(parts)
