@@ -76,6 +76,7 @@ def relay_client(config: Config, *, pool_size: int | None = None) -> RelayClient
         timeout=config.limits.relay_timeout,
         helo=config.hostname,
         pool_size=pool_size or config.relay_pool_size,
+        idle_timeout=config.limits.relay_idle_timeout,
         tls=tls,
     )
 

@@ -56,6 +56,10 @@ class Limits:
     max_connections_per_client: int = 50
     session_timeout: float = 300.0
     relay_timeout: float = 60.0
+    # An unused pooled next-hop connection is closed after this long, as Postfix closes its
+    # cached ones (smtp_connection_cache_time_limit, 2s): idle, it would hold one of the next
+    # hop's process slots (maxproc) that a new connection may be waiting for.
+    relay_idle_timeout: float = 2.0
     drain_timeout: float = 30.0
     max_scan_bytes: int = 1_048_576
     spool_threshold: int = 1_048_576
@@ -326,6 +330,7 @@ _LIMIT_PARSERS: dict[str, Any] = {
     "max_connections_per_client": _positive_int,
     "session_timeout": parse_duration,
     "relay_timeout": parse_duration,
+    "relay_idle_timeout": parse_duration,
     "drain_timeout": parse_duration,
     "max_scan_bytes": parse_size,
     "spool_threshold": parse_size,

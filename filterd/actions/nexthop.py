@@ -169,6 +169,8 @@ class NextHopConnection:
         self.timeout = timeout
         self.extensions: dict[str, str] = {}
         self.broken = False
+        # While the connection waits in the pool: the timer that closes it (RelayClient).
+        self.expiry: asyncio.TimerHandle | None = None
 
     @property
     def stale(self) -> bool:

@@ -146,8 +146,19 @@ class Xforward:
         return lines
 
 
+def _stop_expiry(conn: NextHopConnection) -> None:
+    if conn.expiry is not None:
+        conn.expiry.cancel()
+        conn.expiry = None
+
+
 class RelayClient:
-    """A bounded pool of next-hop connections; each transaction borrows one and returns it."""
+    """A bounded pool of next-hop connections; each transaction borrows one and returns it.
+
+    The pool is a stack: the connection returned last is lent first, so at a quiet time the
+    ones left over from a busy one stay unused and are closed ``idle_timeout`` after their
+    last use (a connection that waits at the next hop holds one of its process slots).
+    """
 
     def __init__(
         self,
@@ -157,6 +168,7 @@ class RelayClient:
         timeout: float,
         helo: str,
         pool_size: int = 32,
+        idle_timeout: float = 2.0,
         tls: RelayTls = NO_TLS,
     ) -> None:
         self.tls = tls
@@ -165,12 +177,15 @@ class RelayClient:
         self.timeout = timeout
         self.helo = helo
         self.pool_size = pool_size
+        self.idle_timeout = idle_timeout
         self._idle: list[NextHopConnection] = []
+        self._closing: set[asyncio.Task[None]] = set()  # idle connections saying QUIT
 
     async def acquire(self) -> tuple[NextHopConnection, bool]:
         """A connection and whether it came from the pool (a pooled one may have gone stale)."""
         while self._idle:
             conn = self._idle.pop()
+            _stop_expiry(conn)
             if not conn.stale:
                 return conn, True
             await conn.close()
@@ -186,7 +201,7 @@ class RelayClient:
             await conn.close()
             return
         if clean:
-            self._idle.append(conn)
+            self._park(conn)
             return
         try:
             reply = await conn.command("RSET")
@@ -203,11 +218,28 @@ class RelayClient:
             conn.broken = True
             await conn.close()
             return
+        self._park(conn)
+
+    def _park(self, conn: NextHopConnection) -> None:
         self._idle.append(conn)
+        conn.expiry = conn.protocol.loop.call_later(self.idle_timeout, self._expire, conn)
+
+    def _expire(self, conn: NextHopConnection) -> None:
+        """Close a connection that stayed unused in the pool for ``idle_timeout``."""
+        conn.expiry = None
+        if conn not in self._idle:
+            return  # lent out meanwhile (its timer was stopped) or already closed
+        self._idle.remove(conn)
+        task = conn.protocol.loop.create_task(conn.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(conn.close() for conn in idle), return_exceptions=True)
+        for conn in idle:
+            _stop_expiry(conn)
+        closing = [conn.close() for conn in idle]
+        await asyncio.gather(*closing, *self._closing, return_exceptions=True)
 
     def transaction(self) -> RelayTransaction:
         return RelayTransaction(self)

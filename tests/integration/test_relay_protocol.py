@@ -202,3 +202,41 @@ def test_a_421_to_mail_on_a_pooled_connection_is_retried_on_a_fresh_one(
     asyncio.run(run())
     assert len(nexthop.messages) == 2
     assert nexthop.connections == 2
+
+
+def test_a_pooled_connection_left_unused_is_closed_with_quit_after_the_idle_timeout(
+    nexthop: NextHop,
+) -> None:
+    # An idle pooled connection holds one of the next hop's process slots (Postfix's maxproc):
+    # kept until the next hop's own timeout (300s), the slots a new connection needs can all
+    # be held by connections nobody uses.
+    async def run() -> None:
+        client = RelayClient(
+            "127.0.0.1", nexthop.port, timeout=3, helo="filterd.test", idle_timeout=0.2
+        )
+        await client.send("a@example.org", ["b@example.net"], MESSAGE)
+        await client.send("a@example.org", ["b@example.net"], MESSAGE)  # reused: one connection
+        assert len(client._idle) == 1
+        await asyncio.sleep(0.5)  # past the idle timeout (its timer comes first in the loop)
+        assert client._idle == []
+        await client.close()  # waits for the QUIT of the expired connection
+
+    asyncio.run(run())
+    assert nexthop.connections == 1
+    assert list(nexthop.commands)[-1].strip().upper() == b"QUIT"
+
+
+def test_a_connection_used_again_within_the_idle_timeout_stays_open(nexthop: NextHop) -> None:
+    async def run() -> None:
+        client = RelayClient(
+            "127.0.0.1", nexthop.port, timeout=3, helo="filterd.test", idle_timeout=60
+        )
+        for _ in range(3):
+            await client.send("a@example.org", ["b@example.net"], MESSAGE)
+            await asyncio.sleep(0.1)
+        assert len(client._idle) == 1
+        await client.close()
+
+    asyncio.run(run())
+    assert nexthop.connections == 1
+    assert len(nexthop.messages) == 3

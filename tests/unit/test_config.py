@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from filterd import config as config_module
+from filterd.app import relay_client
 from filterd.config import default_config, load_config, parse_duration, shipped_rules_dir
 from filterd.errors import ConfigError
 
@@ -69,3 +70,12 @@ def test_rules_named_in_the_config_win_over_etc_filterd_rules(
     config = tmp_path / "filterd.yaml"
     config.write_text("rules: mine\n")
     assert load_config(str(config)).rules == str(tmp_path / "mine")
+
+
+def test_the_relay_idle_timeout_reaches_the_relay_client(tmp_path: Path) -> None:
+    config_file = tmp_path / "filterd.yaml"
+    config_file.write_text("limits: {relay_idle_timeout: 5s}\n")
+    config = load_config(str(config_file))
+    assert config.limits.relay_idle_timeout == 5.0
+    assert relay_client(config).idle_timeout == 5.0
+    assert relay_client(default_config()).idle_timeout == 2.0
