@@ -14,7 +14,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from filterd.actions.nexthop import NO_TLS, RelayTls
 from filterd.actions.quarantine import QuarantineStore, run_retention, track_size
 from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
-from filterd.errors import ConfigError
+from filterd.errors import ConfigError, StartupError
 from filterd.logsetup import get_logger
 from filterd.observe import Metrics, make_registry, start_metrics_server
 from filterd.processor import MessageProcessor
@@ -237,20 +237,21 @@ class Daemon:
                 )
         else:
             for address in self.config.listen:
-                self.servers.append(
-                    await loop.create_server(
-                        factory, address.host, address.port, reuse_address=True, backlog=1024
+                with startup_step(f"listen on {address}"):
+                    self.servers.append(
+                        await loop.create_server(
+                            factory, address.host, address.port, reuse_address=True, backlog=1024
+                        )
                     )
-                )
         if self.primary:
-            if self.config.metrics_listen is not None:
-                self.servers.append(
-                    await start_metrics_server(
-                        self.config.metrics_listen.host,
-                        self.config.metrics_listen.port,
-                        self.registry,
+            metrics_listen = self.config.metrics_listen
+            if metrics_listen is not None:
+                with startup_step(f"serve metrics on {metrics_listen}"):
+                    self.servers.append(
+                        await start_metrics_server(
+                            metrics_listen.host, metrics_listen.port, self.registry
+                        )
                     )
-                )
             self.tasks.extend(
                 start_quarantine_upkeep(self.quarantine.get, self.config, self.metrics)
             )
@@ -338,12 +339,24 @@ def start_quarantine_upkeep(
     ]
 
 
+@contextlib.contextmanager
+def startup_step(what: str) -> Iterator[None]:
+    """Turn the OSError of a start-up step (a port taken, a folder that cannot be made) into a
+    StartupError that says which step: the admin reads one line, not a traceback, and the
+    exit code (78) tells systemd that restarting will not help."""
+    try:
+        yield
+    except OSError as exc:
+        raise StartupError(f"cannot {what}: {exc.strerror or exc}") from exc
+
+
 def prepare_state(config: Config, *, clean_spool: bool = True) -> None:
     """Create the state folders; the primary process also clears a crashed run's spool files."""
     with contextlib.suppress(OSError):  # an unusable quarantine defers only quarantined mail
         Path(config.quarantine.path).mkdir(parents=True, exist_ok=True, mode=0o700)
     spool = Path(config.state_dir) / "spool"
-    spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with startup_step(f"create the spool folder {spool} (state_dir)"):
+        spool.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not clean_spool:
         return
     for leftover in spool.glob("msg-*.eml"):

@@ -14,7 +14,7 @@ from typing import Any
 
 from filterd import __version__
 from filterd.config import Config, HostPort, find_config_file, load_config
-from filterd.errors import ConfigError
+from filterd.errors import ConfigError, StartupError
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -296,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return EX_CONFIG
+    except StartupError as exc:
+        print(f"filterd: {exc}", file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
         return EX_FAILURE

@@ -34,6 +34,11 @@ class ConfigError(FilterdError):
         return cls([Problem(source, line, col, message)])
 
 
+class StartupError(FilterdError):
+    """The daemon cannot start as configured: a listening port is taken, a state folder cannot
+    be made. The message says which step failed and why, in one line."""
+
+
 class RelayError(FilterdError):
     """The next hop could not take the message; ``reason`` is a bounded metric label."""
 

@@ -34,6 +34,7 @@ from filterd.app import (
     handle_signals,
     load_for_reload,
     start_quarantine_upkeep,
+    startup_step,
 )
 from filterd.config import Config
 from filterd.logsetup import get_logger
@@ -65,7 +66,8 @@ def bind_listeners(config: Config) -> list[socket.socket]:
     sockets = []
     for address in config.listen:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.create_server((address.host, address.port), family=family, backlog=1024)
+        with startup_step(f"listen on {address}"):
+            sock = socket.create_server((address.host, address.port), family=family, backlog=1024)
         sock.set_inheritable(True)
         sockets.append(sock)
     return sockets
@@ -252,12 +254,14 @@ class Supervisor:
         self.metrics.set_rule_names(ruleset.rule_names)
         self.metrics.reload(success=True)  # the initial load counts as one
         servers = []
-        if self.config.metrics_listen is not None:
-            servers.append(
-                await start_metrics_server(
-                    self.config.metrics_listen.host, self.config.metrics_listen.port, self.registry
+        metrics_listen = self.config.metrics_listen
+        if metrics_listen is not None:
+            with startup_step(f"serve metrics on {metrics_listen}"):
+                servers.append(
+                    await start_metrics_server(
+                        metrics_listen.host, metrics_listen.port, self.registry
+                    )
                 )
-            )
         for slot in range(self.config.workers):
             if self.stopping:
                 break  # SIGTERM during start-up: the listening sockets are closed already

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -266,3 +267,53 @@ def test_scan_into_a_closed_pipe_stops_without_a_traceback(tmp_path: Path) -> No
     _, errors = scan.communicate(timeout=60)
     assert b"Traceback" not in errors, errors.decode()
     assert scan.returncode == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("taken", ["listen", "metrics"])
+def test_a_port_taken_at_start_is_one_line_and_exit_78(
+    tmp_path: Path, workers: int, taken: str
+) -> None:
+    """amavisd-new's default ports are filterd's: on a host that runs it, the first start
+    must say which port is taken, not print a traceback, and not be restarted in a loop
+    (systemd's RestartPreventExitStatus=78)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with socket.socket() as spare:
+            spare.bind(("127.0.0.1", 0))
+            free = spare.getsockname()[1]
+        listen, metrics = (port, free) if taken == "listen" else (free, port)
+        config = tmp_path / "filterd.yaml"
+        config.write_text(
+            f"listen: 127.0.0.1:{listen}\nrelay: 127.0.0.1:9\nworkers: {workers}\n"
+            f"metrics: {{listen: '127.0.0.1:{metrics}'}}\nstate_dir: {tmp_path / 'state'}\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "filterd", "serve", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    what = "listen on" if taken == "listen" else "serve metrics on"
+    assert done.returncode == 78, done.stderr
+    assert f"filterd: cannot {what} 127.0.0.1:{port}: " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_line_and_exit_78(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "filterd.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'a-file' / 'state'}\nmetrics: {{listen: null}}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "filterd", "serve", "-c", str(config), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 78, done.stderr
+    assert "filterd: cannot create the spool folder" in done.stderr
+    assert "Traceback" not in done.stderr
