@@ -6,7 +6,9 @@ name, fsync'ed, renamed into place and the folder fsync'ed, the ``.eml`` before 
 ``.json`` marks an entry complete; an ``.eml`` without one is a write that never finished (it is
 ignored, and removed once older than an hour, so a concurrent writer is never raced). Any
 ``OSError`` becomes ``QuarantineError``, which the daemon answers with ``451 4.3.0``: nothing is
-acknowledged that is not on disk. Folders are created 0700 and files 0600 whatever the umask.
+acknowledged that is not on disk. Folders are created 0700 and files 0600 whatever the umask;
+what root creates in a folder of another user's (the CLI run as root) goes to that user, so the
+daemon, running as that user, can still read and replace it.
 
 The index is a cache of the ``.json`` files: it is created, resynchronised or rebuilt from them
 when it is missing, stale (a crash between a file and its index row) or corrupt. Opening a
@@ -39,7 +41,10 @@ from filterd.actions.quarantine_index import (
     Entry,
     EntryStatus,
     IndexCorruptError,
+    Owner,
     QuarantineIndex,
+    folder_owner,
+    give_to,
     iso_utc,
 )
 from filterd.errors import QuarantineError
@@ -92,14 +97,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(folder: Path, name: str, data: bytes) -> None:
-    """Write ``folder/name`` via a fsync'ed temporary file and a rename."""
+def _write_atomic(folder: Path, name: str, data: bytes, owner: Owner | None) -> None:
+    """Write ``folder/name`` via a fsync'ed temporary file and a rename; the file goes to
+    ``owner`` when one is given (see ``folder_owner``)."""
     tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = os.open(tmp, flags, _FILE_MODE)
     try:
         try:
             os.fchmod(fd, _FILE_MODE)  # the umask may have taken bits from the open() mode
+            give_to(fd, owner)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -114,7 +121,8 @@ def _write_atomic(folder: Path, name: str, data: bytes) -> None:
 
 
 def _make_folder(path: Path) -> None:
-    """Create ``path`` and any missing parents 0700 (chmod after mkdir: umask-independent)."""
+    """Create ``path`` and any missing parents 0700 (chmod after mkdir: umask-independent),
+    each owned as ``folder_owner`` of its parent says."""
     missing: list[Path] = []
     probe = path
     while not probe.exists():
@@ -124,6 +132,10 @@ def _make_folder(path: Path) -> None:
         with contextlib.suppress(FileExistsError):  # another process got there first
             os.mkdir(folder, _DIR_MODE)
             os.chmod(folder, _DIR_MODE)
+            owner = folder_owner(folder.parent)
+            if owner is not None:
+                # Not following symlinks: the parent's owner may have swapped the name.
+                os.chown(folder, *owner, follow_symlinks=False)
             _fsync_dir(folder.parent)
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is not a directory")
@@ -139,6 +151,7 @@ class QuarantineStore:
         self._sync_lock = threading.RLock()
         try:
             _make_folder(self.path)
+            self._owner = folder_owner(self.path)
             self._index = self._open_index()
         except (OSError, sqlite3.Error, IndexCorruptError) as exc:
             raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
@@ -349,11 +362,11 @@ class QuarantineStore:
             entry_id = self._new_id(now)
             meta = entry.to_dict() | {"id": entry_id}
             data = json.dumps(meta, indent=2).encode("ascii")
-            _write_atomic(self.path, f"{entry_id}.eml", message.raw)
+            _write_atomic(self.path, f"{entry_id}.eml", message.raw, self._owner)
             written.append(self.path / f"{entry_id}.eml")
             _fsync_dir(self.path)  # the message is on disk before anything says it is complete
             written.append(self.path / f"{entry_id}.json")
-            _write_atomic(self.path, f"{entry_id}.json", data)
+            _write_atomic(self.path, f"{entry_id}.json", data, self._owner)
             _fsync_dir(self.path)
         except (OSError, ValueError) as exc:
             for path in reversed(written):  # leave no half entry behind
@@ -421,7 +434,7 @@ class QuarantineStore:
         }
         try:
             data = json.dumps(meta, indent=2).encode("ascii")
-            _write_atomic(self.path, f"{entry_id}.json", data)
+            _write_atomic(self.path, f"{entry_id}.json", data, self._owner)
             _fsync_dir(self.path)
         except OSError as exc:
             raise QuarantineError(f"cannot update quarantine entry {entry_id}: {exc}") from exc

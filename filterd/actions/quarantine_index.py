@@ -10,6 +10,11 @@ every file: only the set of names in the folder and the pending rows need checki
 Thread-safe: one connection, one lock (the daemon stores from worker threads). Several processes
 (daemon and ``filterd quarantine`` commands) may share the file; SQLite's WAL mode and a busy
 timeout serialise them.
+
+Also who owns what root creates in a quarantine folder (``folder_owner``, ``give_to``): the
+daemon runs as its own user, and a file an admin's root shell leaves behind as root's, mode
+0600, is one the daemon can no longer open. So root hands every file it creates in a folder
+that belongs to another user to that user, and the index files of such a folder too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import enum
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,13 +34,64 @@ from typing import Any
 from filterd.mime_headers import without_surrogates
 from filterd.model import Action, RuleTrace
 
-__all__ = ["INDEX_NAME", "Entry", "EntryStatus", "IndexCorruptError", "QuarantineIndex", "iso_utc"]
+__all__ = [
+    "INDEX_NAME",
+    "Entry",
+    "EntryStatus",
+    "IndexCorruptError",
+    "Owner",
+    "QuarantineIndex",
+    "folder_owner",
+    "give_to",
+    "iso_utc",
+]
 
 INDEX_NAME = "index.sqlite3"
 _SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 10_000
 _FILE_MODE = 0o600
 _FORMAT = 1  # of the .json files
+# The database and the files SQLite keeps beside it.
+_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+Owner = tuple[int, int]
+"""A (uid, gid) pair."""
+
+
+def folder_owner(folder: Path) -> Owner | None:
+    """Who the files this process creates in ``folder`` must belong to: the folder's owner
+    when this process is root and the folder is another user's (an admin running the CLI
+    as root, the daemon running as ``_filterd``); None when the creator may keep them."""
+    if os.geteuid() != 0:
+        return None  # only root can give files away, and only root's files are the problem
+    found = os.stat(folder)
+    return None if found.st_uid == 0 else (found.st_uid, found.st_gid)
+
+
+def give_to(fd: int, owner: Owner | None) -> None:
+    """Hand the file open as ``fd``, just created, to ``owner`` (see ``folder_owner``).
+    By descriptor, never by name: the folder's owner could swap a name for a symlink."""
+    if owner is not None:
+        os.fchown(fd, *owner)
+
+
+def _adopt(path: Path, owner: Owner) -> None:
+    """Give an existing regular file at ``path`` to ``owner`` if it is not already theirs:
+    an index that an earlier version run as root left root's is repaired by root's next
+    open, rather than failing every quarantined message until chowned by hand."""
+    try:
+        # O_NOFOLLOW: a symlink planted by the folder's owner must not make root chown its
+        # target; O_NONBLOCK: a FIFO there must not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # missing, or not a plain file: nothing to hand over
+    try:
+        found = os.fstat(fd)
+        if stat.S_ISREG(found.st_mode) and (found.st_uid, found.st_gid) != owner:
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+
 
 # Plain columns rather than one JSON document: listing 100,000 rows then costs a row fetch each,
 # not a JSON parse each. List-valued fields (addresses, rule names: no line breaks in either,
@@ -221,6 +278,7 @@ class QuarantineIndex:
     def __init__(self, folder: Path) -> None:
         self.path = folder / INDEX_NAME
         self._lock = threading.Lock()
+        self._owner = folder_owner(folder)
         self._created = not self.path.exists()
         self._conn = self._open()
         found = os.stat(self.path)
@@ -243,15 +301,24 @@ class QuarantineIndex:
         """True when this index was just created empty (so the store must fill it)."""
         return self._created
 
+    def _create_file(self) -> None:
+        """Create the database file 0600, owned as ``folder_owner`` says. SQLite gives its
+        -wal and -shm files the database file's mode, and when it runs as root its owner
+        too, so all three stay private and usable by the folder's owner, whatever the umask."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.path, flags, _FILE_MODE)
+        try:
+            os.fchmod(fd, _FILE_MODE)
+            give_to(fd, self._owner)
+        finally:
+            os.close(fd)
+
     def _open(self) -> sqlite3.Connection:
         if self._created:
-            # SQLite gives its -wal and -shm files the database file's mode, so creating the
-            # database 0600 ourselves keeps all three private whatever the umask is.
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
-            try:
-                os.fchmod(fd, _FILE_MODE)
-            finally:
-                os.close(fd)
+            self._create_file()
+        elif self._owner is not None:
+            for suffix in _SUFFIXES:
+                _adopt(self.path.with_name(f"{INDEX_NAME}{suffix}"), self._owner)
         conn = sqlite3.connect(
             self.path,
             timeout=_BUSY_TIMEOUT_MS / 1000,
@@ -291,7 +358,7 @@ class QuarantineIndex:
     @staticmethod
     def remove_files(folder: Path) -> None:
         """Delete the index and its WAL files (after ``close``), to rebuild from scratch."""
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in _SUFFIXES:
             with contextlib.suppress(FileNotFoundError):
                 (folder / f"{INDEX_NAME}{suffix}").unlink()
 
