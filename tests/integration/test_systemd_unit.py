@@ -136,6 +136,15 @@ def test_unit_declares_the_contract() -> None:
     assert int(d["TimeoutStopSec"][0]) >= drain + 15
 
 
+def test_unit_starts_before_and_stops_after_the_mta_daemons() -> None:
+    """Ordered against the units that run the MTA daemons, not only against Debian's
+    postfix.service, a oneshot that runs /bin/true: Postfix itself is postfix@-.service."""
+    d = _directives(UNIT.read_text())
+    before = {name for value in d.get("Before", []) for name in value.split()}
+    assert {"postfix.service", "postfix@-.service", "exim4.service"} <= before
+    assert "network.target" in {name for value in d.get("After", []) for name in value.split()}
+
+
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers missing")
 def test_sysusers_snippet_creates_the_service_user(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
