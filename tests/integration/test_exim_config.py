@@ -8,11 +8,14 @@ when that is not possible (no apt, no package lists, no network to the Debian mi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+from filterd.config import Limits, parse_size
 from tests.e2e.exim import (
+    DOC,
     EximBinary,
     EximPorts,
     EximUnavailable,
@@ -74,3 +77,38 @@ def test_a_broken_block_is_caught(exim: EximBinary, tmp_path: Path) -> None:
     result = exim.run(_config(tmp_path, exim, blocks), "-bV")
     assert result.returncode != 0
     assert "allow_localhosts" in result.stdout + result.stderr
+
+
+# How Debian's exim4-config applies the macro (conf.d/main/02_exim4-config_options).
+DEBIAN_SIZE_OPTION = """\
+.ifdef MESSAGE_SIZE_LIMIT
+message_size_limit = MESSAGE_SIZE_LIMIT
+.endif
+"""
+
+
+def _with_room(exim_limit: int) -> int:
+    """Exim announces SIZE= above its own count (a CR per line, size_addition): filterd's
+    limit needs a tenth more than Exim's."""
+    return exim_limit + exim_limit // 10
+
+
+def _exim_size_limit(exim: EximBinary, tmp_path: Path, macros: str) -> int:
+    config = tmp_path / "size.conf"
+    config.write_text(f"{macros}{DEBIAN_SIZE_OPTION}spool_directory = {tmp_path}/spool\n")
+    result = exim.run(config, "-bP", "message_size_limit")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return parse_size(result.stdout.strip().removeprefix("message_size_limit = "))
+
+
+def test_documented_size_limits_leave_filterd_room(exim: EximBinary, tmp_path: Path) -> None:
+    """Exim must never accept what filterd then refuses with 552 (a bounce after the queue)."""
+    doc = DOC.read_text()
+    macro = re.search(r"^echo '(MESSAGE_SIZE_LIMIT = \S+)' >> /etc/exim4/conf\.d/main/", doc, re.M)
+    raised = re.search(r"`limits\.max_message_size: (\S+)`", doc)
+    assert macro, "docs/exim.md should say how to lower Exim's size limit"
+    assert raised, "docs/exim.md should say how to raise filterd's size limit instead"
+    debian_default = _exim_size_limit(exim, tmp_path, "")
+    lowered = _exim_size_limit(exim, tmp_path, macro.group(1) + "\n")
+    assert _with_room(lowered) <= Limits.max_message_size < debian_default
+    assert _with_room(debian_default) <= parse_size(raised.group(1))
