@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from filterd.config import Limits
+from filterd.config import Limits, shipped_rules_dir
 from filterd.errors import ConfigError
 from filterd.model import Envelope, Message, Verdict
 from filterd.rules.jsonschema import json_schema
@@ -69,8 +69,19 @@ def _load(
         return None
 
 
+def _checked_path(rules_path: RulesPath) -> str:
+    """The rules path as ``check`` names it: absolute, and flagged when it is the rules shipped
+    with filterd, which a config that names no rules falls back to when /etc/filterd/rules is
+    missing; an OK for those says nothing about the rules the admin meant to check."""
+    shown = os.path.abspath(rules_path)
+    if os.path.realpath(shown) == os.path.realpath(shipped_rules_dir()):
+        shown += " (the rules shipped with filterd)"
+    return shown
+
+
 def check(rules_path: RulesPath, out: TextIO, err: TextIO) -> int:
-    """Validate every rule file; print each problem as ``file:line:col: message`` or a summary."""
+    """Validate every rule file; print each problem as ``file:line:col: message`` or a summary
+    that names the rules path checked."""
     ruleset = _load(rules_path, err)
     if ruleset is None:
         return EXIT_CONFIG
@@ -80,8 +91,9 @@ def check(rules_path: RulesPath, out: TextIO, err: TextIO) -> int:
     if ruleset.tests:
         extra.append(_plural(len(ruleset.tests), "test"))
     print(
-        f"OK: {_plural(len(ruleset.rules), 'rule')} in {_plural(len(ruleset.sources), 'file')},"
-        f" {_plural(len(ruleset.lists), 'list')}" + (f" ({', '.join(extra)})" if extra else ""),
+        f"OK: {_checked_path(rules_path)}: {_plural(len(ruleset.rules), 'rule')}"
+        f" in {_plural(len(ruleset.sources), 'file')}, {_plural(len(ruleset.lists), 'list')}"
+        + (f" ({', '.join(extra)})" if extra else ""),
         file=out,
     )
     return EXIT_OK

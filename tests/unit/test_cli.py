@@ -317,3 +317,21 @@ def test_a_state_dir_that_cannot_be_made_is_one_line_and_exit_78(tmp_path: Path)
     assert done.returncode == 78, done.stderr
     assert "filterd: cannot create the spool folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_check_without_a_config_says_it_checked_the_shipped_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No -c, no /etc/filterd: the shipped rules are what gets checked, and the OK must say so.
+    monkeypatch.setattr(config_module, "DEFAULT_RULES_DIR", str(tmp_path / "no-etc" / "rules"))
+    assert main(["check"]) == 0
+    shipped = Path(config_module.shipped_rules_dir())
+    assert capsys.readouterr().out.startswith(f"OK: {shipped} (the rules shipped with filterd): ")
+
+
+def test_check_names_the_rules_path_it_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = _rules(tmp_path / "rules", "only")
+    assert main(["check", "--rules", str(rules)]) == 0
+    assert capsys.readouterr().out == f"OK: {rules}: 1 rule in 1 file, 0 lists\n"

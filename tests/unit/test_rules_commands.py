@@ -45,7 +45,7 @@ def test_check_summary(tmp_path: Path) -> None:
     )
     out, err = _streams()
     assert check(tmp_path, out, err) == 0
-    assert out.getvalue() == "OK: 3 rules in 2 files, 1 list (1 in shadow mode)\n"
+    assert out.getvalue() == f"OK: {tmp_path}: 3 rules in 2 files, 1 list (1 in shadow mode)\n"
     assert err.getvalue() == ""
 
 
@@ -70,7 +70,21 @@ def test_check_reports_every_problem_and_exits_78(tmp_path: Path) -> None:
 def test_check_passes_on_the_shipped_rules() -> None:
     out, err = _streams()
     assert check(SHIPPED, out, err) == 0, err.getvalue()
-    assert out.getvalue().startswith("OK: ")
+    # Said plainly: an OK for the shipped rules is not an OK for /etc/filterd/rules.
+    assert out.getvalue().startswith(f"OK: {SHIPPED} (the rules shipped with filterd): ")
+
+
+def test_check_names_a_relative_rules_path_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write(
+        tmp_path / "a.yaml",
+        "rules:\n  - {name: a, if: {subject: {contains: x}}, then: {score: 1}}\n",
+    )
+    monkeypatch.chdir(tmp_path.parent)
+    out, err = _streams()
+    assert check(tmp_path.name, out, err) == 0, err.getvalue()
+    assert out.getvalue() == f"OK: {tmp_path}: 1 rule in 1 file, 0 lists\n"
 
 
 def test_scan_json_one_object_per_message(tmp_path: Path) -> None:
