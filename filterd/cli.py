@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Dry-run messages through the rules and print the verdict and a trace of every"
             " rule; nothing is changed. Each message is judged as the daemon judges it: with"
             " the config's limits, and a message larger than limits.spool_threshold (default"
-            " 1M) on its first spool_threshold bytes, cut back to a line end and with the"
-            " whole header, as the daemon's rules see a spooled message."
+            " 1M) as a spooled one: raw: rules on its first spool_threshold bytes (cut back"
+            " to a line end, the whole header kept), every other rule on all of it."
         ),
     )
     _config_option(scan)

@@ -78,14 +78,18 @@ class Envelope:
 class Message:
     """One message: envelope and the raw bytes as received (CRLF line endings).
 
-    A large message lives in a spool file: ``raw`` then holds only its first bytes (what the
-    rules look at) and ``spool_path``/``spooled_size`` say where the whole of it is.
+    A large message lives in a spool file: ``raw`` then holds only its first bytes (the header
+    and the start of the body: what ``raw:`` rules and the header edits see) and
+    ``spool_path``/``spooled_size`` say where the whole of it is. While its rules run,
+    ``whole`` holds all of it, read back from the spool, so that every MIME part (each
+    attachment, and each text part up to ``max_scan_bytes``) is seen, wherever it lies.
     """
 
     envelope: Envelope
     raw: bytes
     spool_path: str | None = None
     spooled_size: int = 0
+    whole: bytes | None = None
 
     @property
     def size(self) -> int:

@@ -3,9 +3,9 @@
 Each function prints to the streams it is given and returns the exit code (0 ok, 1 a message
 or test failed, 78 invalid rules), so the CLI stays a thin dispatcher and tests can call
 these directly. ``scan`` and ``test`` normalize line endings to CRLF, as mail arrives over
-SMTP, and show the rules of a message past ``limits.spool_threshold`` only the first bytes the
-daemon's rules see of it once spooled, so a saved message gets the verdict the daemon would
-give it.
+SMTP, and show the rules a message past ``limits.spool_threshold`` as the daemon's rules see
+it once spooled (``daemon_view``), so a saved message gets the verdict the daemon would give
+it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def daemon_view(
     envelope: Envelope, raw: bytes, source: str, spool_threshold: int = DEFAULT_SPOOL_THRESHOLD
 ) -> Message:
     """``raw`` (CRLF) as the daemon's rules see it. A message past ``spool_threshold`` is spooled
-    by the daemon and its rules see only the first bytes of it (``read_prefix``: cut back to a
-    line end, the whole header kept), while ``size`` still sees the whole message."""
+    by the daemon: its MIME parts are read from the whole of it, ``raw:`` rules see its first
+    bytes (``read_prefix``: cut back to a line end, the whole header kept), and ``size`` the
+    whole size."""
     if len(raw) <= max(spool_threshold, NEVER_SPOOLED_UP_TO):
         return Message(envelope, raw)
     # The daemon's own cut, on a private copy: the file itself may have LF line endings.
@@ -49,8 +50,9 @@ def daemon_view(
         with open(copy, "wb") as handle:
             handle.write(raw)
         prefix = read_prefix(copy, spool_threshold)
-    # spool_path is only where the whole message is; the rules never read it.
-    return Message(envelope, prefix, spool_path=source, spooled_size=len(raw))
+    # spool_path is only where the whole message is; the rules read ``whole``, as the
+    # daemon hands it to them.
+    return Message(envelope, prefix, spool_path=source, spooled_size=len(raw), whole=raw)
 
 
 def _plural(count: int, word: str) -> str:

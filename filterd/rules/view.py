@@ -78,7 +78,11 @@ class MessageScan:
     @property
     def parsed(self) -> ParsedMessage:
         if self._parsed is None:
-            self._parsed = ParsedMessage(self.message.raw, max_text_bytes=self._max_scan)
+            # A spooled message is parsed whole when it was read back for its rules: every part
+            # counts, not only those in the first bytes.
+            message = self.message
+            source = message.raw if message.whole is None else message.whole
+            self._parsed = ParsedMessage(source, max_text_bytes=self._max_scan)
         return self._parsed
 
     # -- items and values -------------------------------------------------------------------

@@ -159,40 +159,61 @@ rules:
 """
 
 
-def test_scan_judges_a_large_message_on_what_the_daemon_sees(
+RAW_RULES = """\
+rules:
+  - name: needle
+    if: {raw: {contains: NEEDLE}}
+    then: {action: reject}
+"""
+
+
+def needle_after(filler: int) -> bytes:
+    """A plain message with NEEDLE after ``filler`` bytes of text."""
+    return b"From: a@x.example\nSubject: t\n\n" + (b"y" * 76 + b"\n") * (filler // 77) + b"NEEDLE\n"
+
+
+def test_scan_judges_a_large_message_on_all_of_it_as_the_daemon_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Past limits.spool_threshold (1M by default) the daemon's rules see only the message's
-    # first bytes: an attachment after them goes unseen there, so scan must not see it either.
+    # Past limits.spool_threshold (1M by default) the daemon spools the message and its rules
+    # still see every part, read back from the spool: so does scan.
     rules = _write(tmp_path / "r.yaml", EXE_RULES)
     (tmp_path / "big.eml").write_bytes(exe_after(1_200_000))
     (tmp_path / "small.eml").write_bytes(exe_after(1000))
     argv = ["scan", "--rules", str(rules), "--json", str(tmp_path / "big.eml")]
     assert main([*argv, str(tmp_path / "small.eml")]) == 0
     big, small = (json.loads(line) for line in capsys.readouterr().out.splitlines())
-    assert (big["action"], big["rules"]) == ("accept", ["big"])  # size sees the whole message
+    assert big["action"] == "reject"
+    assert "executable" in big["rules"]
+    assert "big" in big["rules"]  # size sees the whole message
     assert (small["action"], small["rules"]) == ("reject", ["executable"])
 
 
 def test_scan_uses_the_configs_spool_threshold(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _write(tmp_path / "r.yaml", EXE_RULES)
+    # raw: rules stop where the daemon's copy of a spooled message's first bytes stops.
+    _write(tmp_path / "r.yaml", RAW_RULES)
     config = _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {spool_threshold: 128K}\n")
-    (tmp_path / "m.eml").write_bytes(exe_after(200_000))
+    (tmp_path / "m.eml").write_bytes(needle_after(200_000))
     assert main(["scan", "-c", str(config), "--json", str(tmp_path / "m.eml")]) == 0
     assert json.loads(capsys.readouterr().out)["action"] == "accept"
     assert main(["scan", "--rules", str(tmp_path / "r.yaml"), str(tmp_path / "m.eml")]) == 0
-    assert "REJECT" in capsys.readouterr().out  # under the default 1M it is seen whole
+    assert "REJECT" in capsys.readouterr().out  # under the default 1M it is all in memory
 
 
 def test_test_cases_are_judged_on_what_the_daemon_sees(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (tmp_path / "big.eml").write_bytes(exe_after(200_000))
+    (tmp_path / "far.eml").write_bytes(needle_after(200_000))
+    (tmp_path / "exe.eml").write_bytes(exe_after(200_000))
     _write(
         tmp_path / "r.yaml",
-        EXE_RULES + "tests:\n  - {name: spooled, message: big.eml, expect: {action: accept}}\n",
+        RAW_RULES
+        + EXE_RULES.removeprefix("rules:\n")
+        + "tests:\n"
+        + "  - {name: raw stops early, message: far.eml, expect: {action: accept}}\n"
+        + "  - {name: parts are all seen, message: exe.eml, expect: {action: reject}}\n",
     )
     config = _write(tmp_path / "c.yaml", "rules: r.yaml\nlimits: {spool_threshold: 128K}\n")
     assert main(["test", "-c", str(config)]) == 0, capsys.readouterr().out

@@ -16,10 +16,11 @@ from filterd.actions import Executor, LazyQuarantine
 from filterd.actions.quarantine import QuarantineStore
 from filterd.actions.relay import RelayClient, RelayTransaction
 from filterd.errors import QuarantineError
-from filterd.model import Envelope, Message
+from filterd.model import Envelope, Message, Verdict
 from filterd.observe import Metrics
 from filterd.processor import MessageProcessor
 from filterd.rules import load_ruleset
+from filterd.rules.pipeline import LazyTrace
 from tests.support.nexthop import NextHop
 
 
@@ -190,3 +191,41 @@ def test_a_delivered_message_and_a_rule_reject_count_no_relay_error(tmp_path: Pa
         assert _relay_errors(registry, reason) == 0.0
     assert registry.get_sample_value("filterd_messages_total", {"action": "accept"}) == 1.0
     assert _rejected(registry) == 1.0
+
+
+def test_a_spooled_message_is_judged_on_all_of_it_and_then_let_go(tmp_path: Path) -> None:
+    """The rules see what lies past a spooled message's first bytes, and once they have
+    decided nothing keeps the whole message in memory: the trace, which quotes it, is built
+    at once rather than held with the message until the delivery is over (ten 20 MB messages
+    at once would all stay in memory)."""
+    processor = _processor(tmp_path, CollectorRegistry())
+    padding = b"".join(b"filler line %d\r\n" % n for n in range(20_000))
+    raw = b"From: a@example.org\r\nSubject: big\r\n\r\n" + padding
+    spool = tmp_path / "msg.eml"
+    spool.write_bytes(raw)
+    message = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        raw[:1024],  # the first bytes, as the daemon keeps them
+        spool_path=str(spool),
+        spooled_size=len(raw),
+    )
+    ruleset = load_ruleset(_write_rules(tmp_path, "filler line 19999"))
+
+    async def judge() -> tuple[Verdict, bool]:
+        verdict = await processor._evaluate_spooled(ruleset, message, str(spool))
+        # (checked before the event loop closes: closing it may read the result)
+        assert isinstance(verdict.trace, LazyTrace)
+        return verdict, verdict.trace._build is None
+
+    verdict, built = asyncio.run(judge())
+    assert verdict.rules == ("far",)
+    assert built  # it no longer holds the message
+    assert verdict.trace[0].detail.startswith("body contains")
+
+
+def _write_rules(tmp_path: Path, needle: str) -> Path:
+    rules = tmp_path / "far.yaml"
+    rules.write_text(
+        f"rules:\n  - {{name: far, if: {{body: {{contains: '{needle}'}}}}, then: {{score: 1}}}}\n"
+    )
+    return rules
