@@ -146,13 +146,13 @@ def without_surrogates(text: str) -> str:
     return text if text.isascii() else _SURROGATE_RE.sub("\ufffd", text)
 
 
-def decode_base64(data: bytes) -> bytes:
+def decode_base64(data: bytes | memoryview) -> bytes:
     """Lenient base64: junk characters are skipped and missing padding is supplied."""
     try:
         return binascii.a2b_base64(data)
     except (binascii.Error, ValueError):
         pass
-    cleaned = data.translate(None, _NON_B64)
+    cleaned = bytes(data).translate(None, _NON_B64)
     cleaned = cleaned[: len(cleaned) - len(cleaned) % 4] if len(cleaned) % 4 == 1 else cleaned
     cleaned += b"=" * (-len(cleaned) % 4)
     try:

@@ -225,9 +225,13 @@ def decode_body(leaf: Leaf, limit: int | None = None) -> bytes:
         # base64 yields 3 bytes per 4 characters, quoted-printable at least 1 per 3, plus breaks.
         factor = {"base64": 2, "quoted-printable": 4}.get(leaf.encoding, 1)
         end = min(end, leaf.start + limit * factor + 8)
-    data = leaf.buf[leaf.start : end]
+    # A view, not a slice: an attachment's encoded body may be megabytes, and decoding needs
+    # no copy of it first (a spooled message is parsed whole).
+    encoded = memoryview(leaf.buf)[leaf.start : end]
     if leaf.encoding == "base64":
-        data = decode_base64(data)
+        data = decode_base64(encoded)
     elif leaf.encoding == "quoted-printable":
-        data = binascii.a2b_qp(data)
+        data = binascii.a2b_qp(encoded)
+    else:
+        data = bytes(encoded)
     return data if limit is None or len(data) <= limit else data[:limit]

@@ -11,6 +11,7 @@ import base64
 import email
 import email.policy
 import io
+import tracemalloc
 import zipfile
 from email.header import decode_header, make_header
 from email.message import EmailMessage
@@ -794,3 +795,24 @@ def test_zip_listing_survives_damage() -> None:
     assert list_zip_members(archive[:40]) == [("a.exe", 50)]  # truncated in the first member
     assert list_zip_members(b"PK\x05\x06" + b"\xff" * 18) == []
     assert list_zip_members(b"not a zip") == []
+
+
+def test_decoding_an_attachment_does_not_copy_its_encoded_body_first() -> None:
+    # A spooled message is parsed whole: a 20 MB attachment's encoded body is not copied
+    # before it is decoded, so the memory its decoding takes is the decoded size, not more.
+    payload = bytes(range(256)) * 16384  # 4 MiB
+    encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    raw = (
+        b"Subject: a\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+        b"--B\r\nContent-Type: application/octet-stream; name=a.bin\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--B--\r\n"
+    )
+    message = ParsedMessage(raw)
+    tracemalloc.start()
+    try:
+        [attachment] = message.attachments
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert attachment.size == len(payload)
+    assert peak < len(payload) + len(encoded) // 4  # the decoded bytes, and no encoded copy
