@@ -8,11 +8,14 @@ and acts. It is also the outermost catch-all for a message: whatever fails here 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from filterd.actions import Executor
@@ -65,14 +68,22 @@ class MessageProcessor:
     """Runs one message through the current rule set and the executor."""
 
     def __init__(
-        self, ruleset: Callable[[], RuleSet], executor: Executor, metrics: ProcessingMetrics
+        self,
+        ruleset: Callable[[], RuleSet],
+        executor: Executor,
+        metrics: ProcessingMetrics,
+        *,
+        whole_read_lock: str | None = None,
     ) -> None:
+        """``whole_read_lock``: a file every process of the daemon locks while it reads a
+        spooled message back for its rules (see ``_evaluate_whole``)."""
         self.ruleset = ruleset
         self.executor = executor
         self.metrics = metrics
+        self.whole_read_lock = whole_read_lock
         self._running_loop: asyncio.AbstractEventLoop | None = None
-        # One spooled message at a time is read back whole for its rules: memory for that
-        # stays one message's size per process however many large ones arrive at once.
+        # One spooled message at a time is read back whole for its rules (see
+        # _evaluate_spooled): one thread per process waits for its turn, not one per message.
         self._whole_reads = asyncio.Semaphore(1)
 
     async def process(self, message: Message, txn: RelayTransaction, session_id: str) -> SmtpReply:
@@ -121,12 +132,12 @@ class MessageProcessor:
     async def _evaluate_spooled(
         self, ruleset: RuleSet, message: Message, spool_path: str
     ) -> Verdict:
-        """Evaluate a spooled message on all of it, read back from its spool file (off the
-        event loop, one such message at a time)."""
+        """Evaluate a spooled message on all of it, read back from its spool file, off the
+        event loop and one such message at a time in the whole daemon (see
+        ``_evaluate_whole``)."""
         async with self._whole_reads:
-            whole = await asyncio.to_thread(read_all, spool_path)
             return await asyncio.to_thread(
-                _evaluate_and_let_go, ruleset, dataclasses.replace(message, whole=whole)
+                _evaluate_whole, ruleset, message, spool_path, self.whole_read_lock
             )
 
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -204,6 +215,31 @@ class MessageProcessor:
             quarantine_id=outcome.quarantine_id,
             error=error or None,
         )
+
+
+def _evaluate_whole(
+    ruleset: RuleSet, message: Message, spool_path: str, lock_path: str | None
+) -> Verdict:
+    """Read a spooled message back and evaluate it, holding ``lock_path`` (when given), which
+    every process of the daemon takes for this: the memory the rules of large messages take
+    (the message, and an attachment decoded to type and size it) is then one message's,
+    however many arrive at once."""
+    with _locked(lock_path):
+        whole = read_all(spool_path)
+        return _evaluate_and_let_go(ruleset, dataclasses.replace(message, whole=whole))
+
+
+@contextlib.contextmanager
+def _locked(lock_path: str | None) -> Iterator[None]:
+    if lock_path is None:
+        yield
+        return
+    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing releases the lock)
 
 
 def _evaluate_and_let_go(ruleset: RuleSet, message: Message) -> Verdict:

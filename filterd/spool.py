@@ -4,7 +4,7 @@ The ingress keeps DATA in memory up to ``limits.spool_threshold``; past it, comp
 un-dot-stuffed and appended to a private file in ``<state_dir>/spool`` while the reader goes on.
 The message then carries its first ``spool_threshold`` bytes (the header and the start of the
 body: what ``raw:`` rules and the header edits see), its rules run on the whole of it read back
-once (``read_all``, one message at a time per process), and the relay streams it from disk.
+once (``read_all``, one message at a time in the daemon), and the relay streams it from disk.
 """
 
 from __future__ import annotations

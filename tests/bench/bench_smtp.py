@@ -23,9 +23,11 @@ smtp-sink may run as:
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib.util
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -450,6 +452,21 @@ else:
 """
 
 
+def big_message(size: int) -> bytes:
+    """About ``size`` bytes of mail as large mail is: a short text and one base64 attachment
+    (random bytes behind a PDF signature), which the rules decode in full to type and size it."""
+    head = (
+        b"From: <bench@example.org>\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=bench\r\n\r\n"
+        b"--bench\r\nContent-Type: text/plain\r\n\r\nThe report is attached.\r\n"
+        b"--bench\r\nContent-Type: application/pdf; name=report.pdf\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+    )
+    payload = b"%PDF-1.4\n" + random.Random(7).randbytes(size * 3 // 4)
+    encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    return head + encoded + b"--bench--\r\n"
+
+
 def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
     """10 clients send a 20 MB message at once while another sends small ones: peak RSS growth
     of filterd and the small messages' latency. Every client is its own process, so the
@@ -463,7 +480,7 @@ def measure_large(workdir: Path, sink: Sink, args: argparse.Namespace) -> None:
     import threading
 
     big = workdir / "big.eml"
-    big.write_bytes(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (20 * 1024 * 1024 // 1000))
+    big.write_bytes(big_message(20 * 1024 * 1024))
     small = workdir / "small.eml"
     small.write_bytes(b"Subject: small\r\n\r\n" + b"z" * 2000 + b"\r\n")
 

@@ -6,6 +6,8 @@ disk: a quarantine entry written is a 250, whatever its index says."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import textwrap
 from pathlib import Path
 
@@ -229,3 +231,37 @@ def _write_rules(tmp_path: Path, needle: str) -> Path:
         f"rules:\n  - {{name: far, if: {{body: {{contains: '{needle}'}}}}, then: {{score: 1}}}}\n"
     )
     return rules
+
+
+def test_spooled_messages_are_read_back_one_at_a_time_across_processes(tmp_path: Path) -> None:
+    """Every serving process takes the same lock file to read a spooled message back for its
+    rules: while another holds it (here, the test), the evaluation waits."""
+    lock = tmp_path / "rules-read.lock"
+    processor = MessageProcessor(
+        lambda: load_ruleset(_write_rules(tmp_path, "needle")),
+        Executor(LazyQuarantine(str(tmp_path / "quarantine"))),
+        Metrics(CollectorRegistry()),
+        whole_read_lock=str(lock),
+    )
+    raw = b"From: a@example.org\r\nSubject: big\r\n\r\nneedle\r\n"
+    spool = tmp_path / "msg.eml"
+    spool.write_bytes(raw)
+    message = Message(
+        Envelope("a@example.org", ("b@example.net",)),
+        raw[:20],
+        spool_path=str(spool),
+        spooled_size=len(raw),
+    )
+    holder = os.open(lock, os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    async def run() -> Verdict:
+        judging = asyncio.ensure_future(
+            processor._evaluate_spooled(processor.ruleset(), message, str(spool))
+        )
+        await asyncio.sleep(0.3)
+        assert not judging.done()  # waiting for the lock another process holds
+        os.close(holder)  # released
+        return await asyncio.wait_for(judging, 10)
+
+    assert asyncio.run(run()).rules == ("far",)
