@@ -250,6 +250,7 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         handle_signals(loop, on_terminate=self.on_terminate, on_reload=self.on_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see run_supervisor
         ruleset = load_ruleset(self.config.rules, max_scan_bytes=self.config.limits.max_scan_bytes)
         self.metrics.set_rule_names(ruleset.rule_names)
         self.metrics.reload(success=True)  # the initial load counts as one
@@ -297,6 +298,10 @@ def run_supervisor(
     # gauges would be merged into this one's.
     reset_multiprocess_dir()
     started = time.monotonic()
+    # SIGHUP stays blocked from before the listeners are bound (the moment the service looks
+    # up) until its handler is in place (Supervisor.run): a reload sent in between would
+    # otherwise kill the supervisor, SIGHUP's default action. Blocked, it waits and is handled.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         return asyncio.run(Supervisor(config, config_path, argv, overrides).run())
     finally:
