@@ -37,8 +37,6 @@ from filterd.smtp_protocol import FilterdSMTP
 log = get_logger("filterd")
 
 PURGE_INTERVAL_SECONDS = 3600.0
-# In state_dir: the lock the processes take in turn to read a spooled message back for its rules.
-WHOLE_READ_LOCK = "rules-read.lock"
 # The quarantine size gauge follows the store within this time, whatever changed it: the CLI's
 # delete, purge or release, or a worker that stored an entry and was restarted since.
 QUARANTINE_COUNT_INTERVAL_SECONDS = 60.0
@@ -164,10 +162,7 @@ class Daemon:
         self.quarantine = LazyQuarantine(config.quarantine.path)
         self.relay = relay_client(config)
         self.processor = MessageProcessor(
-            lambda: self.ruleset,
-            Executor(self.quarantine),
-            self.metrics,
-            whole_read_lock=str(Path(config.state_dir) / WHOLE_READ_LOCK),
+            lambda: self.ruleset, Executor(self.quarantine), self.metrics
         )
         self.handler = FilterdHandler(
             ingress_policy(config), self.relay, self.processor, self.metrics

@@ -8,14 +8,13 @@ and acts. It is also the outermost catch-all for a message: whatever fails here 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import functools
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 from filterd.actions import Executor
@@ -72,15 +71,10 @@ class MessageProcessor:
         ruleset: Callable[[], RuleSet],
         executor: Executor,
         metrics: ProcessingMetrics,
-        *,
-        whole_read_lock: str | None = None,
     ) -> None:
-        """``whole_read_lock``: a file every process of the daemon locks while it reads a
-        spooled message back for its rules (see ``_evaluate_whole``)."""
         self.ruleset = ruleset
         self.executor = executor
         self.metrics = metrics
-        self.whole_read_lock = whole_read_lock
         self._running_loop: asyncio.AbstractEventLoop | None = None
         # One spooled message at a time is read back whole for its rules (see
         # _evaluate_spooled): one thread per process waits for its turn, not one per message.
@@ -136,9 +130,7 @@ class MessageProcessor:
         event loop and one such message at a time in the whole daemon (see
         ``_evaluate_whole``)."""
         async with self._whole_reads:
-            return await asyncio.to_thread(
-                _evaluate_whole, ruleset, message, spool_path, self.whole_read_lock
-            )
+            return await asyncio.to_thread(_evaluate_whole, ruleset, message, spool_path)
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         # get_running_loop() costs a getpid() system call; the daemon runs one loop.
@@ -217,29 +209,19 @@ class MessageProcessor:
         )
 
 
-def _evaluate_whole(
-    ruleset: RuleSet, message: Message, spool_path: str, lock_path: str | None
-) -> Verdict:
-    """Read a spooled message back and evaluate it, holding ``lock_path`` (when given), which
+def _evaluate_whole(ruleset: RuleSet, message: Message, spool_path: str) -> Verdict:
+    """Read a spooled message back and evaluate it, holding a lock on the spool folder that
     every process of the daemon takes for this: the memory the rules of large messages take
     (the message, and an attachment decoded to type and size it) is then one message's,
-    however many arrive at once."""
-    with _locked(lock_path):
+    however many arrive at once. The folder itself is locked, not a file in it: there is no
+    file to be left behind, or owned by another user."""
+    folder = os.open(os.path.dirname(spool_path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         whole = read_all(spool_path)
         return _evaluate_and_let_go(ruleset, dataclasses.replace(message, whole=whole))
-
-
-@contextlib.contextmanager
-def _locked(lock_path: str | None) -> Iterator[None]:
-    if lock_path is None:
-        yield
-        return
-    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
     finally:
-        os.close(fd)  # (closing releases the lock)
+        os.close(folder)  # (closing releases the lock)
 
 
 def _evaluate_and_let_go(ruleset: RuleSet, message: Message) -> Verdict:

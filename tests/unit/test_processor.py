@@ -234,17 +234,16 @@ def _write_rules(tmp_path: Path, needle: str) -> Path:
 
 
 def test_spooled_messages_are_read_back_one_at_a_time_across_processes(tmp_path: Path) -> None:
-    """Every serving process takes the same lock file to read a spooled message back for its
+    """Every serving process locks the spool folder to read a spooled message back for its
     rules: while another holds it (here, the test), the evaluation waits."""
-    lock = tmp_path / "rules-read.lock"
     processor = MessageProcessor(
         lambda: load_ruleset(_write_rules(tmp_path, "needle")),
         Executor(LazyQuarantine(str(tmp_path / "quarantine"))),
         Metrics(CollectorRegistry()),
-        whole_read_lock=str(lock),
     )
     raw = b"From: a@example.org\r\nSubject: big\r\n\r\nneedle\r\n"
-    spool = tmp_path / "msg.eml"
+    (tmp_path / "spool").mkdir()
+    spool = tmp_path / "spool" / "msg.eml"
     spool.write_bytes(raw)
     message = Message(
         Envelope("a@example.org", ("b@example.net",)),
@@ -252,7 +251,7 @@ def test_spooled_messages_are_read_back_one_at_a_time_across_processes(tmp_path:
         spool_path=str(spool),
         spooled_size=len(raw),
     )
-    holder = os.open(lock, os.O_WRONLY | os.O_CREAT)
+    holder = os.open(tmp_path / "spool", os.O_RDONLY | os.O_DIRECTORY)  # the folder is the lock
     fcntl.flock(holder, fcntl.LOCK_EX)
 
     async def run() -> Verdict:
