@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -340,15 +341,22 @@ def start_quarantine_upkeep(
     ]
 
 
+# Start-up failures a later try may not meet: an address not configured yet (at boot, before
+# DHCP or IPv6 duplicate address detection is done), memory or disk space short for a moment.
+_TRANSIENT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN})
+
+
 @contextlib.contextmanager
 def startup_step(what: str) -> Iterator[None]:
     """Turn the OSError of a start-up step (a port taken, a folder that cannot be made) into a
     StartupError that says which step: the admin reads one line, not a traceback, and the
-    exit code (78) tells systemd that restarting will not help."""
+    exit code tells systemd whether restarting can help (1) or not (78)."""
     try:
         yield
     except OSError as exc:
-        raise StartupError(f"cannot {what}: {exc.strerror or exc}") from exc
+        raise StartupError(
+            f"cannot {what}: {exc.strerror or exc}", transient=exc.errno in _TRANSIENT_ERRNOS
+        ) from exc
 
 
 def prepare_state(config: Config, *, clean_spool: bool = True) -> None:

@@ -299,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except StartupError as exc:
         print(f"filterd: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        # 78 stops systemd's restarts (RestartPreventExitStatus): only when a retry cannot help.
+        return EX_FAILURE if exc.transient else EX_CONFIG
     except KeyboardInterrupt:
         return EX_FAILURE
     except BrokenPipeError:

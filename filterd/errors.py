@@ -36,7 +36,12 @@ class ConfigError(FilterdError):
 
 class StartupError(FilterdError):
     """The daemon cannot start as configured: a listening port is taken, a state folder cannot
-    be made. The message says which step failed and why, in one line."""
+    be made. The message says which step failed and why, in one line; ``transient`` when a
+    later try may succeed (an address not configured yet at boot)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class RelayError(FilterdError):

@@ -356,3 +356,23 @@ def test_check_names_the_rules_path_it_checked(
     rules = _rules(tmp_path / "rules", "only")
     assert main(["check", "--rules", str(rules)]) == 0
     assert capsys.readouterr().out == f"OK: {rules}: 1 rule in 1 file, 0 lists\n"
+
+
+def test_an_address_not_there_yet_exits_1_so_systemd_tries_again(tmp_path: Path) -> None:
+    """At boot a listen address may not be configured yet (DHCP, IPv6 duplicate address
+    detection): a later start can succeed, so the exit must not be 78, which stops systemd's
+    restarts."""
+    config = tmp_path / "filterd.yaml"
+    config.write_text(
+        f"listen: 192.0.2.1:10024\nmetrics: {{listen: null}}\nstate_dir: {tmp_path / 'state'}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "filterd", "serve", "-c", str(config), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "filterd: cannot listen on 192.0.2.1:10024: " in done.stderr
+    assert "Traceback" not in done.stderr
