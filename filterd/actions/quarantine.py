@@ -131,11 +131,15 @@ def _make_folder(path: Path) -> None:
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):  # another process got there first
             os.mkdir(folder, _DIR_MODE)
-            os.chmod(folder, _DIR_MODE)
-            owner = folder_owner(folder.parent)
-            if owner is not None:
-                # Not following symlinks: the parent's owner may have swapped the name.
-                os.chown(folder, *owner, follow_symlinks=False)
+            # The mode and the owner are set on the folder as opened, never through its name:
+            # the parent's owner may have swapped the name for a symlink meanwhile, to have
+            # root chmod or chown a file of their choosing.
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, _DIR_MODE)
+                give_to(fd, folder_owner(folder.parent))
+            finally:
+                os.close(fd)
             _fsync_dir(folder.parent)
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is not a directory")

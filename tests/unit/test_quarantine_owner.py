@@ -186,3 +186,29 @@ def test_a_dangling_index_symlink_creates_nothing_outside(folder: Path, tmp_path
     with pytest.raises(QuarantineError, match="cannot open quarantine"):
         QuarantineStore(folder)
     assert not target.exists()
+
+
+def test_a_folder_swapped_for_a_symlink_never_changes_its_target(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between root's mkdir of a new folder and setting its mode and owner, the parent's owner
+    can rename the new folder and put a symlink in its place: root must not chmod or chown
+    what the link points to."""
+    state = base / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, *OWNER)
+    victim = tmp_path / "victim"
+    victim.write_text("root's own file\n")
+    victim.chmod(0o644)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path: Any, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        os.rename(path, f"{path}.moved")  # what the parent's owner can do meanwhile
+        os.symlink(victim, path)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    with pytest.raises(QuarantineError):
+        QuarantineStore(state / "quarantine")
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert victim.stat().st_uid == 0
