@@ -675,9 +675,12 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         finally:
             # Every place gets one reply, even if settling failed: a 451 for a recipient the
             # next hop's reply is missing for.
+            # (with an enhanced code also when the next hop gave none: see with_enhanced_code)
             replies = iter(settled)
             self._pending[:] = [
-                next(replies, TEMPFAIL_INTERNAL.render()).encode("utf-8") if item is None else item
+                with_enhanced_code(next(replies, TEMPFAIL_INTERNAL.render())).encode("utf-8")
+                if item is None
+                else item
                 for item in self._pending
             ]
 

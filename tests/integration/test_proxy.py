@@ -104,6 +104,17 @@ def test_a_recipient_refused_by_the_next_hop_is_refused_and_the_other_delivered(
     assert received.recipients == ["b@example.net"]
 
 
+def test_a_next_hop_recipient_reply_without_an_enhanced_code_gets_one(
+    daemon: Daemon, nexthop: NextHop
+) -> None:
+    # ENHANCEDSTATUSCODES is filterd's promise to its client, whatever the next hop says.
+    nexthop.behaviour.refuse_rcpt["nobody@example.net"] = "550 No such user here"
+    with client(daemon.port) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@example.org")[0] == 250
+        assert smtp.rcpt("nobody@example.net") == (550, b"5.0.0 No such user here")
+
+
 def test_next_hop_down_gives_451_at_the_first_rcpt(tmp_path: Path, empty_rules: Path) -> None:
     from tests.support.daemon import free_port
 
