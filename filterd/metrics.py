@@ -25,6 +25,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 
 from filterd import __version__
+from filterd.errors import StartupError
 from filterd.model import Action
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -125,6 +126,14 @@ def make_registry() -> CollectorRegistry:
         raise RuntimeError(
             f"{MULTIPROC_ENV} was set after prometheus_client was imported; "
             "set it in the environment before the process starts"
+        )
+    path = os.environ[MULTIPROC_ENV]
+    if not (os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)):
+        # Every metric update would fail (each process writes its own files there): one line
+        # and exit 78 rather than a traceback from deep inside prometheus_client.
+        raise StartupError(
+            f"cannot use the metrics folder {path} ({MULTIPROC_ENV}): "
+            "not a folder this process can write"
         )
     registry = _MultiProcessRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -375,4 +376,23 @@ def test_an_address_not_there_yet_exits_1_so_systemd_tries_again(tmp_path: Path)
     )
     assert done.returncode == 1, done.stderr
     assert "filterd: cannot listen on 192.0.2.1:10024: " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_metrics_folder_that_is_not_there_is_one_line_and_exit_78(tmp_path: Path) -> None:
+    config = tmp_path / "filterd.yaml"
+    config.write_text(
+        "listen: 127.0.0.1:0\nmetrics: {listen: null}\nworkers: 2\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "filterd", "serve", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")},
+    )
+    assert done.returncode == 78, done.stderr
+    assert "filterd: cannot use the metrics folder" in done.stderr
     assert "Traceback" not in done.stderr
