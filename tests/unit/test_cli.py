@@ -291,6 +291,20 @@ def test_scan_into_a_closed_pipe_stops_without_a_traceback(tmp_path: Path) -> No
     assert scan.returncode == 1
 
 
+def _serve_failing(
+    config: Path, *options: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``filterd serve -c config`` in a child process that is expected to stop at start-up."""
+    return subprocess.run(
+        [sys.executable, "-m", "filterd", "serve", "-c", str(config), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("taken", ["listen", "metrics"])
 def test_a_port_taken_at_start_is_one_line_and_exit_78(
@@ -312,13 +326,7 @@ def test_a_port_taken_at_start_is_one_line_and_exit_78(
             f"listen: 127.0.0.1:{listen}\nrelay: 127.0.0.1:9\nworkers: {workers}\n"
             f"metrics: {{listen: '127.0.0.1:{metrics}'}}\nstate_dir: {tmp_path / 'state'}\n"
         )
-        done = subprocess.run(
-            [sys.executable, "-m", "filterd", "serve", "-c", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _serve_failing(config)
     what = "listen on" if taken == "listen" else "serve metrics on"
     assert done.returncode == 78, done.stderr
     assert f"filterd: cannot {what} 127.0.0.1:{port}: " in done.stderr
@@ -329,13 +337,7 @@ def test_a_state_dir_that_cannot_be_made_is_one_line_and_exit_78(tmp_path: Path)
     (tmp_path / "a-file").write_text("")
     config = tmp_path / "filterd.yaml"
     config.write_text(f"state_dir: {tmp_path / 'a-file' / 'state'}\nmetrics: {{listen: null}}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "filterd", "serve", "-c", str(config), "--workers", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _serve_failing(config, "--workers", "1")
     assert done.returncode == 78, done.stderr
     assert "filterd: cannot create the spool folder" in done.stderr
     assert "Traceback" not in done.stderr
@@ -367,13 +369,7 @@ def test_an_address_not_there_yet_exits_1_so_systemd_tries_again(tmp_path: Path)
     config.write_text(
         f"listen: 192.0.2.1:10024\nmetrics: {{listen: null}}\nstate_dir: {tmp_path / 'state'}\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "filterd", "serve", "-c", str(config), "--workers", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _serve_failing(config, "--workers", "1")
     assert done.returncode == 1, done.stderr
     assert "filterd: cannot listen on 192.0.2.1:10024: " in done.stderr
     assert "Traceback" not in done.stderr
@@ -385,14 +381,7 @@ def test_a_metrics_folder_that_is_not_there_is_one_line_and_exit_78(tmp_path: Pa
         "listen: 127.0.0.1:0\nmetrics: {listen: null}\nworkers: 2\n"
         f"state_dir: {tmp_path / 'state'}\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "filterd", "serve", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")},
-    )
+    done = _serve_failing(config, env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")})
     assert done.returncode == 78, done.stderr
     assert "filterd: cannot use the metrics folder" in done.stderr
     assert "Traceback" not in done.stderr
