@@ -23,7 +23,12 @@ from pathlib import Path
 from filterd import __version__
 from filterd.actions import Executor, LazyQuarantine
 from filterd.actions.nexthop import NO_TLS, RelayTls
-from filterd.actions.quarantine import QuarantineStore, run_retention, track_size
+from filterd.actions.quarantine import (
+    QuarantineStore,
+    make_private_folder,
+    run_retention,
+    track_size,
+)
 from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
 from filterd.errors import ConfigError, StartupError
@@ -360,12 +365,14 @@ def startup_step(what: str) -> Iterator[None]:
 
 
 def prepare_state(config: Config, *, clean_spool: bool = True) -> None:
-    """Create the state folders; the primary process also clears a crashed run's spool files."""
+    """Create the state folders; the primary process also clears a crashed run's spool files.
+    Run as root in a state folder of the service user's, what it creates is that user's (see
+    ``make_private_folder``): a later start as the service user can still use it."""
     with contextlib.suppress(OSError):  # an unusable quarantine defers only quarantined mail
-        Path(config.quarantine.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_folder(Path(config.quarantine.path))
     spool = Path(config.state_dir) / "spool"
     with startup_step(f"create the spool folder {spool} (state_dir)"):
-        spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_folder(spool)
     if not clean_spool:
         return
     for leftover in spool.glob("msg-*.eml"):

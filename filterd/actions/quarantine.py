@@ -56,6 +56,7 @@ __all__ = [
     "EntryNotFoundError",
     "EntryStatus",
     "QuarantineStore",
+    "make_private_folder",
     "run_retention",
     "track_size",
 ]
@@ -120,7 +121,7 @@ def _write_atomic(folder: Path, name: str, data: bytes, owner: Owner | None) -> 
         raise
 
 
-def _make_folder(path: Path) -> None:
+def make_private_folder(path: Path) -> None:
     """Create ``path`` and any missing parents 0700 (chmod after mkdir: umask-independent),
     each owned as ``folder_owner`` of its parent says."""
     missing: list[Path] = []
@@ -154,7 +155,7 @@ class QuarantineStore:
         # Resyncs and rebuilds swap or bulk-edit the index: one at a time per process.
         self._sync_lock = threading.RLock()
         try:
-            _make_folder(self.path)
+            make_private_folder(self.path)
             self._owner = folder_owner(self.path)
             self._index = self._open_index()
         except (OSError, sqlite3.Error, IndexCorruptError) as exc:

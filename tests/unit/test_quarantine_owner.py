@@ -8,6 +8,7 @@ the daemon runs) can still open the store, store in it and read from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ import pytest
 
 from filterd.actions.quarantine import QuarantineStore
 from filterd.actions.quarantine_index import INDEX_NAME
+from filterd.app import prepare_state
+from filterd.config import QuarantineConfig, default_config
 from filterd.errors import QuarantineError
 from filterd.model import Action, Envelope, Message, Verdict
 
@@ -212,3 +215,20 @@ def test_a_folder_swapped_for_a_symlink_never_changes_its_target(
         QuarantineStore(state / "quarantine")
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644
     assert victim.stat().st_uid == 0
+
+
+def test_state_folders_root_creates_in_the_owners_state_dir_are_theirs(base: Path) -> None:
+    """``filterd serve`` run once as root (to try it) in the service user's state folder must
+    not leave the spool or the quarantine root's: the service could spool or hold no mail."""
+    state = base / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, *OWNER)
+    config = dataclasses.replace(
+        default_config(),
+        state_dir=str(state),
+        quarantine=QuarantineConfig(path=str(state / "quarantine")),
+    )
+    prepare_state(config)
+    owners = _owners(state)
+    assert owners["spool"] == (*OWNER, 0o700)
+    assert owners["quarantine"] == (*OWNER, 0o700)
