@@ -23,15 +23,11 @@ from pathlib import Path
 from filterd import __version__
 from filterd.actions import Executor, LazyQuarantine
 from filterd.actions.nexthop import NO_TLS, RelayTls
-from filterd.actions.quarantine import (
-    QuarantineStore,
-    make_private_folder,
-    run_retention,
-    track_size,
-)
+from filterd.actions.quarantine import QuarantineStore, run_retention, track_size
 from filterd.actions.relay import RelayClient
 from filterd.config import Config, load_config
 from filterd.errors import ConfigError, StartupError
+from filterd.folders import make_private_folder
 from filterd.logsetup import get_logger
 from filterd.observe import Metrics, make_registry, start_metrics_server
 from filterd.processor import MessageProcessor
@@ -373,6 +369,10 @@ def prepare_state(config: Config, *, clean_spool: bool = True) -> None:
     spool = Path(config.state_dir) / "spool"
     with startup_step(f"create the spool folder {spool} (state_dir)"):
         make_private_folder(spool)
+    if not os.access(spool, os.W_OK | os.X_OK):
+        # Left by a run as another user (root): every message past spool_threshold would get
+        # 451. Said at start, once, instead.
+        raise StartupError(f"cannot use the spool folder {spool}: this user cannot write it")
     if not clean_spool:
         return
     for leftover in spool.glob("msg-*.eml"):

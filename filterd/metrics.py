@@ -127,7 +127,13 @@ def make_registry() -> CollectorRegistry:
             f"{MULTIPROC_ENV} was set after prometheus_client was imported; "
             "set it in the environment before the process starts"
         )
-    path = os.environ[MULTIPROC_ENV]
+    _check_multiprocess_dir(os.environ[MULTIPROC_ENV])
+    registry = _MultiProcessRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def _check_multiprocess_dir(path: str) -> None:
     if not (os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)):
         # Every metric update would fail (each process writes its own files there): one line
         # and exit 78 rather than a traceback from deep inside prometheus_client.
@@ -135,9 +141,6 @@ def make_registry() -> CollectorRegistry:
             f"cannot use the metrics folder {path} ({MULTIPROC_ENV}): "
             "not a folder this process can write"
         )
-    registry = _MultiProcessRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return registry
 
 
 def reset_multiprocess_dir() -> None:
@@ -146,6 +149,7 @@ def reset_multiprocess_dir() -> None:
     path = os.environ.get(MULTIPROC_ENV)
     if not path:
         return
+    _check_multiprocess_dir(path)
     for name in glob.glob(os.path.join(path, "*.db")):
         Path(name).unlink(missing_ok=True)
 

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from filterd.folders import make_private_folder
 from filterd.logsetup import get_logger
 
 log = get_logger("filterd.spool")
@@ -24,7 +25,7 @@ class SpoolFile:
     """An open spool file being written; ``close`` keeps it, ``discard`` removes it."""
 
     def __init__(self, folder: str) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_folder(Path(folder))  # (the service user's also when made by root)
         # The writer's pid in the name: when a worker dies, its supervisor removes the files
         # it left (see leftovers_of) while the other workers' stay in use.
         fd, self.path = tempfile.mkstemp(prefix=f"msg-{os.getpid()}-", suffix=".eml", dir=folder)

@@ -41,13 +41,11 @@ from filterd.actions.quarantine_index import (
     Entry,
     EntryStatus,
     IndexCorruptError,
-    Owner,
     QuarantineIndex,
-    folder_owner,
-    give_to,
     iso_utc,
 )
 from filterd.errors import QuarantineError
+from filterd.folders import Owner, folder_owner, fsync_dir, give_to, make_private_folder
 from filterd.model import Message, Verdict
 
 __all__ = [
@@ -56,7 +54,6 @@ __all__ = [
     "EntryNotFoundError",
     "EntryStatus",
     "QuarantineStore",
-    "make_private_folder",
     "run_retention",
     "track_size",
 ]
@@ -64,7 +61,6 @@ __all__ = [
 log = structlog.stdlib.get_logger(__name__)
 
 ENTRY_ID_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
-_DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _ORPHAN_GRACE = timedelta(hours=1)
 _HEADER_SCAN_LIMIT = 65536
@@ -90,14 +86,6 @@ def _headers_of(raw: bytes) -> tuple[str, str]:
     return subject[:_SUBJECT_LIMIT], message_id.strip()[:_SUBJECT_LIMIT]
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(folder: Path, name: str, data: bytes, owner: Owner | None) -> None:
     """Write ``folder/name`` via a fsync'ed temporary file and a rename; the file goes to
     ``owner`` when one is given (see ``folder_owner``)."""
@@ -119,31 +107,6 @@ def _write_atomic(folder: Path, name: str, data: bytes, owner: Owner | None) -> 
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-def make_private_folder(path: Path) -> None:
-    """Create ``path`` and any missing parents 0700 (chmod after mkdir: umask-independent),
-    each owned as ``folder_owner`` of its parent says."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another process got there first
-            os.mkdir(folder, _DIR_MODE)
-            # The mode and the owner are set on the folder as opened, never through its name:
-            # the parent's owner may have swapped the name for a symlink meanwhile, to have
-            # root chmod or chown a file of their choosing.
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fchmod(fd, _DIR_MODE)
-                give_to(fd, folder_owner(folder.parent))
-            finally:
-                os.close(fd)
-            _fsync_dir(folder.parent)
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path} is not a directory")
 
 
 class QuarantineStore:
@@ -369,10 +332,10 @@ class QuarantineStore:
             data = json.dumps(meta, indent=2).encode("ascii")
             _write_atomic(self.path, f"{entry_id}.eml", message.raw, self._owner)
             written.append(self.path / f"{entry_id}.eml")
-            _fsync_dir(self.path)  # the message is on disk before anything says it is complete
+            fsync_dir(self.path)  # the message is on disk before anything says it is complete
             written.append(self.path / f"{entry_id}.json")
             _write_atomic(self.path, f"{entry_id}.json", data, self._owner)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except (OSError, ValueError) as exc:
             for path in reversed(written):  # leave no half entry behind
                 with contextlib.suppress(OSError):
@@ -440,7 +403,7 @@ class QuarantineStore:
         try:
             data = json.dumps(meta, indent=2).encode("ascii")
             _write_atomic(self.path, f"{entry_id}.json", data, self._owner)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             raise QuarantineError(f"cannot update quarantine entry {entry_id}: {exc}") from exc
         self._index_call("upsert", meta)
@@ -463,7 +426,7 @@ class QuarantineStore:
         """Remove an entry (both files and its index row)."""
         self._unlink_entry(entry_id)
         with contextlib.suppress(OSError):  # durability of a deletion is a nicety, not a promise
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         self._index_call("remove", entry_id)
         log.info("quarantine_deleted", id=entry_id)
 
@@ -481,7 +444,7 @@ class QuarantineStore:
                 purged.append(entry_id)
         if purged:
             with contextlib.suppress(OSError):
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
             self._index_call("replace", [], purged)
         log.info(
             "quarantine_purged",

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from filterd.folders import Owner, folder_owner, give_to
 from filterd.mime_headers import without_surrogates
 from filterd.model import Action, RuleTrace
 
@@ -39,10 +40,7 @@ __all__ = [
     "Entry",
     "EntryStatus",
     "IndexCorruptError",
-    "Owner",
     "QuarantineIndex",
-    "folder_owner",
-    "give_to",
     "iso_utc",
 ]
 
@@ -53,26 +51,6 @@ _FILE_MODE = 0o600
 _FORMAT = 1  # of the .json files
 # The database and the files SQLite keeps beside it.
 _SUFFIXES = ("", "-wal", "-shm", "-journal")
-
-Owner = tuple[int, int]
-"""A (uid, gid) pair."""
-
-
-def folder_owner(folder: Path) -> Owner | None:
-    """Who the files this process creates in ``folder`` must belong to: the folder's owner
-    when this process is root and the folder is another user's (an admin running the CLI
-    as root, the daemon running as ``_filterd``); None when the creator may keep them."""
-    if os.geteuid() != 0:
-        return None  # only root can give files away, and only root's files are the problem
-    found = os.stat(folder)
-    return None if found.st_uid == 0 else (found.st_uid, found.st_gid)
-
-
-def give_to(fd: int, owner: Owner | None) -> None:
-    """Hand the file open as ``fd``, just created, to ``owner`` (see ``folder_owner``).
-    By descriptor, never by name: the folder's owner could swap a name for a symlink."""
-    if owner is not None:
-        os.fchown(fd, *owner)
 
 
 def _adopt(path: Path, owner: Owner) -> None:

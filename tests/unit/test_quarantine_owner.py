@@ -27,6 +27,7 @@ from filterd.app import prepare_state
 from filterd.config import QuarantineConfig, default_config
 from filterd.errors import QuarantineError
 from filterd.model import Action, Envelope, Message, Verdict
+from filterd.spool import SpoolFile
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="giving files to another user, and becoming that user, needs root"
@@ -232,3 +233,13 @@ def test_state_folders_root_creates_in_the_owners_state_dir_are_theirs(base: Pat
     owners = _owners(state)
     assert owners["spool"] == (*OWNER, 0o700)
     assert owners["quarantine"] == (*OWNER, 0o700)
+
+
+def test_a_spool_folder_made_while_running_as_root_is_the_owners(base: Path) -> None:
+    """The spool folder, removed while the daemon runs, is made again for the next large
+    message: by root, in the service user's state folder, it must be that user's."""
+    state = base / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, *OWNER)
+    SpoolFile(str(state / "spool")).discard()
+    assert _owners(state)["spool"] == (*OWNER, 0o700)
