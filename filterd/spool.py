@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from filterd.folders import make_private_folder
 from filterd.logsetup import get_logger
@@ -63,20 +64,24 @@ def discard(path: str) -> None:
 
 
 def read_prefix(path: str, limit: int) -> bytes:
-    """The first ``limit`` bytes of a spool file, cut back to a line end — and at least the whole
-    header block, however long, so header rules and header edits (the removal of forged
-    ``X-Spam-*`` fields) see every field."""
+    """The first ``limit`` bytes of a spool file, cut as ``prefix_of`` cuts them."""
     with open(path, "rb") as handle:
-        data = handle.read(limit)
-        searched = 0
-        while b"\r\n\r\n" not in data[searched:] and not data.startswith(b"\r\n"):
-            more = handle.read(READ_BLOCK)
-            if not more:
-                return data
-            searched = max(0, len(data) - 3)
-            data += more
-        complete = not handle.read(1)
-    if complete:
+        return prefix_of(handle, limit)
+
+
+def prefix_of(handle: BinaryIO, limit: int) -> bytes:
+    """The first ``limit`` bytes of a message read from ``handle``, cut back to a line end, and
+    at least the whole header block, however long, so header rules and header edits (the
+    removal of forged ``X-Spam-*`` fields) see every field."""
+    data = handle.read(limit)
+    searched = 0
+    while b"\r\n\r\n" not in data[searched:] and not data.startswith(b"\r\n"):
+        more = handle.read(READ_BLOCK)
+        if not more:
+            return data
+        searched = max(0, len(data) - 3)
+        data += more
+    if not handle.read(1):  # the whole message: nothing to cut
         return data
     cut = data.rfind(b"\n")
     return data[: cut + 1] if cut >= 0 else data

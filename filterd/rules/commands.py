@@ -10,9 +10,9 @@ it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -23,7 +23,7 @@ from filterd.rules.jsonschema import json_schema
 from filterd.rules.pipeline import DEFAULT_MAX_SCAN_BYTES, RuleSet, RuleTestCase, evaluate
 from filterd.rules.schema import load_ruleset
 from filterd.rules.testcases import to_crlf
-from filterd.spool import read_prefix
+from filterd.spool import prefix_of
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -40,16 +40,12 @@ def daemon_view(
 ) -> Message:
     """``raw`` (CRLF) as the daemon's rules see it. A message past ``spool_threshold`` is spooled
     by the daemon: its MIME parts are read from the whole of it, ``raw:`` rules see its first
-    bytes (``read_prefix``: cut back to a line end, the whole header kept), and ``size`` the
+    bytes (``prefix_of``: cut back to a line end, the whole header kept), and ``size`` the
     whole size."""
     if len(raw) <= max(spool_threshold, NEVER_SPOOLED_UP_TO):
         return Message(envelope, raw)
-    # The daemon's own cut, on a private copy: the file itself may have LF line endings.
-    with tempfile.TemporaryDirectory(prefix="filterd-scan-") as folder:
-        copy = os.path.join(folder, "message.eml")
-        with open(copy, "wb") as handle:
-            handle.write(raw)
-        prefix = read_prefix(copy, spool_threshold)
+    # The daemon's own cut, on the CRLF bytes (the file itself may have LF line endings).
+    prefix = prefix_of(io.BytesIO(raw), spool_threshold)
     # spool_path is only where the whole message is; the rules read ``whole``, as the
     # daemon hands it to them.
     return Message(envelope, prefix, spool_path=source, spooled_size=len(raw), whole=raw)
