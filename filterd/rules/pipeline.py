@@ -218,14 +218,25 @@ def evaluate(ruleset: RuleSet, message: Message) -> Verdict:
     """The verdict of ``ruleset`` for ``message``: pure, no I/O, no clock."""
     scan = MessageScan(message, ruleset.scanners, ruleset.max_scan_bytes)
     rules = ruleset.rules
-    heap = list(ruleset._initial)  # a sorted list is already a heap
+    # The keys to visit, in order: the rule set's initial ones (a sorted tuple) merged with
+    # those pushed when a field's scan fires patterns (a heap, empty for most mail).
+    initial = ruleset._initial
+    pending = len(initial)
+    next_initial = 0
+    pushed: list[int] = []
     matched: list[int] = []
     decision = _Decision()
     stopped_at: int | None = None
     accepted_by: Rule | None = None
     last = -1
-    while heap:
-        key = heapq.heappop(heap)
+    while True:
+        if pushed and (next_initial == pending or pushed[0] < initial[next_initial]):
+            key = heapq.heappop(pushed)
+        elif next_initial < pending:
+            key = initial[next_initial]
+            next_initial += 1
+        else:
+            break
         if key == last:
             continue  # a rule reached through several of its patterns
         last = key
@@ -235,7 +246,7 @@ def evaluate(ruleset: RuleSet, message: Message) -> Verdict:
                 by_index = ruleset._atom_rules[field_name]
                 for index in scan.fired(field_name):
                     for candidate in by_index.get(index, ()):
-                        heapq.heappush(heap, 2 * candidate + 1)
+                        heapq.heappush(pushed, 2 * candidate + 1)
             continue
         rule = rules[position]
         if rule.condition.eval(scan) is None:

@@ -12,6 +12,7 @@ never decodes it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
 from filterd.mime import MAX_URLS, Address, ArchiveMember, Attachment, ParsedMessage, Url
@@ -90,51 +91,67 @@ class MessageScan:
     def items(self, group: str) -> Sequence[object]:
         cached = self._items.get(group)
         if cached is None:
-            cached = self._load_items(group)[: _LIMITS.get(group, MAX_ITEMS)]
+            load = _LOADERS.get(group)
+            loaded: Sequence[object]
+            if load is not None:
+                loaded = load(self)
+            elif group.startswith("header:"):
+                loaded = self.parsed.header_values(group[len("header:") :])
+            else:
+                raise KeyError(group)
+            cached = loaded[: _LIMITS.get(group, MAX_ITEMS)]
             self._items[group] = cached
         return cached
 
     def count(self, group: str) -> int:
         return len(self.items(group))
 
-    def _load_items(self, group: str) -> Sequence[object]:
-        envelope = self.message.envelope
-        if group == "sender":
-            return [envelope.sender]
-        if group == "recipient":
-            return list(envelope.recipients)
-        if group == "helo":
-            return [] if envelope.helo is None else [envelope.helo]
-        if group in ("from", "to"):
-            return self.parsed.addresses(group)
-        if group.startswith("header:"):
-            return self.parsed.header_values(group[len("header:") :])
-        if group == "body":
-            # Without trailing line breaks, so that "$" means the end of the text as it
-            # would in Python (RE2's "$" does not match before a final newline). Each text
-            # part is already cut at max_scan_bytes (ParsedMessage's max_text_bytes): cutting
-            # the parts joined would let a long harmless first part hide the ones after it.
-            return [self.parsed.body_text.rstrip("\r\n")]
-        if group == "raw":
-            return [self.message.raw[: self._max_scan]]
-        if group == "url":
-            return self.parsed.urls
-        if group == "attachment":
-            return self.parsed.attachments
-        if group == "archive":
-            return self._archive()[0]
-        raise KeyError(group)
+    # The loaders of the named groups (header:* groups are read by name, see ``items``).
+
+    def _sender(self) -> Sequence[object]:
+        return [self.message.envelope.sender]
+
+    def _recipients(self) -> Sequence[object]:
+        return list(self.message.envelope.recipients)
+
+    def _helo(self) -> Sequence[object]:
+        helo = self.message.envelope.helo
+        return [] if helo is None else [helo]
+
+    def _from(self) -> Sequence[object]:
+        return self.parsed.addresses("from")
+
+    def _to(self) -> Sequence[object]:
+        return self.parsed.addresses("to")
+
+    def _body(self) -> Sequence[object]:
+        # Without trailing line breaks, so that "$" means the end of the text as it would in
+        # Python (RE2's "$" does not match before a final newline). Each text part is already
+        # cut at max_scan_bytes (ParsedMessage's max_text_bytes): cutting the parts joined
+        # would let a long harmless first part hide the ones after it.
+        return [self.parsed.body_text.rstrip("\r\n")]
+
+    def _raw(self) -> Sequence[object]:
+        return [self.message.raw[: self._max_scan]]
+
+    def _urls(self) -> Sequence[object]:
+        return self.parsed.urls
+
+    def _attachments(self) -> Sequence[object]:
+        return self.parsed.attachments
+
+    def _archive_members(self) -> Sequence[object]:
+        return self._archive()[0]
 
     def values(self, field: str) -> Sequence[Value]:
         cached = self._values.get(field)
         if cached is None:
-            group = group_of(field)
-            project = _PROJECTIONS.get(field)
+            group, project = _FIELD_PLANS.get(field) or _plan(field)
             items = self.items(group)
             # Unprojected groups (sender, helo, header:*, body, raw) hold their values as items.
             values: Sequence[Value] = (
-                items
-                if project is None  # type: ignore[assignment]
+                items  # type: ignore[assignment]
+                if project is None
                 else [project(item) for item in items]
             )
             self._values[field] = values
@@ -168,10 +185,13 @@ class MessageScan:
             self._hits[field] = cached
         return cached
 
-    def fired(self, field: str) -> set[int]:
+    def fired(self, field: str) -> AbstractSet[int]:
         """Indices of the field's patterns found in any of its items."""
+        hits = self.hits(field)
+        if len(hits) == 1:
+            return hits[0]  # one item (the body, a subject): its hits are the answer
         out: set[int] = set()
-        for found in self.hits(field):
+        for found in hits:
             out.update(found)
         return out
 
@@ -247,3 +267,27 @@ _PROJECTIONS: dict[str, Callable[[object], str]] = {
     "attachment.detected_type": _attachment("detected_type"),
     "archive.filename": _member_name,
 }
+
+
+_LOADERS: dict[str, Callable[[MessageScan], Sequence[object]]] = {
+    "sender": MessageScan._sender,
+    "recipient": MessageScan._recipients,
+    "helo": MessageScan._helo,
+    "from": MessageScan._from,
+    "to": MessageScan._to,
+    "body": MessageScan._body,
+    "raw": MessageScan._raw,
+    "url": MessageScan._urls,
+    "attachment": MessageScan._attachments,
+    "archive": MessageScan._archive_members,
+}
+
+# field -> (its group, the projection of an item to the field's value or None): worked out
+# once per field name, not on every message. Field names come from loaded rule sets, so this
+# stays as small as the fields the rules name.
+_FIELD_PLANS: dict[str, tuple[str, Callable[[object], str] | None]] = {}
+
+
+def _plan(field: str) -> tuple[str, Callable[[object], str] | None]:
+    plan = _FIELD_PLANS[field] = (group_of(field), _PROJECTIONS.get(field))
+    return plan
