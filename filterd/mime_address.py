@@ -5,6 +5,11 @@ addresses, groups (``undisclosed-recipients:;``) and separators. Display names a
 decoded only after the structure is known, so an encoded comma or '<' in a name cannot split or
 forge an address. Common breakage is tolerated: ';' between addresses (Outlook), unterminated
 quotes or brackets, a bare name without an address, ``Name user@example.com`` without brackets.
+
+Nearly every real value is a list of plain mailboxes (``<a@b>``, ``a@b``, ``Name <a@b>``,
+``"Last, First" <a@b>``) or an empty group; one regex reads those with the same result the scan
+gives, and anything else (comments, backslashes, other colons, spaces inside an address, text
+after the '>') goes to the scan.
 """
 
 from __future__ import annotations
@@ -19,6 +24,19 @@ _COMMENT_STEP_RE = re.compile(r"[()\\]")
 _SPACES_RE = re.compile(r"\s+")
 _ESCAPE_RE = re.compile(r"\\(.)", re.S)
 _MAX_ADDRESSES = 1000
+
+# One element of an address list in a shape whose reading by the scan below is plain, up to and
+# including the separator after it: a display name of text and quoted strings without
+# backslashes, then an angle address; or a bare addr-spec; or an empty group; or nothing. The
+# classes leave out every character the scan treats specially (and whitespace in addresses,
+# which it removes), so the name text is exactly what the scan collects and the address is
+# taken as written. Atomic groups keep each attempt linear in the element's length.
+_COMMON_ELEMENT_RE = re.compile(
+    r'(?:((?>(?:(?>[^",:;<()\\]+)|"[^"\\]*")*))<([^\s<>",:;()\\]+)>'
+    r'|(?>\s*)((?>[^\s<>",:;()\\@]*)@(?>[^\s<>",:;()\\]*))'
+    r'|(?>[^",:;<()\\@]*):(?>\s*);'
+    r")?(?>\s*)(?:[,;]|\Z)"
+)
 
 Mailbox = tuple[str, str]  # (display name decoded, address as written)
 
@@ -60,7 +78,9 @@ class _Element:
 
 
 def _clean_name(text: str) -> str:
-    return _SPACES_RE.sub(" ", decode_words(text)).strip()
+    # str.split() cuts at the characters \s matches, and is several times faster than
+    # _SPACES_RE.sub(" ", ...).strip(), which gives the same.
+    return " ".join(decode_words(text).split())
 
 
 def _skip_comment(value: str, pos: int, out: list[str]) -> int:
@@ -86,6 +106,34 @@ def _skip_comment(value: str, pos: int, out: list[str]) -> int:
 
 def parse_address_list(value: str) -> list[Mailbox]:
     """Every mailbox in an address-list header value (undecoded), in order."""
+    common = _parse_common(value)
+    return _parse_general(value) if common is None else common
+
+
+def _parse_common(value: str) -> list[Mailbox] | None:
+    """The mailboxes of a value made only of common elements (see _COMMON_ELEMENT_RE), or
+    None for the general scan to read it."""
+    result: list[Mailbox] = []
+    pos = 0
+    length = len(value)
+    match_element = _COMMON_ELEMENT_RE.match
+    while True:
+        element = match_element(value, pos)
+        if element is None:
+            return None
+        phrase, angle, bare = element.groups()
+        if angle is not None:
+            # Quoted strings here hold no backslash, so dropping the quotes unquotes them.
+            result.append((_clean_name(phrase.replace('"', "")) if phrase else "", angle))
+        elif bare is not None:
+            result.append(("", bare))
+        pos = element.end()
+        if pos >= length or len(result) == _MAX_ADDRESSES:
+            return result
+
+
+def _parse_general(value: str) -> list[Mailbox]:
+    """Every mailbox in ``value``, by the full scan that reads any shape."""
     result: list[Mailbox] = []
     element = _Element()
     in_group = False
