@@ -20,7 +20,13 @@ from typing import Any, Generic, TypeVar, overload
 
 from filterd.mime_address import parse_address_list
 from filterd.mime_filetype import detect_type, list_zip_members
-from filterd.mime_headers import HeaderField, decode_text, decode_words, split_section
+from filterd.mime_headers import (
+    HeaderField,
+    decode_text,
+    decode_text_lf,
+    decode_words,
+    split_section,
+)
 from filterd.mime_html import find_text_urls, render_html, url_domain
 from filterd.mime_parts import Leaf, Structure, decode_body, walk
 
@@ -209,12 +215,11 @@ class ParsedMessage:
         for leaf in self._structure.leaves:
             if leaf.container or not leaf.content_type.startswith("text/"):
                 continue
-            text = decode_text(decode_body(leaf, self.max_text_bytes), leaf.charset)
+            data = decode_body(leaf, self.max_text_bytes)
             if leaf.content_type == "text/html":
-                text, links = render_html(text)
+                text, links = render_html(decode_text(data, leaf.charset))
             else:
-                if "\r" in text:
-                    text = text.replace("\r\n", "\n")
+                text = decode_text_lf(data, leaf.charset)
                 links = [(url, None) for url in find_text_urls(text)]
             parts.append((text, tuple(links)))
         return tuple(parts)

@@ -6,6 +6,10 @@ Everything here is hand-written over ``bytes`` and ``str`` with atomic groups in
 never raises on hostile bytes. ``email.header`` is not used: it
 raises on bad base64 or unknown charsets for the whole header, where we want to decode every
 encoded word on its own and fall back per word.
+
+The usual header section (UTF-8 fields, CRLF line ends, a blank line) is split by whole-section
+C-level passes, and ASCII text in an ASCII-compatible charset is decoded without its charset;
+anything else takes the general code, which gives the same result for those shapes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import binascii
 import codecs
 import functools
 import re
+from itertools import repeat
 from urllib.parse import unquote_to_bytes
 
 # The header section: an optional mbox "From " line, stray continuation lines, then fields
@@ -37,6 +42,9 @@ _FIELD_RE = re.compile(
     rb"^((?>[\x21-\x39\x3b-\x7e]*))(?>[ \t]*):((?>[^\n]*)(?>(?:\n[ \t](?>[^\n]*))*))", re.M
 )
 _BLANK_RE = re.compile(rb"(?>\r*)\n")
+# Where a logical header line ends: at a CRLF that no fold continues.
+_FIELD_BREAK_RE = re.compile("\r\n(?![ \t])")
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() strips more
 _FOLD_RE = re.compile(rb"\r*\n(?=[ \t])")
 
 # One RFC 2047 encoded word. The text part stops at the next '?' so a run of unterminated
@@ -74,6 +82,60 @@ def split_section(buf: bytes, start: int, end: int) -> tuple[list[HeaderField], 
     Returns the fields and two offsets: where the header section ends (the separator line is
     not included) and where the body starts (after the separator line, if there is one).
     """
+    plain = _split_plain_section(buf, start, end)
+    if plain is not None:
+        return plain
+    return _split_any_section(buf, start, end)
+
+
+def _split_plain_section(
+    buf: bytes, start: int, end: int
+) -> tuple[list[HeaderField], int, int] | None:
+    """``_split_any_section`` by whole-section passes for the usual shape, None for any other:
+    UTF-8 fields ("name:" lines, possibly folded) with CRLF line ends, up to a blank CRLF line.
+
+    In that shape every line up to the first blank line is a field or one of its continuation
+    lines, so the section ends at that blank line; each field's value is the same text the
+    general code unfolds and strips (every line break inside a value is a CRLF before a fold);
+    and the section, valid UTF-8 as a whole and cut only at ASCII characters, decodes field by
+    field as it does at once. A lone CR or LF, an empty name, white space before the colon, a
+    fold before the colon, a stray first continuation line, an mbox "From " line, 8-bit
+    non-UTF-8 bytes, or no blank line leave it to the general code.
+    """
+    if start and buf[start - 1] != 0x0A:
+        return None  # the general code reads no field on a line that starts before ``start``
+    separator = buf.find(b"\r\n\r\n", start, end)
+    if separator < 0:
+        return None
+    header_end = separator + 2
+    try:
+        section = buf[start:separator].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    breaks = section.count("\r\n")
+    if section.count("\r") != breaks or section.count("\n") != breaks:
+        return None  # a lone CR or LF: a line end (or not) the way the general code sees it
+    folded = "\r\n " in section or "\r\n\t" in section
+    lines = _FIELD_BREAK_RE.split(section) if folded else section.split("\r\n")
+    names, colons, values = zip(*map(str.partition, lines, repeat(":")), strict=True)
+    joined_names = "".join(names)
+    # Each name must be a run of printable ASCII other than space (':' cannot occur: the line
+    # was cut at its first one); a name holding a fold's CRLF fails here too.
+    if (
+        "" in colons
+        or "" in names
+        or not (joined_names.isascii() and joined_names.isprintable())
+        or " " in joined_names
+    ):
+        return None
+    if folded:
+        values = tuple(value.replace("\r\n", "") for value in values)
+    fields = list(zip(names, map(str.strip, values, repeat(_ASCII_SPACE)), strict=True))
+    return fields, header_end, header_end + 2
+
+
+def _split_any_section(buf: bytes, start: int, end: int) -> tuple[list[HeaderField], int, int]:
+    """``split_section`` for any bytes: the general code, one field at a time."""
     match = _SECTION_RE.match(buf, start, end)
     header_end = match.end() if match else start
     blank = _BLANK_RE.match(buf, header_end, end)
@@ -116,7 +178,7 @@ def decode_text(data: bytes, charset: str | None) -> str:
     Unknown charsets decode as UTF-8. Undeclared (or US-ASCII) text is tried as UTF-8 first and
     read as Windows-1252 when that fails, which is what unlabelled 8-bit mail usually is.
     """
-    label = charset.strip().strip("\"'").lower() if charset else ""
+    label = _charset_label(charset)
     if label in ("", "us-ascii", "ascii"):
         try:
             return data.decode("utf-8")
@@ -135,6 +197,33 @@ def decode_text(data: bytes, charset: str | None) -> str:
         # cannot be encoded again (RE2, the log line), and would fail the message every time.
         text = without_surrogates(text)
     return text
+
+
+def _charset_label(charset: str | None) -> str:
+    return charset.strip().strip("\"'").lower() if charset else ""
+
+
+# Codecs (as ``_codec_name`` names them) that read every ASCII byte as that ASCII character,
+# one byte at a time: ASCII text decodes alike in all of them. Not UTF-7 (its '+' starts a
+# shifted run), nor ISO-2022 or HZ (ASCII escapes switch character sets), nor UTF-16/32.
+_ASCII_TRANSPARENT_CODECS = frozenset(
+    {"ascii", "utf-8", "cp1252", "cp1250", "cp1251", "koi8-r", "koi8-u"}
+    | {f"iso8859-{number}" for number in (2, 3, 4, 5, 7, 9, 10, 13, 14, 15, 16)}
+)
+
+
+def decode_text_lf(data: bytes, charset: str | None) -> str:
+    """``decode_text`` with each CRLF as a bare LF."""
+    if data.isascii():
+        label = _charset_label(charset)
+        if label in ("", "us-ascii", "ascii") or _codec_name(label) in _ASCII_TRANSPARENT_CODECS:
+            # ASCII text means the same in every such charset, so the line breaks can be
+            # rewritten on the bytes, where split and join beat ``str.replace``.
+            if b"\r" in data:
+                data = b"\n".join(data.split(b"\r\n"))
+            return data.decode("ascii")
+    text = decode_text(data, charset)
+    return text.replace("\r\n", "\n") if "\r" in text else text
 
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")

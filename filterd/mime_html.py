@@ -10,7 +10,8 @@ references are decoded; zero-width characters that spammers use to split words a
 Work per character or per tag is kept in C (``re``, ``str`` methods, ``map``) wherever the
 result is provably the same as the straightforward Python: markup whose only remaining tags
 are <a> and </a> skips the token loop, texts are collapsed in whole-text passes, and bare
-URLs are looked for only where "://" or "www." occurs.
+URLs are looked for only where "://" or "www." occurs, and not at all in text that holds
+neither.
 """
 
 from __future__ import annotations
@@ -321,6 +322,21 @@ def _usable_url(value: str) -> str | None:
 
 def find_text_urls(text: str) -> list[str]:
     """Bare http(s)/ftp/www. URLs in plain text, trailing punctuation trimmed."""
+    if not _may_hold_url(text):
+        return []
+    return _find_urls_in(text)
+
+
+def _may_hold_url(text: str) -> bool:
+    """False when ``text`` holds no "://" and no "w." or "W.", which every match of
+    _TEXT_URL_RE holds; single-character memchr checks answer at once for most texts."""
+    if ":" in text and "://" in text:
+        return True
+    return "." in text and ("w." in text or "W." in text)
+
+
+def _find_urls_in(text: str) -> list[str]:
+    """``find_text_urls`` for any text."""
     urls = []
     for match in _text_url_matches(text):
         start = match.start()

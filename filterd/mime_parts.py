@@ -8,11 +8,15 @@ what mail clients do with broken input: an unterminated multipart ends at the en
 message, a multipart whose boundary never occurs is read as text, a part without a Content-Type
 is text/plain (message/rfc822 inside multipart/digest), an invalid Content-Type is text/plain,
 and message/rfc822 parts are walked into (and also reported themselves).
+
+A single-part message is its own only leaf without the walk, and the Content-* values each
+part declares are parsed once per distinct short value, as mail repeats them.
 """
 
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 from dataclasses import dataclass
 
@@ -21,6 +25,9 @@ from filterd.mime_headers import HeaderField, decode_base64, parse_params, split
 _TYPE_RE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 _MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
 _ENCODED = frozenset({"base64", "quoted-printable"})
+# Encoded input needed per decoded byte, at most: base64 yields 3 bytes per 4 characters,
+# quoted-printable at least 1 per 3, plus line breaks.
+_INPUT_PER_OUTPUT = {"base64": 2, "quoted-printable": 4}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +80,31 @@ def _as_saved(filename: str) -> str:
 
 
 def _declared(fields: list[HeaderField], default_type: str) -> _Declared:
-    content_type = disposition = encoding = None
-    for name, value in fields:
-        lower = name.lower()
-        if lower == "content-type" and content_type is None:
-            content_type = value
-        elif lower == "content-disposition" and disposition is None:
-            disposition = value
-        elif lower == "content-transfer-encoding" and encoding is None:
-            encoding = value
+    # The first of each Content-* field, found by C-level list searches rather than a loop.
+    names = [name.lower() for name, _ in fields]
+    content_type = fields[names.index("content-type")][1] if "content-type" in names else None
+    disposition = (
+        fields[names.index("content-disposition")][1] if "content-disposition" in names else None
+    )
+    encoding = (
+        fields[names.index("content-transfer-encoding")][1]
+        if "content-transfer-encoding" in names
+        else None
+    )
+    if (
+        (content_type is None or len(content_type) <= _MEMO_VALUE_CHARS)
+        and (disposition is None or len(disposition) <= _MEMO_VALUE_CHARS)
+        and (encoding is None or len(encoding) <= _MEMO_VALUE_CHARS)
+    ):
+        return _declared_memo(content_type, disposition, encoding, default_type)
+    return _declared_values(content_type, disposition, encoding, default_type)
+
+
+def _declared_values(
+    content_type: str | None, disposition: str | None, encoding: str | None, default_type: str
+) -> _Declared:
+    """What a part declares, from its first Content-Type, Content-Disposition and
+    Content-Transfer-Encoding values (None: absent)."""
     ctype, params = parse_params(content_type) if content_type is not None else (default_type, {})
     if not _TYPE_RE.fullmatch(ctype):
         ctype = "text/plain"  # RFC 2045 section 5.2: an invalid Content-Type means text/plain
@@ -97,6 +120,14 @@ def _declared(fields: list[HeaderField], default_type: str) -> _Declared:
     )
 
 
+# Mail repeats the same few Content-* values ("text/plain; charset=utf-8", "base64", none at
+# all) from part to part and message to message; ``_declared_values`` is a pure function of
+# them and its result is immutable, so they are parsed once. Only short values are kept: a
+# hostile message's long ones would otherwise stay in memory after it.
+_MEMO_VALUE_CHARS = 200
+_declared_memo = functools.lru_cache(maxsize=1024)(_declared_values)
+
+
 def walk(
     buf: bytes,
     fields: list[HeaderField],
@@ -107,6 +138,24 @@ def walk(
 ) -> Structure:
     """Walk the message whose header fields are ``fields`` and whose body starts at
     ``body_start``; return its leaves."""
+    top = _declared(fields, "text/plain")
+    ctype = top.content_type
+    if max_parts >= 1 and not ctype.startswith("multipart/") and ctype not in _MESSAGE_TYPES:
+        # A single part: the walk would make it the only leaf.
+        return Structure((_leaf(buf, body_start, len(buf), ctype, top),))
+    return _walk_tree(buf, fields, body_start, top, max_parts=max_parts, max_depth=max_depth)
+
+
+def _walk_tree(
+    buf: bytes,
+    fields: list[HeaderField],
+    body_start: int,
+    top: _Declared,
+    *,
+    max_parts: int,
+    max_depth: int,
+) -> Structure:
+    """``walk`` for any message, part by part; ``top`` is what the message itself declares."""
     leaves: list[Leaf] = []
     cut_by: set[str] = set()
     count = 0
@@ -124,7 +173,7 @@ def walk(
             part_fields, _, body = split_section(data, start, end)
         else:
             part_fields, body = parsed
-        info = _declared(part_fields, default_type)
+        info = top if count == 1 else _declared(part_fields, default_type)
         ctype = info.content_type
         if ctype.startswith("multipart/"):
             if depth >= max_depth:
@@ -222,9 +271,11 @@ def decode_body(leaf: Leaf, limit: int | None = None) -> bytes:
     """
     end = leaf.end
     if limit is not None:
-        # base64 yields 3 bytes per 4 characters, quoted-printable at least 1 per 3, plus breaks.
-        factor = {"base64": 2, "quoted-printable": 4}.get(leaf.encoding, 1)
-        end = min(end, leaf.start + limit * factor + 8)
+        end = min(end, leaf.start + limit * _INPUT_PER_OUTPUT.get(leaf.encoding, 1) + 8)
+    if leaf.encoding not in _ENCODED and type(leaf.buf) is bytes:
+        # Nothing to undo: the body is one slice (the view below would be copied just the same).
+        data = leaf.buf[leaf.start : end]
+        return data if limit is None or len(data) <= limit else data[:limit]
     # A view, not a slice: an attachment's encoded body may be megabytes, and decoding needs
     # no copy of it first (a spooled message is parsed whole).
     encoded = memoryview(leaf.buf)[leaf.start : end]
