@@ -127,6 +127,8 @@ class ItemCondition(Condition):
 
     def eval(self, scan: MessageScan) -> str | None:
         count = scan.count(self.group)
+        if not count:
+            return None  # most mail has no attachment, archive or URL for these to look at
         predicates = self.predicates
         if len(predicates) == 1:
             # One test per item (the usual rule): ask it for its first item at once, which
