@@ -2,15 +2,18 @@
 a reply that arrives before the command waiting for it is kept, and a next hop that goes away
 fails the waiting command instead of leaving it waiting for ever. Both dialogues of the latency
 run get through it, its replies to a pipelined group in one write. The benchmarks' report of
-how the CPUs idle reads what the kernel says."""
+how the CPUs idle reads what the kernel says, and the instruction count reads callgrind's."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench import count_instructions
 from tests.bench.bench_smtp import (
     LOCK_STEP,
     PIPELINED,
@@ -132,3 +135,23 @@ def test_the_idle_policy_names_the_driver_and_the_guest_halt_polling(tmp_path: P
     (cpuidle / "current_governor").write_text("menu\n")
     assert idle_policy(tmp_path) == "cpuidle: driver intel_idle, governor menu"
     assert idle_policy(tmp_path / "missing") == "cpuidle: unknown"
+
+
+def test_the_instruction_count_reads_callgrinds_summary() -> None:
+    summary = b"==1== Events    : Ir\n==1== Collected : 831829608\n==1==\n"
+    assert count_instructions._collected(summary) == 831_829_608
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        count_instructions._collected(b"valgrind: command not found\n")
+
+
+def test_the_counted_evaluation_runs_on_the_shipped_rules() -> None:
+    # What count_instructions hands to callgrind, run without it: it must not rot as the rule
+    # engine changes.
+    repo = Path(count_instructions.__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", count_instructions._EVALUATE, str(repo / "rules"), "3"],
+        cwd=repo,
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
