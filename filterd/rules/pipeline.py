@@ -111,6 +111,9 @@ class RuleTestCase:
     raw: bytes | None = None
 
 
+_Step = tuple[int, Rule | None, tuple[tuple[str, Mapping[int, tuple[int, ...]]], ...] | None]
+
+
 @dataclass(frozen=True, eq=False)  # compiled matchers have no value equality: compare by identity
 class RuleSet:
     """A complete, immutable rule set; reload builds a new one and swaps the reference."""
@@ -126,9 +129,11 @@ class RuleSet:
     rule_names: tuple[str, ...] = field(init=False)
     shadow_rule_names: tuple[str, ...] = field(init=False)
     # Lazy evaluation plan (see module docstring); built from the rules, never mutated.
-    _atom_rules: dict[str, dict[int, tuple[int, ...]]] = field(init=False, repr=False)
-    _scan_events: dict[int, tuple[str, ...]] = field(init=False, repr=False)
-    _initial: tuple[int, ...] = field(init=False, repr=False)
+    # The steps every evaluation takes, in order: (key, rule to evaluate or None, field scans
+    # to run or None). A key is 2 * position + 1 for a rule, 2 * position for the scans of the
+    # fields a rule at that position is the first to need; a scan pushes the keys of the rules
+    # its hits name (each field's pattern index -> rule positions) for a visit in key order.
+    _steps: tuple[_Step, ...] = field(init=False, repr=False)
     _unmatched: tuple[RuleTrace, ...] = field(init=False, repr=False)
     _skipped: tuple[RuleTrace, ...] = field(init=False, repr=False)
     _nothing_matched: Verdict = field(init=False, repr=False)
@@ -152,13 +157,16 @@ class RuleSet:
         for field_name, position in first_use.items():
             events.setdefault(position, []).append(field_name)
             initial.append(2 * position)  # even keys: scan before evaluating that rule
-        put(
-            self,
-            "_atom_rules",
-            {f: {i: tuple(r) for i, r in by.items()} for f, by in atom_rules.items()},
-        )
-        put(self, "_scan_events", {p: tuple(fields) for p, fields in events.items()})
-        put(self, "_initial", tuple(sorted(set(initial))))
+        by_field = {f: {i: tuple(r) for i, r in by.items()} for f, by in atom_rules.items()}
+        steps: list[_Step] = []
+        for key in sorted(set(initial)):
+            position = key >> 1
+            if key & 1:
+                steps.append((key, self.rules[position], None))
+            else:
+                scans = tuple((name, by_field[name]) for name in events[position])
+                steps.append((key, None, scans))
+        put(self, "_steps", tuple(steps))
         put(
             self,
             "_unmatched",
@@ -218,37 +226,35 @@ def evaluate(ruleset: RuleSet, message: Message) -> Verdict:
     """The verdict of ``ruleset`` for ``message``: pure, no I/O, no clock."""
     scan = MessageScan(message, ruleset.scanners, ruleset.max_scan_bytes)
     rules = ruleset.rules
-    # The keys to visit, in order: the rule set's initial ones (a sorted tuple) merged with
-    # those pushed when a field's scan fires patterns (a heap, empty for most mail).
-    initial = ruleset._initial
-    pending = len(initial)
-    next_initial = 0
-    pushed: list[int] = []
+    steps = ruleset._steps
+    step_count = len(steps)
+    next_step = 0
+    pushed: list[int] = []  # keys of rules a scan's hits named, as a heap (empty for most mail)
     matched: list[int] = []
     decision = _Decision()
     stopped_at: int | None = None
     accepted_by: Rule | None = None
-    last = -1
+    last_pushed = -1
     while True:
-        if pushed and (next_initial == pending or pushed[0] < initial[next_initial]):
+        if pushed and (next_step == step_count or pushed[0] < steps[next_step][0]):
             key = heapq.heappop(pushed)
-        elif next_initial < pending:
-            key = initial[next_initial]
-            next_initial += 1
+            if key == last_pushed:
+                continue  # a rule reached through several of its patterns
+            last_pushed = key
+            rule = rules[key >> 1]
+        elif next_step < step_count:
+            key, step_rule, scans = steps[next_step]
+            next_step += 1
+            if scans is not None:
+                for field_name, rules_by_index in scans:
+                    for index in scan.fired(field_name):
+                        for candidate in rules_by_index.get(index, ()):
+                            heapq.heappush(pushed, 2 * candidate + 1)
+                continue
+            rule = step_rule  # type: ignore[assignment]  # a step without scans has its rule
         else:
             break
-        if key == last:
-            continue  # a rule reached through several of its patterns
-        last = key
         position = key >> 1
-        if not key & 1:
-            for field_name in ruleset._scan_events[position]:
-                by_index = ruleset._atom_rules[field_name]
-                for index in scan.fired(field_name):
-                    for candidate in by_index.get(index, ()):
-                        heapq.heappush(pushed, 2 * candidate + 1)
-            continue
-        rule = rules[position]
         if rule.condition.eval(scan) is None:
             continue
         matched.append(position)
