@@ -65,7 +65,8 @@ class NextHopReply:
         last = self.lines[-1] if self.lines else ""
         match = _ENHANCED.match(last)
         if match:
-            return SmtpReply(self.code, match.group(1), match.group(2))
+            enhanced, text = match.groups()
+            return SmtpReply(self.code, enhanced, text)
         return SmtpReply(self.code, "", last)
 
     def __str__(self) -> str:
@@ -195,7 +196,7 @@ class NextHopConnection:
         self.transport = transport
         self.protocol = protocol
         self.timeout = timeout
-        self.extensions: dict[str, str] = {}
+        self.extensions: dict[str, str] = {}  # EHLO keywords (upper case) and their parameters
         self.broken = False
         # While the connection waits in the pool: the timer that closes it (RelayClient).
         self.expiry: asyncio.TimerHandle | None = None
@@ -208,7 +209,10 @@ class NextHopConnection:
 
     async def read_reply(self) -> NextHopReply:
         protocol = self.protocol
-        if not protocol.replies and protocol.failure is None:
+        replies = protocol.replies
+        if replies:
+            return replies.popleft()
+        if protocol.failure is None:
             # One bound for the whole reply: a next hop trickling a long multi-line reply must
             # not hold the client longer than relay_timeout. A timer handle, not
             # asyncio.timeout(): this runs several times per message.
@@ -222,8 +226,8 @@ class NextHopConnection:
             finally:
                 timer.cancel()
                 protocol.waiter = None
-        if protocol.replies:
-            return protocol.replies.popleft()
+            if replies:
+                return replies.popleft()
         self.broken = True
         assert protocol.failure is not None
         raise protocol.failure
@@ -247,12 +251,13 @@ class NextHopConnection:
         if protocol.failure is not None or self.transport.is_closing():
             self.broken = True
             raise protocol.failure or RelayError("closed", "next hop closed the connection")
-        unasked = self.unasked()
-        if unasked is not None:
+        if protocol.replies or protocol.lines or protocol.buffer:  # what unasked() reports
             # A reply nobody asked for: read on, every reply would answer the command before
             # it (a refused RCPT read as accepted, a 250 for RCPT taken as the message's).
             self.broken = True
-            raise RelayError("protocol", f"next hop said what no command asked for: {unasked}")
+            raise RelayError(
+                "protocol", f"next hop said what no command asked for: {self.unasked()}"
+            )
         self.transport.write(payload)
         drained = protocol.drained
         if drained is None:
