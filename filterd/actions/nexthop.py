@@ -65,7 +65,8 @@ class NextHopReply:
         last = self.lines[-1] if self.lines else ""
         match = _ENHANCED.match(last)
         if match:
-            return SmtpReply(self.code, match.group(1), match.group(2))
+            enhanced, text = match.groups()
+            return SmtpReply(self.code, enhanced, text)
         return SmtpReply(self.code, "", last)
 
     def __str__(self) -> str:
@@ -74,6 +75,10 @@ class NextHopReply:
 
 _MAX_REPLY_LINE = 65536  # bytes without a line end before a reply counts as malformed
 _MAX_REPLY_LINES = 100
+# Bounds of _ReplyReader.known: replies that differ every time (with a queue id, say) empty it
+# now and then, and a long line is not worth keeping.
+_MAX_KNOWN_REPLIES = 32
+_MAX_KNOWN_LINE = 200
 
 
 class _ReplyReader(asyncio.Protocol):
@@ -89,6 +94,9 @@ class _ReplyReader(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.lines: list[str] = []  # the lines of the reply being received
+        # Single-line replies by their bytes: a next hop says the same few things ("250 2.1.0
+        # Ok", "354 End data...") on every transaction, and each is parsed once.
+        self.known: dict[bytes, NextHopReply] = {}
         self.replies: deque[NextHopReply] = deque()
         self.failure: RelayError | None = None  # set once; the connection is unusable after it
         self.waiter: asyncio.Future[None] | None = None
@@ -101,29 +109,50 @@ class _ReplyReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
-        buffer += data
-        start = 0
-        while self.failure is None:
-            newline = buffer.find(b"\n", start)
-            if newline < 0:
-                break
-            self._line(buffer[start:newline].decode("utf-8", "replace").rstrip("\r"))
-            start = newline + 1
-        del buffer[:start]
+        if self.failure is None:
+            if buffer:  # the start of a line came in an earlier segment
+                data = bytes(buffer) + data
+                buffer.clear()
+            # All the segment's lines in one pass: usually one whole reply, or a pipelined
+            # group's replies, with nothing left over.
+            lines = data.split(b"\n")
+            buffer += lines.pop()  # the part of a line still to come
+            replies = self.replies
+            known = self.known
+            pending = iter(lines)
+            for line in pending:
+                reply = known.get(line)
+                if reply is not None and not self.lines:
+                    replies.append(reply)
+                    continue
+                text = line.decode("utf-8", "replace").rstrip("\r")
+                code = text[:3]
+                if len(code) < 3 or not code.isdigit():
+                    self._fail(RelayError("protocol", f"malformed reply line {text[:80]!r}"))
+                    # Nothing after it is read: it stays in the buffer, as unasked() sees it.
+                    buffer[:0] = b"\n".join([*pending, b""])
+                    break
+                reply_lines = self.lines
+                reply_lines.append(text[4:])
+                if text[3:4] != "-":
+                    reply = NextHopReply(int(code), tuple(reply_lines))
+                    replies.append(reply)
+                    self.lines = []
+                    if len(reply_lines) == 1 and len(line) <= _MAX_KNOWN_LINE:
+                        if len(known) >= _MAX_KNOWN_REPLIES:
+                            known.clear()
+                        known[line] = reply
+                elif len(reply_lines) > _MAX_REPLY_LINES:
+                    self._fail(RelayError("protocol", "reply with too many lines"))
+                    buffer[:0] = b"\n".join([*pending, b""])
+                    break
+        else:
+            buffer += data  # unread: the connection is failing
         if len(buffer) > _MAX_REPLY_LINE:
             self._fail(RelayError("protocol", "reply line too long"))
-        self._wake()
-
-    def _line(self, text: str) -> None:
-        if len(text) < 3 or not text[:3].isdigit():
-            self._fail(RelayError("protocol", f"malformed reply line {text[:80]!r}"))
-            return
-        self.lines.append(text[4:])
-        if len(text) == 3 or text[3] != "-":
-            self.replies.append(NextHopReply(int(text[:3]), tuple(self.lines)))
-            self.lines = []
-        elif len(self.lines) > _MAX_REPLY_LINES:
-            self._fail(RelayError("protocol", "reply with too many lines"))
+        waiter = self.waiter
+        if waiter is not None and (self.replies or self.failure) and not waiter.done():
+            waiter.set_result(None)
 
     def _fail(self, error: RelayError) -> None:
         if self.failure is None:
@@ -167,7 +196,7 @@ class NextHopConnection:
         self.transport = transport
         self.protocol = protocol
         self.timeout = timeout
-        self.extensions: dict[str, str] = {}
+        self.extensions: dict[str, str] = {}  # EHLO keywords (upper case) and their parameters
         self.broken = False
         # While the connection waits in the pool: the timer that closes it (RelayClient).
         self.expiry: asyncio.TimerHandle | None = None
@@ -180,7 +209,10 @@ class NextHopConnection:
 
     async def read_reply(self) -> NextHopReply:
         protocol = self.protocol
-        if not protocol.replies and protocol.failure is None:
+        replies = protocol.replies
+        if replies:
+            return replies.popleft()
+        if protocol.failure is None:
             # One bound for the whole reply: a next hop trickling a long multi-line reply must
             # not hold the client longer than relay_timeout. A timer handle, not
             # asyncio.timeout(): this runs several times per message.
@@ -194,8 +226,8 @@ class NextHopConnection:
             finally:
                 timer.cancel()
                 protocol.waiter = None
-        if protocol.replies:
-            return protocol.replies.popleft()
+            if replies:
+                return replies.popleft()
         self.broken = True
         assert protocol.failure is not None
         raise protocol.failure
@@ -219,12 +251,13 @@ class NextHopConnection:
         if protocol.failure is not None or self.transport.is_closing():
             self.broken = True
             raise protocol.failure or RelayError("closed", "next hop closed the connection")
-        unasked = self.unasked()
-        if unasked is not None:
+        if protocol.replies or protocol.lines or protocol.buffer:  # what unasked() reports
             # A reply nobody asked for: read on, every reply would answer the command before
             # it (a refused RCPT read as accepted, a 250 for RCPT taken as the message's).
             self.broken = True
-            raise RelayError("protocol", f"next hop said what no command asked for: {unasked}")
+            raise RelayError(
+                "protocol", f"next hop said what no command asked for: {self.unasked()}"
+            )
         self.transport.write(payload)
         drained = protocol.drained
         if drained is None:

@@ -34,6 +34,9 @@ _ANY_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 # run other sessions in between: one step costs a fraction of a millisecond (1 MB took ~5 ms).
 STREAM_BLOCK = 64 * 1024
 _XTEXT_SAFE = re.compile(r"[!-*,-<>-~]*")  # printable ASCII except "+" and "="
+_is_plain_xtext = _XTEXT_SAFE.fullmatch
+# The MAIL parameters passed on, each with the extension the next hop must have announced.
+_MAIL_PARAMETER_EXTENSIONS = {"BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8", "SIZE": "SIZE"}
 
 
 def crlf_lines(block: bytes) -> bytes:
@@ -106,7 +109,7 @@ def first_refused(
 
 def xtext(value: str) -> str:
     """RFC 1891 xtext encoding, as XFORWARD attribute values use it."""
-    if _XTEXT_SAFE.fullmatch(value):
+    if _is_plain_xtext(value):
         return value  # the usual case: an address, a host name, a queue id
     out: list[str] = []
     for char in value:
@@ -127,13 +130,16 @@ class Xforward:
     attrs: dict[str, str] = field(default_factory=dict)
 
     def commands(self, supported: Iterable[str]) -> list[str]:
-        allowed = {name.upper() for name in supported}
+        allowed = set(map(str.upper, supported))
         parts = [
-            f"{name}={xtext(value)}"
+            f"{name}={value if _is_plain_xtext(value) else xtext(value)}"
             for name, value in self.attrs.items()
             if name in allowed and value
         ]
         # Postfix accepts several XFORWARD commands; keep each under the 512-byte command limit.
+        line = " ".join(["XFORWARD", *parts])
+        if len(line) <= 500:  # the usual case: all in one, as the loop below would put them
+            return [line] if parts else []
         lines: list[str] = []
         current = "XFORWARD"
         for part in parts:
@@ -287,16 +293,15 @@ class RelayTransaction:
 
     def _mail_command(self, sender: str, options: Sequence[str]) -> str:
         assert self.conn is not None
-        params = []
-        for option in options:
-            name = option.split("=", 1)[0].upper()
-            # Pass on only what the next hop announced; SIZE is recomputed by the caller.
-            if (
-                (name == "BODY" and self.conn.supports("8BITMIME"))
-                or (name == "SMTPUTF8" and self.conn.supports("SMTPUTF8"))
-                or (name == "SIZE" and self.conn.supports("SIZE"))
-            ):
-                params.append(option)
+        if not options:
+            return f"MAIL FROM:<{sender}>"
+        extensions = self.conn.extensions
+        # Pass on only what the next hop announced; SIZE is recomputed by the caller.
+        params = [
+            option
+            for option in options
+            if _MAIL_PARAMETER_EXTENSIONS.get(option.partition("=")[0].upper()) in extensions
+        ]
         suffix = (" " + " ".join(params)) if params else ""
         return f"MAIL FROM:<{sender}>{suffix}"
 
@@ -321,21 +326,22 @@ class RelayTransaction:
             if mail.code != 250:
                 return [mail] * len(rcpts)
             self.mail_accepted = True
-        self.accepted.extend(
-            recipient
-            for recipient, reply in zip(recipients, replies, strict=True)
-            if reply.code in (250, 251)
-        )
+        accepted = self.accepted
+        for recipient, reply in zip(recipients, replies, strict=True):
+            if reply.code in (250, 251):
+                accepted.append(recipient)
         return replies
 
     @staticmethod
     async def _commands(conn: NextHopConnection, lines: Sequence[str]) -> list[NextHopReply]:
         """Each line's reply: the lines in one write if the next hop pipelines."""
-        if conn.supports("PIPELINING"):
-            await conn.send(
-                "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
-            )
-            return [await conn.read_reply() for _ in lines]
+        if "PIPELINING" in conn.extensions:
+            # Each line with its CRLF (and nothing at all for no lines).
+            await conn.send("\r\n".join([*lines, ""]).encode("utf-8", "surrogateescape"))
+            replies = []
+            for _ in lines:  # a loop: a comprehension with await is one more coroutine
+                replies.append(await conn.read_reply())
+            return replies
         return [await conn.command(line) for line in lines]
 
     async def _start_with(self, rcpts: Sequence[str]) -> tuple[NextHopReply, list[NextHopReply]]:
@@ -347,12 +353,13 @@ class RelayTransaction:
             if self.conn is None:
                 self.conn, pooled = await self.client.acquire()
             conn = self.conn
+            extensions = conn.extensions
             try:
                 lines = []
-                if self.xforward is not None and conn.supports("XFORWARD"):
-                    lines = self.xforward.commands(conn.extensions["XFORWARD"].split())
+                if self.xforward is not None and "XFORWARD" in extensions:
+                    lines = self.xforward.commands(extensions["XFORWARD"].split())
                 lines.append(self._mail_command(self.sender, self.mail_options))
-                if conn.supports("PIPELINING"):
+                if "PIPELINING" in extensions:
                     # A refused XFORWARD only loses the client information; MAIL decides. After
                     # a refused MAIL the next hop refuses the RCPTs too (no transaction).
                     replies = await self._commands(conn, [*lines, *rcpts])
@@ -395,7 +402,7 @@ class RelayTransaction:
     async def send_data(self, raw: bytes) -> NextHopReply:
         """The message from memory: BDAT when the next hop offers CHUNKING, else DATA."""
         assert self.conn is not None
-        if self.conn.supports("CHUNKING"):
+        if "CHUNKING" in self.conn.extensions:
             return await self._send_chunk(raw)
         await self.conn.send(b"DATA\r\n")
         # The wire form (dot-stuffed, end marker) is made while DATA travels to the next hop
