@@ -127,7 +127,8 @@ class _ReplyReader(asyncio.Protocol):
                     continue
                 text = line.decode("utf-8", "replace").rstrip("\r")
                 code = text[:3]
-                if len(code) < 3 or not code.isdigit():
+                # ASCII digits only: str.isdigit() takes "²", which int() refuses, and "١٢٣".
+                if len(code) < 3 or not (code.isascii() and code.isdigit()):
                     self._fail(RelayError("protocol", f"malformed reply line {text[:80]!r}"))
                     # Nothing after it is read: it stays in the buffer, as unasked() sees it.
                     buffer[:0] = b"\n".join([*pending, b""])

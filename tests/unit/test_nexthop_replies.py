@@ -38,7 +38,7 @@ class LineByLineReader(_ReplyReader):
         self._wake()
 
     def _line(self, text: str) -> None:
-        if len(text) < 3 or not text[:3].isdigit():
+        if len(text) < 3 or not (text[:3].isascii() and text[:3].isdigit()):
             self._fail(RelayError("protocol", f"malformed reply line {text[:80]!r}"))
             return
         self.lines.append(text[4:])
@@ -197,3 +197,15 @@ def test_replies_that_differ_every_time_do_not_accumulate() -> None:
     assert len(reader.known) <= nexthop._MAX_KNOWN_REPLIES
     assert len(reader.replies) == 1000
     reader.loop.close()
+
+
+@pytest.mark.parametrize("line", ["²50 Ok", "١٢٣ Ok", "2\uff150 Ok"])
+def test_a_reply_code_of_other_digits_is_a_malformed_reply(line: str) -> None:
+    # str.isdigit() takes each; int() refuses the first and reads the others as 123 and 250.
+    reader = _ReplyReader(mock.Mock())
+    reader.connection_made(RecordingTransport())  # type: ignore[arg-type]
+    reader.data_received(line.encode() + b"\r\n250 2.0.0 Ok\r\n")
+    assert not reader.replies
+    assert isinstance(reader.failure, RelayError)
+    assert reader.failure.reason == "protocol"
+    assert "malformed reply line" in str(reader.failure)
