@@ -108,13 +108,6 @@ def _xtext_decode(value: str) -> str:
     return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
-def _has_line_break(address: str) -> bool:
-    """A CR, LF or NUL in an address (a quoted local part may carry one, and aiosmtpd's parser
-    drops the quotes): relayed, it would end or split the next hop's command line at a next
-    hop that takes a bare CR as a line end."""
-    return "\r" in address or "\n" in address or "\0" in address
-
-
 def _peer_ip(session: AioSession) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
@@ -123,6 +116,7 @@ def _peer_ip(session: AioSession) -> str:
 
 
 def session_state(session: AioSession) -> SessionState:
+    # (the per-command hooks below read session.filterd_state themselves: no call)
     state: SessionState = session.filterd_state
     return state
 
@@ -199,9 +193,12 @@ class FilterdHandler:
             return None
         state.admitted = False
         self.active.discard(state)
-        self.per_client[state.client_ip] -= 1
-        if self.per_client[state.client_ip] <= 0:
-            del self.per_client[state.client_ip]
+        per_client, client_ip = self.per_client, state.client_ip
+        remaining = per_client[client_ip] - 1
+        if remaining <= 0:
+            del per_client[client_ip]
+        else:
+            per_client[client_ip] = remaining
         self.metrics.session_closed()
         if state.txn is not None and not state.delivering:
             txn, state.txn = state.txn, None
@@ -252,9 +249,12 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        if _has_line_break(address):
+        # A CR, LF or NUL in an address (a quoted local part may carry one, and aiosmtpd's
+        # parser drops the quotes): relayed, it would end or split the next hop's command line
+        # at a next hop that takes a bare CR as a line end. (Tested inline: once per command.)
+        if "\r" in address or "\n" in address or "\0" in address:
             return "501 5.1.7 Bad sender address syntax"
-        state = session_state(session)
+        state: SessionState = session.filterd_state
         sender = "" if address == "<>" else address
         # No next-hop I/O yet: MAIL travels with the first RCPT (see RelayTransaction.begin).
         txn = self.relay.transaction()
@@ -273,9 +273,9 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        if _has_line_break(address):
+        if "\r" in address or "\n" in address or "\0" in address:  # (as in handle_MAIL)
             return "501 5.1.3 Bad recipient address syntax"
-        state = session_state(session)
+        state: SessionState = session.filterd_state
         if state.relay_failed:
             return TEMPFAIL_INTERNAL.render()
         if state.txn is None:
@@ -292,7 +292,7 @@ class FilterdHandler:
     async def settle_recipients(self, session: AioSession, envelope: AioEnvelope) -> list[str]:
         """Send the recipients that RCPT accepted locally to the next hop and return the
         replies for the client, in order: the next hop's own, per recipient."""
-        state = session_state(session)
+        state: SessionState = session.filterd_state
         recipients, state.unsent_recipients = state.unsent_recipients, []
         if not recipients:
             return []
@@ -362,7 +362,7 @@ class FilterdHandler:
         return "250 2.0.0 Ok"
 
     def _xforward(self, session: AioSession) -> Xforward:
-        state = session_state(session)
+        state: SessionState = session.filterd_state
         attrs = dict(state.xforward)
         # Without XFORWARD from our client, tell the next hop about the client we saw.
         attrs.setdefault("ADDR", state.client_ip)
@@ -384,9 +384,10 @@ class FilterdHandler:
             await (txn.abandon() if broken else txn.finish())
 
     def envelope_of(self, session: AioSession, envelope: AioEnvelope) -> Envelope:
-        state = session_state(session)
+        state: SessionState = session.filterd_state
         sender = envelope.mail_from or ""
         xf = state.xforward
+        options = envelope.mail_options
         return Envelope(
             sender="" if sender == "<>" else sender,
             recipients=tuple(envelope.rcpt_tos),
@@ -395,8 +396,9 @@ class FilterdHandler:
             helo=xf.get("HELO") or session.host_name,
             queue_id=xf.get("IDENT") or None,
             smtputf8=bool(envelope.smtp_utf8),
-            body_8bitmime=any(opt.upper() == "BODY=8BITMIME" for opt in envelope.mail_options),
-            mail_options=tuple(envelope.mail_options),
+            # (most senders give no MAIL parameters: no generator for none)
+            body_8bitmime=bool(options) and any(opt.upper() == "BODY=8BITMIME" for opt in options),
+            mail_options=tuple(options),
         )
 
     def refused(
@@ -420,7 +422,7 @@ class FilterdHandler:
         spool: SpoolFile | None,
     ) -> str:
         """Process a received message and return the reply to the final dot."""
-        state = session_state(session)
+        state: SessionState = session.filterd_state
         txn = state.txn
         if txn is None:
             return TEMPFAIL_INTERNAL.render()

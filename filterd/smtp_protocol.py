@@ -63,6 +63,13 @@ _EXTENDED_COMMAND_LIMITS = {"MAIL": _COMMAND_LIMIT + 26 + 10, "XFORWARD": 1000}
 # write and reads the replies together.
 _GROUPABLE_REPLIES = frozenset({"XFORWARD", "MAIL", "RCPT", "RSET"})
 
+_CommandMethod = Callable[[Any, "str | None"], Coroutine[Any, Any, None]]
+# What the command loop needs to know of a command (see FilterdSMTP._command_table): its
+# ``smtp_*`` method, whether its reply may be held (_GROUPABLE_REPLIES), whether its replies
+# carry no enhanced status code (HELO, EHLO: see with_enhanced_code), and whether it must
+# wait for the next hop's replies to the held RCPTs (all but RCPT itself).
+_CommandSpec = tuple[_CommandMethod, bool, bool, bool]
+
 TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
 # RFC 2034: with ENHANCEDSTATUSCODES announced, every reply but the greeting and the replies to
@@ -90,7 +97,8 @@ _ENHANCED_FOR = {
 def with_enhanced_code(reply: str) -> str:
     """``reply`` with an enhanced status code: its own if it has one, else the one that fits
     its reply code (x.0.0 when none fits better). 3xx replies have none."""
-    if reply[:1] not in ("2", "4", "5") or _HAS_ENHANCED_CODE.match(reply):
+    # (the usual reply has its code: the match first)
+    if _HAS_ENHANCED_CODE.match(reply) or reply[:1] not in ("2", "4", "5"):
         return reply
     code, separator, text = reply[:3], reply[3:4] or " ", reply[4:]
     enhanced = _ENHANCED_FOR.get(code, code[0] + ".0.0")
@@ -189,7 +197,8 @@ class _Resumption(Coroutine[Any, Any, None]):
             # would also hold this protocol (traceback -> frames), and nobody reads it.
             protocol._session_failed(error)
             raise StopIteration from None
-        if protocol._waits_for_input(pending):
+        reader = protocol._reader  # (as _waits_for_input, inline: once per step)
+        if pending is not None and reader is not None and pending is reader._waiter:
             protocol._parked = pending
             self._release()
             raise StopIteration
@@ -305,6 +314,30 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         self._ehlo_hook_ver = "new"
         self._enforce_call_limit = False
 
+    # Per class (a subclass may override command methods): see _command_table.
+    _command_tables: ClassVar[dict[type, dict[str, _CommandSpec]]] = {}
+
+    def _command_table(self) -> dict[str, _CommandSpec]:
+        """The commands the command loop knows, each with what it decides per command
+        (_CommandSpec): looked up once per class instead of per command line (a getattr, a
+        bound method and three set or string tests each time). The command methods are
+        aiosmtpd's own names (``_smtp_method_names``), looked up on the class, as aiosmtpd
+        takes them, once, from the first session."""
+        cls = type(self)
+        table = FilterdSMTP._command_tables.get(cls)
+        if table is None:
+            table = {
+                name: (
+                    getattr(cls, "smtp_" + name),
+                    name in _GROUPABLE_REPLIES,
+                    name in ("HELO", "EHLO"),
+                    name != "RCPT",
+                )
+                for name in self._smtp_method_names
+            }
+            FilterdSMTP._command_tables[cls] = table
+        return table
+
     @property
     def _smtp_methods(self) -> dict[str, Any]:
         """aiosmtpd's table of command methods, which only its HELP reads here: made when
@@ -354,7 +387,9 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 raise  # KeyboardInterrupt and the like: the loop's business
             self._session_failed(error)
             return
-        if self._waits_for_input(pending):
+        # _waits_for_input, inline: this runs for every command line.
+        reader = self._reader
+        if pending is not None and reader is not None and pending is reader._waiter:
             self._parked = pending
             return
         task = self.loop.create_task(_Resumption(self, coro, pending))
@@ -379,7 +414,10 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         reader = self._reader
         if reader is not None:
             reader.feed_data(data)
-            self._input_arrived()
+            # _input_arrived, inline (once per segment the client sends)
+            parked = self._parked
+            if parked is not None and parked.done():
+                self._advance()
 
     async def _handle_client(self) -> None:
         try:
@@ -411,6 +449,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         """
         await self.push(f"220 {self.hostname} {self.__ident__}")
         reader = self._reader
+        commands = self._command_table()
         bogus_budget = BOGUS_LIMIT
         # aiosmtpd's own trace of every command line, kept for `log: {level: debug}` (AUTH
         # secrets masked, as aiosmtpd does); decided once per session, not per line.
@@ -448,12 +487,11 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                     continue
                 # SMTPUTF8 is on: arguments decode as UTF-8, undecodable bytes kept (surrogates).
                 arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
-                limit = (
-                    _EXTENDED_COMMAND_LIMITS.get(command, _COMMAND_LIMIT)
-                    if self.session.extended_smtp
-                    else _COMMAND_LIMIT
-                )
-                if len(line) > limit:
+                # Every limit is at least _COMMAND_LIMIT: a line within it needs no other.
+                if len(line) > _COMMAND_LIMIT and (
+                    not self.session.extended_smtp
+                    or len(line) > _EXTENDED_COMMAND_LIMITS.get(command, _COMMAND_LIMIT)
+                ):
                     await self.push("500 Command line too long")
                     continue
                 if not self._tls_handshake_okay and command != "QUIT":
@@ -466,10 +504,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                 ):
                     await self.push("530 Must issue a STARTTLS command first")
                     continue
-                method = (
-                    getattr(self, "smtp_" + command) if command in self._smtp_method_names else None
-                )
-                if method is None:
+                spec = commands.get(command)
+                if spec is None:
                     bogus_budget -= 1
                     if bogus_budget < 1:
                         await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
@@ -477,14 +513,17 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
                         continue
                     await self.push(f'500 Error: command "{command}" not recognized')
                     continue
-                self._reset_timeout()
-                self._groupable = command in _GROUPABLE_REPLIES
-                if command != "RCPT" and None in self._pending:
+                # _reset_timeout, inline (see there): once per command.
+                self._deadline = self.loop.time() + self._timeout_duration
+                if self._timeout_handle is None:
+                    self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+                method, self._groupable, plain_replies, settles_recipients = spec
+                if settles_recipients and None in self._pending:
                     # What comes next depends on the next hop's answers (DATA needs the
                     # accepted recipients, RSET must not leave replies unread there).
                     await self._settle()
-                self._plain_replies = command in ("HELO", "EHLO")
-                await method(arg)
+                self._plain_replies = plain_replies
+                await method(self, arg)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
                 raise
@@ -639,17 +678,29 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         a server group (_GROUPABLE_REPLIES) while the client's next command is already
         buffered. Each write is a TCP segment that wakes the client, so Postfix's pipelined
         XFORWARD, XFORWARD, MAIL, RCPT, DATA cost one write, not five."""
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return  # the client is gone (its delivery ran to the end): nobody to answer
-        if isinstance(status, LaterReply):
-            self._pending.append(None)
-        elif isinstance(status, bytes):
-            self._pending.append(status)
+        pending = self._pending
+        # A plain str is by far the usual reply: tested first, without isinstance().
+        if type(status) is not str and isinstance(status, (LaterReply, bytes)):
+            pending.append(None if isinstance(status, LaterReply) else status)
         else:
             if not self._plain_replies:
                 status = with_enhanced_code(status)
-            self._pending.append(status.encode("utf-8"))
-        if self._assembling or (self._groupable and self._command_waiting()):
+            pending.append(status.encode())  # (UTF-8)
+        if self._assembling:
+            return
+        if self._groupable:
+            reader = self._reader  # (as _command_waiting, inline)
+            if reader is not None and b"\n" in reader._buffer:
+                return
+        # _flush, inline for the usual case: no held place waits for the next hop and the
+        # transport takes writes.
+        if None not in pending and not self._paused and not transport.is_closing():
+            data = b"\r\n".join(pending)  # type: ignore[arg-type]  # (no None: tested)
+            pending.clear()
+            self._writer.write(data + b"\r\n")
             return
         await self._flush()
 
@@ -687,7 +738,8 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     async def _flush(self) -> None:
         if None in self._pending:
             await self._settle()
-        pending = cast(list[bytes], self._pending)  # settled: no place left empty
+        # Settled: no place left empty.
+        pending: list[bytes] = self._pending  # type: ignore[assignment]
         if not pending:
             return
         data = b"\r\n".join(pending)  # one reply: the reply itself, not a copy
@@ -774,7 +826,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if session_state(self.session).relay_failed:
+        if self.session.filterd_state.relay_failed:  # (session_state, inline)
             await self.push(TEMPFAIL_INTERNAL.render())
             return
         if not self.envelope.rcpt_tos:
