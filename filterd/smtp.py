@@ -108,6 +108,13 @@ def _xtext_decode(value: str) -> str:
     return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
+def _has_line_break(address: str) -> bool:
+    """A CR, LF or NUL in an address (a quoted local part may carry one, and aiosmtpd's parser
+    drops the quotes): relayed, it would end or split the next hop's command line at a next
+    hop that takes a bare CR as a line end."""
+    return "\r" in address or "\n" in address or "\0" in address
+
+
 def _peer_ip(session: AioSession) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
@@ -249,10 +256,7 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        # A CR, LF or NUL in an address (a quoted local part may carry one, and aiosmtpd's
-        # parser drops the quotes): relayed, it would end or split the next hop's command line
-        # at a next hop that takes a bare CR as a line end. (Tested inline: once per command.)
-        if "\r" in address or "\n" in address or "\0" in address:
+        if _has_line_break(address):
             return "501 5.1.7 Bad sender address syntax"
         state: SessionState = session.filterd_state
         sender = "" if address == "<>" else address
@@ -273,7 +277,7 @@ class FilterdHandler:
         address: str,
         options: list[str],
     ) -> str:
-        if "\r" in address or "\n" in address or "\0" in address:  # (as in handle_MAIL)
+        if _has_line_break(address):
             return "501 5.1.3 Bad recipient address syntax"
         state: SessionState = session.filterd_state
         if state.relay_failed:
