@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import ssl
 from collections import deque
@@ -62,15 +63,21 @@ class NextHopReply:
         return " ".join(self.lines)
 
     def as_reply(self) -> SmtpReply:
-        last = self.lines[-1] if self.lines else ""
-        match = _ENHANCED.match(last)
-        if match:
-            enhanced, text = match.groups()
-            return SmtpReply(self.code, enhanced, text)
-        return SmtpReply(self.code, "", last)
+        return _reply_of(self.code, self.lines[-1] if self.lines else "")
 
     def __str__(self) -> str:
         return f"{self.code} {self.lines[-1] if self.lines else ''}".strip()
+
+
+@functools.lru_cache(maxsize=256)
+def _reply_of(code: int, last: str) -> SmtpReply:
+    """The SmtpReply of a next hop's reply with this code and last line. A next hop says the
+    same few things on every transaction, so each is parsed once; SmtpReply is immutable."""
+    match = _ENHANCED.match(last)
+    if match:
+        enhanced, text = match.groups()
+        return SmtpReply(code, enhanced, text)
+    return SmtpReply(code, "", last)
 
 
 _MAX_REPLY_LINE = 65536  # bytes without a line end before a reply counts as malformed

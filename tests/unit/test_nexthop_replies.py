@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from filterd.actions import nexthop
 from filterd.actions.nexthop import NextHopConnection, NextHopReply, _ReplyReader
 from filterd.errors import RelayError
+from filterd.model import SmtpReply
 
 
 class LineByLineReader(_ReplyReader):
@@ -209,3 +210,13 @@ def test_a_reply_code_of_other_digits_is_a_malformed_reply(line: str) -> None:
     assert isinstance(reader.failure, RelayError)
     assert reader.failure.reason == "protocol"
     assert "malformed reply line" in str(reader.failure)
+
+
+def test_a_replys_smtp_form_is_parsed_once_and_keeps_code_enhanced_code_and_text() -> None:
+    first = NextHopReply(250, ("2.0.0 Ok: queued as 4AbC",)).as_reply()
+    assert first == SmtpReply(250, "2.0.0", "Ok: queued as 4AbC")
+    assert NextHopReply(250, ("2.0.0 Ok: queued as 4AbC",)).as_reply() is first
+    assert NextHopReply(354, ("End data with <CR><LF>.<CR><LF>",)).as_reply() == SmtpReply(
+        354, "", "End data with <CR><LF>.<CR><LF>"
+    )
+    assert NextHopReply(451, ()).as_reply() == SmtpReply(451, "", "")
