@@ -58,7 +58,9 @@ def stuff_block(block: bytes) -> bytes:
     sequence can reach the next hop and be read there as the end of the message (SMTP
     smuggling). (The ingress normalises already; this keeps the client safe on its own.)
     """
-    stuffed = crlf_lines(block).replace(b"\r\n.", b"\r\n..")
+    lines = crlf_lines(block)
+    # (``in`` first: replace's own scan is slower, and most mail has nothing to stuff)
+    stuffed = lines.replace(b"\r\n.", b"\r\n..") if b"\r\n." in lines else lines
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
