@@ -44,7 +44,16 @@ Mailbox = tuple[str, str]  # (display name decoded, address as written)
 class _Element:
     """The pieces of one mailbox between separators."""
 
-    __slots__ = ("angle", "comments", "has_at", "phrase", "raw", "raw_checked")
+    __slots__ = (
+        "after",
+        "after_raw",
+        "angle",
+        "comments",
+        "has_at",
+        "phrase",
+        "raw",
+        "raw_checked",
+    )
 
     def __init__(self) -> None:
         self.phrase: list[str] = []  # text before any angle address, quotes removed
@@ -53,6 +62,10 @@ class _Element:
         self.comments: list[str] = []
         self.has_at = False  # whether a piece of ``raw`` holds an "@" (see _has_at)
         self.raw_checked = 0  # how many pieces of ``raw`` _has_at has looked at
+        # Text after the angle address (unquoted, and as written): the display name of a next
+        # angle address that comes with no separator before it (see _parse_general).
+        self.after: list[str] = []
+        self.after_raw: list[str] = []
 
     def mailbox(self) -> Mailbox | None:
         comment = _SPACES_RE.sub(" ", " ".join(self.comments)).strip()
@@ -150,9 +163,13 @@ def _parse_general(value: str) -> list[Mailbox]:
     while pos < length and len(result) < _MAX_ADDRESSES:
         special = _SPECIAL_RE.search(value, pos)
         end = special.start() if special else length
-        if end > pos and element.angle is None:
-            element.phrase.append(value[pos:end])
-            element.raw.append(value[pos:end])
+        if end > pos:
+            if element.angle is None:
+                element.phrase.append(value[pos:end])
+                element.raw.append(value[pos:end])
+            else:
+                element.after.append(value[pos:end])
+                element.after_raw.append(value[pos:end])
         if special is None:
             break
         char = special.group()
@@ -163,17 +180,27 @@ def _parse_general(value: str) -> list[Mailbox]:
             inner = value[pos:stop]
             if not inner.endswith('"') or (inner.endswith('\\"') and _odd_escape(inner)):
                 continue  # an unterminated quote: read on as if the '"' were not there
+            unquoted = _ESCAPE_RE.sub(r"\1", inner.removesuffix('"'))
             if element.angle is None:
                 element.raw.append('"' + inner)
-                element.phrase.append(_ESCAPE_RE.sub(r"\1", inner.removesuffix('"')))
+                element.phrase.append(unquoted)
+            else:
+                element.after_raw.append('"' + inner)
+                element.after.append(unquoted)
             pos = stop
         elif char == "(":
             pos = _skip_comment(value, pos, element.comments)
         elif char == "<":
             close = value.find(">", pos)
             stop = length if close < 0 else close
-            if element.angle is None:
-                element.angle = value[pos:stop]
+            if element.angle is not None:
+                # A second angle address with no separator before it ("<a@bank> <b@evil>"): a
+                # mailbox of its own, with the text between the two as its display name, so
+                # that rules on the addresses and names see it too.
+                name, name_raw = element.after, element.after_raw
+                finish()
+                element.phrase, element.raw = name, name_raw
+            element.angle = value[pos:stop]
             pos = stop + 1
         elif char == "\\":
             if element.angle is None:

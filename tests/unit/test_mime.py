@@ -684,6 +684,21 @@ def test_urls_from_text_and_html_deduplicated() -> None:
         ("<@route.example:u@h.example>", [("", "u@h.example")]),
         ("=?utf-8?q?M=C3=BCller=2C_Hans?= <h@m.example>", [("Müller, Hans", "h@m.example")]),
         ("", []),
+        # A second angle address with no separator before it is a mailbox of its own, named by
+        # the text between the two: a rule on From must see it, not only the first one.
+        (
+            "<good@bank.example> <evil@x.example>",
+            [("", "good@bank.example"), ("", "evil@x.example")],
+        ),
+        (
+            '"Bank" <good@bank.example> "Bank Security" <evil@x.example>',
+            [("Bank", "good@bank.example"), ("Bank Security", "evil@x.example")],
+        ),
+        (
+            "Bank <a@bank.example>Evil<e@x.example>",
+            [("Bank", "a@bank.example"), ("Evil", "e@x.example")],
+        ),
+        ("A <a@b.example> trailing, C <c@d.example>", [("A", "a@b.example"), ("C", "c@d.example")]),
     ],
 )
 def test_address_lists(value: str, expected: list[tuple[str, str]]) -> None:

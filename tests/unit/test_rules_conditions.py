@@ -477,3 +477,16 @@ def test_raw_regexes_read_bytes_as_utf8(
         for name, raw in messages.items()
     }
     assert found == {"latin1": latin1, "utf8": utf8}
+
+
+def test_a_from_rule_sees_an_address_hiding_behind_the_first_one(tmp_path: Path) -> None:
+    # No comma between the two: the second mailbox must still reach the rules on From.
+    raw = (
+        b'From: "Bank" <notices@bank.example> "Bank Security" <alerts@evil.example>\r\n'
+        b"To: bob@example.net\r\nSubject: account\r\n\r\nPlease confirm.\r\n"
+    )
+    message = Message(ENVELOPE, raw)
+    assert _matches(tmp_path, "{from: {domain: {equals: evil.example}}}", message)
+    assert _matches(
+        tmp_path, "{from: {name: {contains: Security}, domain: {equals: evil.example}}}", message
+    )
