@@ -67,6 +67,22 @@ class _Element:
         self.after: list[str] = []
         self.after_raw: list[str] = []
 
+    def mailboxes(self) -> list[Mailbox]:
+        """Usually the one mailbox; bare addresses with only spaces between them ("a@x.example
+        b@y.example", no comma) are one mailbox each, so that none hides behind another."""
+        if self.angle is None:
+            written = "".join(self.raw)
+            words = written.split()
+            if (
+                len(words) > 1
+                and '"' not in written  # (a quoted local part may hold spaces)
+                and all(0 < word.find("@") < len(word) - 1 for word in words)
+            ):
+                name = _clean_name(" ".join(self.comments))
+                return [(name, word) for word in words]
+        mailbox = self.mailbox()
+        return [] if mailbox is None else [mailbox]
+
     def mailbox(self) -> Mailbox | None:
         comment = _SPACES_RE.sub(" ", " ".join(self.comments)).strip()
         if self.angle is not None:
@@ -155,9 +171,9 @@ def _parse_general(value: str) -> list[Mailbox]:
 
     def finish() -> None:
         nonlocal element
-        mailbox = element.mailbox()
-        if mailbox is not None and (mailbox[0] or mailbox[1]) and len(result) < _MAX_ADDRESSES:
-            result.append(mailbox)
+        for mailbox in element.mailboxes():
+            if (mailbox[0] or mailbox[1]) and len(result) < _MAX_ADDRESSES:
+                result.append(mailbox)
         element = _Element()
 
     while pos < length and len(result) < _MAX_ADDRESSES:

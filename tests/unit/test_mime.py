@@ -699,6 +699,12 @@ def test_urls_from_text_and_html_deduplicated() -> None:
             [("Bank", "a@bank.example"), ("Evil", "e@x.example")],
         ),
         ("A <a@b.example> trailing, C <c@d.example>", [("A", "a@b.example"), ("C", "c@d.example")]),
+        # Bare addresses with only spaces between them are one mailbox each (they were run
+        # together into one); the obsolete spacing around a single "@" still joins.
+        ("a@bank.example b@evil.example", [("", "a@bank.example"), ("", "b@evil.example")]),
+        ("a@b.example (note) c@d.example", [("note", "a@b.example"), ("note", "c@d.example")]),
+        ("user @ example.com", [("", "user@example.com")]),
+        ("user@ example.com", [("", "user@example.com")]),
     ],
 )
 def test_address_lists(value: str, expected: list[tuple[str, str]]) -> None:
