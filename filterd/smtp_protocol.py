@@ -199,8 +199,7 @@ class _Resumption(Coroutine[Any, Any, None]):
             # would also hold this protocol (traceback -> frames), and nobody reads it.
             protocol._session_failed(error)
             raise StopIteration from None
-        reader = protocol._reader  # (as _waits_for_input, inline: once per step)
-        if pending is not None and reader is not None and pending is reader._waiter:
+        if protocol._waits_for_input(pending):
             protocol._parked = pending
             self._release()
             raise StopIteration
@@ -680,8 +679,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
         a server group (_GROUPABLE_REPLIES) while the client's next command is already
         buffered. Each write is a TCP segment that wakes the client, so Postfix's pipelined
         XFORWARD, XFORWARD, MAIL, RCPT, DATA cost one write, not five."""
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return  # the client is gone (its delivery ran to the end): nobody to answer
         pending = self._pending
         # A plain str is by far the usual reply: tested first, without isinstance().
@@ -697,14 +695,13 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             reader = self._reader  # (as _command_waiting, inline)
             if reader is not None and b"\n" in reader._buffer:
                 return
-        # _flush, inline for the usual case: no held place waits for the next hop and the
-        # transport takes writes.
-        if None not in pending and not self._paused and not transport.is_closing():
-            data = b"\r\n".join(pending)  # type: ignore[arg-type]  # (no None: tested)
-            pending.clear()
-            self._writer.write(data + b"\r\n")
+        if None in pending:
+            await self._flush()  # a place waits for the next hop's reply: settle first
             return
-        await self._flush()
+        # The usual case, without a coroutine for _flush: nothing waits for the next hop.
+        unwritten = self._write_pending()
+        if unwritten is not None:
+            await super().push(unwritten)
 
     def _command_waiting(self) -> bool:
         reader = self._reader
@@ -740,21 +737,28 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
     async def _flush(self) -> None:
         if None in self._pending:
             await self._settle()
-        # Settled: no place left empty.
+        unwritten = self._write_pending()
+        if unwritten is not None:
+            await super().push(unwritten)
+
+    def _write_pending(self) -> bytes | None:
+        """Write the held replies (settled: no place left empty) in one write. Returns them
+        instead when the transport cannot take them now: then aiosmtpd's push must."""
         pending: list[bytes] = self._pending  # type: ignore[assignment]
         if not pending:
-            return
+            return None
         data = b"\r\n".join(pending)  # one reply: the reply itself, not a copy
         pending.clear()
-        if self.transport is None:
-            return
+        transport = self.transport
+        if transport is None:
+            return None
         # aiosmtpd's push formats a debug log line and awaits drain() for every reply; while
         # the transport is open and not paused neither is needed: just write. Anything else
         # (a paused or closing transport) takes aiosmtpd's path, which waits or raises.
-        if not self._paused and not self.transport.is_closing():
+        if not self._paused and not transport.is_closing():
             self._writer.write(data + b"\r\n")
-            return
-        await super().push(data)
+            return None
+        return data
 
     @_help("STARTTLS", when="tls_context")  # as aiosmtpd's: listed only with TLS configured
     async def smtp_STARTTLS(self, arg: str | None) -> None:

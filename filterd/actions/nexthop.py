@@ -259,13 +259,12 @@ class NextHopConnection:
         if protocol.failure is not None or self.transport.is_closing():
             self.broken = True
             raise protocol.failure or RelayError("closed", "next hop closed the connection")
-        if protocol.replies or protocol.lines or protocol.buffer:  # what unasked() reports
+        unasked = self.unasked()
+        if unasked is not None:
             # A reply nobody asked for: read on, every reply would answer the command before
             # it (a refused RCPT read as accepted, a 250 for RCPT taken as the message's).
             self.broken = True
-            raise RelayError(
-                "protocol", f"next hop said what no command asked for: {self.unasked()}"
-            )
+            raise RelayError("protocol", f"next hop said what no command asked for: {unasked}")
         self.transport.write(payload)
         drained = protocol.drained
         if drained is None:
