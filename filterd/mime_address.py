@@ -23,6 +23,9 @@ _QUOTED_RE = re.compile(r'(?>(?:(?>[^"\\]+)|\\.?)*)"?', re.S)
 _COMMENT_STEP_RE = re.compile(r"[()\\]")
 _SPACES_RE = re.compile(r"\s+")
 _ESCAPE_RE = re.compile(r"\\(.)", re.S)
+# A word of an address as written: a run of text without whitespace, where a quoted string
+# (its spaces included) counts as text, so that ``"john doe"@example.com`` is one word.
+_WORD_RE = re.compile(r'(?:"(?>(?:[^"\\]+|\\.)*)"?|[^\s"])+', re.S)
 _MAX_ADDRESSES = 1000
 
 # One element of an address list in a shape whose reading by the scan below is plain, up to and
@@ -90,20 +93,28 @@ class _Element:
             if address.startswith("@") and ":" in address:
                 address = address.rpartition(":")[2]  # obsolete source route: @a,@b:user@c
             name = _clean_name("".join(self.phrase)) or _clean_name(comment)
-            return name, _SPACES_RE.sub("", address)
-        written = _SPACES_RE.sub(" ", "".join(self.raw)).strip()
-        if not written:
+            return name, _without_spaces(address)
+        written = "".join(self.raw)
+        words = _WORD_RE.findall(written)
+        if not words:
             return (_clean_name(comment), "") if comment else None
         if "@" not in written:
             # No address at all: keep the text as a name so name rules still see it.
             return _clean_name("".join(self.phrase)), ""
-        words = written.split(" ")
         if len(words) > 1 and "@" in words[-1]:
             # "Name user@example.com" without brackets; or "user @ example.com" (obsolete spacing)
             if "@" in words[0] or words[-1].startswith("@"):
                 return _clean_name(comment), "".join(words)
             return _clean_name(" ".join(words[:-1]).replace('"', "")), words[-1]
-        return _clean_name(comment), written.replace(" ", "")
+        return _clean_name(comment), "".join(words)
+
+
+def _without_spaces(address: str) -> str:
+    """``address`` without the whitespace around its parts (``user @ example.com``, folding),
+    keeping what a quoted local part holds (``"john doe"@example.com``)."""
+    if '"' in address:
+        return "".join(_WORD_RE.findall(address))
+    return _SPACES_RE.sub("", address)
 
 
 def _clean_name(text: str) -> str:
