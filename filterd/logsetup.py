@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import ClassVar, Final, TextIO, cast
+from typing import Any, ClassVar, Final, TextIO, cast
 
 import structlog
 from structlog.typing import Processor
@@ -152,12 +153,33 @@ class CachedLogger:
         self._bound: structlog.typing.FilteringBoundLogger | None = None
         self._generation = -1
 
-    def __getattr__(self, attr: str) -> object:
+    def _logger(self) -> structlog.typing.FilteringBoundLogger:
         bound = self._bound
         if bound is None or self._generation != CachedLogger.configured:
             bound = self._bound = structlog.get_logger(self._name).bind()
             self._generation = CachedLogger.configured
-        return getattr(bound, attr)
+        return bound
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self._logger(), attr)
+
+    # The levels called per message are found on the class, not by __getattr__: an attribute
+    # the instance lacks first costs Python a formatted AttributeError (about a microsecond).
+    @property
+    def debug(self) -> Callable[..., Any]:
+        return self._logger().debug
+
+    @property
+    def info(self) -> Callable[..., Any]:
+        return self._logger().info
+
+    @property
+    def warning(self) -> Callable[..., Any]:
+        return self._logger().warning
+
+    @property
+    def error(self) -> Callable[..., Any]:
+        return self._logger().error
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:

@@ -46,6 +46,10 @@ _BLANK_RE = re.compile(rb"(?>\r*)\n")
 _FIELD_BREAK_RE = re.compile("\r\n(?![ \t])")
 _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() strips more
 _FOLD_RE = re.compile(rb"\r*\n(?=[ \t])")
+# Membership tests on bytes on the per-message path take an int for a single byte and find()
+# for a longer needle: ``b"\n" in data`` first tries the needle as an int, and Python 3.11
+# builds (and drops) a formatted TypeError for it before it searches, a microsecond a test.
+CR_BYTE, LF_BYTE = ord("\r"), ord("\n")
 
 # One RFC 2047 encoded word. The text part stops at the next '?' so a run of unterminated
 # "=?" openers costs linear time; spaces inside Q text are tolerated (broken encoders emit them).
@@ -145,7 +149,7 @@ def _split_any_section(buf: bytes, start: int, end: int) -> tuple[list[HeaderFie
         if field.start(1) == field.end(1):
             continue  # ": value" has no name: a defect Python's parser skips, and so do we
         value = field.group(2)
-        if b"\n" in value:
+        if LF_BYTE in value:
             value = _FOLD_RE.sub(b"", value)
         fields.append((field.group(1).decode("ascii"), decode_header_bytes(value.strip())))
     return fields, header_end, body_start
@@ -219,7 +223,7 @@ def decode_text_lf(data: bytes, charset: str | None) -> str:
         if label in ("", "us-ascii", "ascii") or _codec_name(label) in _ASCII_TRANSPARENT_CODECS:
             # ASCII text means the same in every such charset, so the line breaks can be
             # rewritten on the bytes, where split and join beat ``str.replace``.
-            if b"\r" in data:
+            if CR_BYTE in data:
                 data = b"\n".join(data.split(b"\r\n"))
             return data.decode("ascii")
     text = decode_text(data, charset)

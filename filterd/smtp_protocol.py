@@ -32,6 +32,7 @@ from aiosmtpd.smtp import (
 
 from filterd.actions.relay import crlf_lines
 from filterd.logsetup import get_logger
+from filterd.mime_headers import LF_BYTE
 from filterd.model import TEMPFAIL_INTERNAL, SmtpReply
 from filterd.smtp import (
     FilterdHandler,
@@ -110,8 +111,8 @@ def unstuff(block: bytes) -> bytes:
     ending). Clients that send bare LF stuff their dots after it too."""
     lines = crlf_lines(block)
     # Most mail has no line that starts with a dot. bytes.replace returns the block itself
-    # then, but only after a slower scan than ``in`` makes (5 against 1 µs for 5 KB).
-    return lines.replace(b"\r\n.", b"\r\n") if b"\r\n." in lines else lines
+    # then, but only after a slower scan than find's (5 against 1 µs for 5 KB).
+    return lines.replace(b"\r\n.", b"\r\n") if lines.find(b"\r\n.") >= 0 else lines
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -693,7 +694,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
             return
         if self._groupable:
             reader = self._reader  # (as _command_waiting, inline)
-            if reader is not None and b"\n" in reader._buffer:
+            if reader is not None and LF_BYTE in reader._buffer:
                 return
         if None in pending:
             await self._flush()  # a place waits for the next hop's reply: settle first
@@ -705,7 +706,7 @@ class FilterdSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informa
 
     def _command_waiting(self) -> bool:
         reader = self._reader
-        return reader is not None and b"\n" in reader._buffer
+        return reader is not None and LF_BYTE in reader._buffer
 
     async def _settle(self) -> None:
         """Get the next hop's replies for the recipients whose replies are held (one write for
