@@ -43,7 +43,11 @@ from typing import BinaryIO
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench.bench_wakeup import idle_policy  # noqa: E402
+from tests.bench.bench_wakeup import (  # noqa: E402
+    idle_policy,
+    ping_pong,
+    write_waking_a_reader,
+)
 from tests.support.daemon import free_port, wait_port  # noqa: E402
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -598,8 +602,15 @@ def main() -> None:
     args = parser.parse_args()
     print(interpreter_label(), flush=True)
     # Every message through a proxy wakes sleeping processes; what that costs depends on
-    # how the CPUs idle (bench_wakeup.py measures it).
+    # how the CPUs idle and on the host, and it moves every latency figure below: printed
+    # with them, so that runs on different machines (or days) can be told apart.
     print(idle_policy(), flush=True)
+    wall, _ = ping_pong(2000, None)
+    print(
+        f"host wake-up cost (bench_wakeup.py): write waking a reader "
+        f"{write_waking_a_reader(2000):.1f} µs CPU, round trip {wall:.1f} µs",
+        flush=True,
+    )
     wanted = set((args.only or "direct,naive,empty,shipped,regex1000,latency,large").split(","))
 
     workdir = Path(tempfile.mkdtemp(prefix="filterd-bench-"))
