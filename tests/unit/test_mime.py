@@ -708,7 +708,10 @@ def test_urls_from_text_and_html_deduplicated() -> None:
         # A quoted local part keeps its spaces and stays one address (it was cut into a name
         # and a broken address, or had its spaces removed).
         ('"john doe"@example.com', [("", '"john doe"@example.com')]),
-        ('"john doe"@example.com, b@x.example', [("", '"john doe"@example.com'), ("", "b@x.example")]),
+        (
+            '"john doe"@example.com, b@x.example',
+            [("", '"john doe"@example.com'), ("", "b@x.example")],
+        ),
         ('Name <"john  doe"@example.com>', [("Name", '"john  doe"@example.com')]),
         ('"john doe" @ example.com', [("", '"john doe"@example.com')]),
         ('"Bank" notices@bank.example', [("Bank", "notices@bank.example")]),

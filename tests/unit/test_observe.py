@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from filterd import __version__
+from filterd.logsetup import CachedLogger
 from filterd.model import Action
 from filterd.observe import (
     METRICS_CONTENT_TYPE,
@@ -572,6 +573,36 @@ def test_a_module_logger_is_bound_once_not_per_call() -> None:
     log.debug("below the level")
     assert [e["event"] for e in _json_lines(out.getvalue())] == ["one", "two"]
     assert len(made) == 1
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_per_message_levels_are_found_without_the_attribute_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An attribute found only by __getattr__ first costs a formatted AttributeError, twice per
+    # message on the daemon's path: the levels it logs at are the class's own.
+    out = io.StringIO()
+    configure_logging("json", "debug", stream=out)
+    fallbacks: list[str] = []
+    fallback = CachedLogger.__getattr__
+
+    def counting(self: CachedLogger, attr: str) -> object:
+        fallbacks.append(attr)
+        return fallback(self, attr)
+
+    monkeypatch.setattr(CachedLogger, "__getattr__", counting)
+    log = get_logger("filterd.x")
+    for level in ("debug", "info", "warning", "error"):
+        getattr(log, level)(f"at_{level}")
+    assert fallbacks == []
+    assert [e["event"] for e in _json_lines(out.getvalue())] == [
+        "at_debug",
+        "at_info",
+        "at_warning",
+        "at_error",
+    ]
+    log.critical("rarely")  # the others still reach structlog's logger
+    assert fallbacks == ["critical"]
 
 
 @pytest.mark.usefixtures("restore_logging")
