@@ -19,9 +19,18 @@ messages, so start-up and shut-down cancel out:
 - ``minimal``: the same through ``minimal_proxy.py``, the least a Python proxy does.
 
 ``python tests/bench/count_instructions.py [evaluate|daemon|minimal ...] [--rules PATH|none]
-[--dialogue lock-step|pipelined] [--repo PATH]`` (needs valgrind, and smtp-sink for the
-daemon and the minimal proxy; a daemon run takes about a minute and a half). ``--repo`` counts
-another checkout of filterd with this script, so two versions compare side by side. Not
+[--dialogue lock-step|pipelined] [--repo PATH] [--top N] [--callers REGEX]`` (needs valgrind,
+and smtp-sink for the daemon and the minimal proxy; a daemon run takes about a minute and a
+half). ``--repo`` counts another checkout of filterd with this script, so two versions compare
+side by side.
+
+Where the instructions go, per message, by C function (the same difference of two runs, from
+``callgrind_annotate``): ``--top N`` lists the N functions with the most instructions of their
+own, and ``--callers REGEX`` who calls the functions whose names match, how often per message
+and at what cost. Python code all counts as the interpreter's eval loop, so this shows the
+work no Python profiler sees: allocation, the C side of built-in methods, and exceptions that
+are raised and caught unseen (``PyErr_Format``, ``PyTraceBack_Here``). The interpreter of a
+Debian install has no symbols for its internal functions, which show as addresses. Not
 collected by pytest.
 """
 
@@ -35,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,8 +59,13 @@ from tests.bench.bench_smtp import (  # noqa: E402
 )
 from tests.support.daemon import free_port, wait_port  # noqa: E402
 
-_CALLGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
 _COLLECTED = re.compile(rb"Collected : (\d+)")
+# A line of ``callgrind_annotate --tree=caller``: its cost, then "*" for the function itself
+# (its own instructions) or "<" for one of its callers (the cost of its calls from there, and
+# how many there were).
+_TREE_LINE = re.compile(
+    r"^\s*([\d,]+)\s+\([\s\d.]+%\)\s+([*<>])\s+(.*?)(?:\s+\(([\d,]+)x\))?(?:\s+\[.*\])?\s*$"
+)
 SHORT, LONG = 200, 1200  # messages (or evaluations) in the two runs
 START_TIMEOUT = 300.0  # a daemon under callgrind starts about fifty times slower
 
@@ -76,9 +91,14 @@ def _collected(output: bytes) -> int:
     return int(found.group(1))
 
 
-def count_evaluations(repo: Path, rules: Path, runs: int) -> int:
+def _callgrind(out: Path | None) -> list[str]:
+    """valgrind's callgrind, writing its profile to ``out`` (None: nowhere, the count only)."""
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out or '/dev/null'}"]
+
+
+def count_evaluations(repo: Path, rules: Path, runs: int, out: Path | None = None) -> int:
     done = subprocess.run(
-        [*_CALLGRIND, sys.executable, "-c", _EVALUATE, str(rules), str(runs)],
+        [*_callgrind(out), sys.executable, "-c", _EVALUATE, str(rules), str(runs)],
         cwd=repo,
         env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"},
         capture_output=True,
@@ -87,12 +107,19 @@ def count_evaluations(repo: Path, rules: Path, runs: int) -> int:
     return _collected(done.stderr)
 
 
-def count_sessions(repo: Path, command: list[str], port: int, messages: int, dialogue: str) -> int:
+def count_sessions(
+    repo: Path,
+    command: list[str],
+    port: int,
+    messages: int,
+    dialogue: str,
+    out: Path | None = None,
+) -> int:
     """Instructions the server started by ``command`` (listening on ``port``) executes, from
     its start to its exit after ``messages`` sessions."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [*_CALLGRIND, *command],
+            [*_callgrind(out), *command],
             cwd=repo,
             env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"},
             stdout=log,
@@ -120,9 +147,88 @@ def daemon_command(workdir: Path, port: int, relay_port: int, rules: Path) -> li
     return [sys.executable, "-m", "filterd", "serve", "-c", str(config)]
 
 
-def per_message(count: Callable[[int], int]) -> float:
-    """Instructions per extra message (or evaluation) between a short and a long run."""
-    return (count(LONG) - count(SHORT)) / (LONG - SHORT)
+@dataclass
+class CallTree:
+    """A callgrind profile by function: the instructions each executed itself, and for each
+    of its callers how many calls came from there and what they cost in all."""
+
+    own: dict[str, int] = field(default_factory=dict)
+    callers: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+
+
+def parse_call_tree(text: str) -> CallTree:
+    """``callgrind_annotate --tree=caller`` output as a CallTree. Its blocks, one per function,
+    list the callers ("<" lines) before the function itself (the "*" line)."""
+    tree = CallTree()
+    callers: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        found = _TREE_LINE.match(line)
+        if found is None:
+            if not line.strip():
+                callers = {}  # a block ended without its "*" line (a summary, say)
+            continue
+        cost, kind, name, calls = found.groups()
+        instructions = int(cost.replace(",", ""))
+        if kind == "<":
+            callers[name] = (int((calls or "0").replace(",", "")), instructions)
+        elif kind == "*":
+            tree.own[name] = tree.own.get(name, 0) + instructions
+            tree.callers[name] = callers
+            callers = {}
+    return tree
+
+
+def call_tree(profile: Path) -> CallTree:
+    done = subprocess.run(
+        ["callgrind_annotate", "--tree=caller", "--threshold=100", str(profile)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return parse_call_tree(done.stdout)
+
+
+def breakdown(long: CallTree, short: CallTree, extra: int, top: int, callers: str | None) -> str:
+    """Per extra message (or evaluation): the ``top`` functions by their own instructions,
+    and the callers of the functions whose names match ``callers``."""
+    lines = [f"  {'own instructions':>16}  function"]
+    own = {
+        name: (cost - short.own.get(name, 0)) / extra
+        for name, cost in long.own.items()
+        if cost > short.own.get(name, 0)
+    }
+    for name, cost in sorted(own.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"  {cost:16,.0f}  {name}")
+    if callers is not None:
+        wanted = re.compile(callers)
+        for name in sorted(n for n in long.callers if wanted.search(n)):
+            before = short.callers.get(name, {})
+            lines.append(f"  callers of {name} (calls and their instructions, per message):")
+            for caller, (calls, cost) in sorted(
+                long.callers[name].items(), key=lambda item: -item[1][1]
+            ):
+                old_calls, old_cost = before.get(caller, (0, 0))
+                if calls > old_calls:
+                    lines.append(
+                        f"  {(calls - old_calls) / extra:8.2f} x {(cost - old_cost) / extra:10,.0f}"
+                        f"  {caller}"
+                    )
+    return "\n".join(lines)
+
+
+def per_message(count: Callable[[int, Path | None], int], profiles: Path | None = None) -> float:
+    """Instructions per extra message (or evaluation) between a short and a long run; with
+    ``profiles`` (a folder) the two runs leave their callgrind profiles there (see
+    ``profiles_of``)."""
+    long_out, short_out = profiles_of(profiles)
+    return (count(LONG, long_out) - count(SHORT, short_out)) / (LONG - SHORT)
+
+
+def profiles_of(folder: Path | None) -> tuple[Path | None, Path | None]:
+    """Where the long and the short run write their profiles."""
+    if folder is None:
+        return None, None
+    return folder / "long.callgrind", folder / "short.callgrind"
 
 
 def main() -> None:
@@ -136,12 +242,15 @@ def main() -> None:
     parser.add_argument("--rules", default=str(REPO / "rules"), help="a rule path, or none")
     parser.add_argument("--dialogue", choices=[LOCK_STEP, PIPELINED], default=LOCK_STEP)
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to count")
+    parser.add_argument("--top", type=int, default=0, help="list the N costliest C functions")
+    parser.add_argument("--callers", help="list the callers of the C functions matching this")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("needs valgrind (apt install valgrind)")
     repo = args.repo.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        profiles = workdir if args.top or args.callers else None
         rules = Path(args.rules)
         if args.rules == "none":
             rules = workdir / "no-rules"
@@ -153,36 +262,41 @@ def main() -> None:
         subprocess.run(
             [sys.executable, "-m", "compileall", "-q", "filterd", "tests"], cwd=repo, check=True
         )
+
+        def measure(label: str, count: Callable[[int, Path | None], int], unit: str) -> None:
+            print(f"{label}: {per_message(count, profiles):,.0f} instructions per {unit}")
+            long_out, short_out = profiles_of(profiles)
+            if long_out is not None and short_out is not None:
+                trees = call_tree(long_out), call_tree(short_out)
+                print(breakdown(*trees, LONG - SHORT, args.top, args.callers))
+
         if "evaluate" in args.what:
-            evaluations = per_message(lambda runs: count_evaluations(repo, rules, runs))
-            print(f"evaluate ({rules.name}): {evaluations:,.0f} instructions per evaluation")
+            measure(
+                f"evaluate ({rules.name})",
+                lambda runs, out: count_evaluations(repo, rules, runs, out),
+                "evaluation",
+            )
         if "daemon" not in args.what and "minimal" not in args.what:
             return
         sink = Sink()
         try:
             if "daemon" in args.what:
 
-                def daemon(messages: int) -> int:
+                def daemon(messages: int, out: Path | None) -> int:
                     port = free_port()
                     command = daemon_command(workdir, port, sink.port, rules)
-                    return count_sessions(repo, command, port, messages, args.dialogue)
+                    return count_sessions(repo, command, port, messages, args.dialogue, out)
 
-                print(
-                    f"daemon ({rules.name}, {args.dialogue}): "
-                    f"{per_message(daemon):,.0f} instructions per message"
-                )
+                measure(f"daemon ({rules.name}, {args.dialogue})", daemon, "message")
             if "minimal" in args.what:
 
-                def minimal(messages: int) -> int:
+                def minimal(messages: int, out: Path | None) -> int:
                     port = free_port()
                     script = str(repo / "tests" / "bench" / "minimal_proxy.py")
                     command = [sys.executable, script, str(port), str(sink.port)]
-                    return count_sessions(repo, command, port, messages, args.dialogue)
+                    return count_sessions(repo, command, port, messages, args.dialogue, out)
 
-                print(
-                    f"minimal proxy ({args.dialogue}): "
-                    f"{per_message(minimal):,.0f} instructions per message"
-                )
+                measure(f"minimal proxy ({args.dialogue})", minimal, "message")
         finally:
             sink.stop()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,44 @@ def test_the_counted_evaluation_runs_on_the_shipped_rules() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+def _annotated(format_calls: int, traceback_calls: int) -> str:
+    """A ``callgrind_annotate --tree=caller`` listing of the shape the tool reads."""
+    return textwrap.dedent(
+        f"""\
+        --------------------------------------------------------------------------------
+        Ir                     file:function
+        --------------------------------------------------------------------------------
+        {format_calls * 1_600:,} ( 0.69%)  < ???:0x602ad0 ({format_calls:,}x) [python3.11]
+        30 ( 0.01%)  < ???:_PyNumber_Index (3x) [python3.11]
+        {format_calls * 100:,} ( 0.05%)  *  ???:PyErr_Format [python3.11]
+        {format_calls * 1_500:,} ( 0.60%)  >   ???:PyUnicode_FromFormatV (1x) [python3.11]
+
+        {traceback_calls * 2_400:,} ( 0.97%)  < ???:Eval'2 ({traceback_calls:,}x) [python3.11]
+        {traceback_calls * 200:,} ( 0.10%)  *  ???:PyTraceBack_Here [python3.11]
+
+        83,443,000 ( 4.00%)  *  ???:bool re2::DFA::Loop<false, true>(re2::Params*) [_re2.so]
+        """
+    )
+
+
+def test_the_breakdown_reads_callgrinds_call_tree_per_message() -> None:
+    long = count_instructions.parse_call_tree(_annotated(7_000, 5_000))
+    short = count_instructions.parse_call_tree(_annotated(2_000, 1_000))
+    assert long.own["???:PyErr_Format"] == 700_000
+    assert long.own["???:bool re2::DFA::Loop<false, true>(re2::Params*)"] == 83_443_000
+    assert long.callers["???:PyErr_Format"]["???:0x602ad0"] == (7_000, 11_200_000)
+    assert long.callers["???:PyTraceBack_Here"] == {"???:Eval'2": (5_000, 12_000_000)}
+    report = count_instructions.breakdown(long, short, 1_000, top=2, callers="PyErr_Format")
+    lines = report.splitlines()
+    # Per extra message: the functions by their own instructions, the costliest first ...
+    assert lines[1].split() == ["800", "???:PyTraceBack_Here"]
+    assert lines[2].split() == ["500", "???:PyErr_Format"]
+    assert "re2" not in report  # the same in both runs: no per-message cost
+    # ... and who called the matching function, how often and at what cost, per message (a
+    # caller with as many calls in both runs, start-up's, is left out).
+    assert lines[3:] == [
+        "  callers of ???:PyErr_Format (calls and their instructions, per message):",
+        "      5.00 x      8,000  ???:0x602ad0",
+    ]
