@@ -71,42 +71,34 @@ class _Element:
         self.after_raw: list[str] = []
 
     def mailboxes(self) -> list[Mailbox]:
-        """Usually the one mailbox; bare addresses with only spaces between them ("a@x.example
-        b@y.example", no comma) are one mailbox each, so that none hides behind another."""
-        if self.angle is None:
-            written = "".join(self.raw)
-            words = written.split()
-            if (
-                len(words) > 1
-                and '"' not in written  # (a quoted local part may hold spaces)
-                and all(0 < word.find("@") < len(word) - 1 for word in words)
-            ):
-                name = _clean_name(" ".join(self.comments))
-                return [(name, word) for word in words]
-        mailbox = self.mailbox()
-        return [] if mailbox is None else [mailbox]
-
-    def mailbox(self) -> Mailbox | None:
+        """The element's mailbox (none for an empty element). Bare addresses with only spaces
+        between them ("a@x.example b@y.example", no comma) are one mailbox each, so that none
+        hides behind another."""
         comment = _SPACES_RE.sub(" ", " ".join(self.comments)).strip()
         if self.angle is not None:
             address = self.angle.strip()
             if address.startswith("@") and ":" in address:
                 address = address.rpartition(":")[2]  # obsolete source route: @a,@b:user@c
             name = _clean_name("".join(self.phrase)) or _clean_name(comment)
-            return name, _without_spaces(address)
+            return [(name, _without_spaces(address))]
         written = "".join(self.raw)
         words = _WORD_RE.findall(written)
         if not words:
-            return (_clean_name(comment), "") if comment else None
+            return [(_clean_name(comment), "")] if comment else []
         if "@" not in written:
             # No address at all: keep the text as a name so name rules still see it.
-            return _clean_name("".join(self.phrase)), ""
-        if len(words) > 1 and "@" in words[-1]:
-            # "Name user@example.com" without brackets; or "user @ example.com" (obsolete spacing)
-            if "@" in words[0] or words[-1].startswith("@"):
-                return _clean_name(comment), "".join(words)
-            return _clean_name(" ".join(words[:-1]).replace('"', "")), words[-1]
-        return _clean_name(comment), "".join(words)
+            return [(_clean_name("".join(self.phrase)), "")]
+        if len(words) > 1:
+            if all(0 < word.find("@") < len(word) - 1 for word in words):
+                name = _clean_name(comment)
+                return [(name, word) for word in words]
+            if "@" in words[-1]:
+                # "Name user@example.com" without brackets; or "user @ example.com" (obsolete
+                # spacing)
+                if "@" in words[0] or words[-1].startswith("@"):
+                    return [(_clean_name(comment), "".join(words))]
+                return [(_clean_name(" ".join(words[:-1]).replace('"', "")), words[-1])]
+        return [(_clean_name(comment), "".join(words))]
 
 
 def _without_spaces(address: str) -> str:

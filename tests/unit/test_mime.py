@@ -715,6 +715,7 @@ def test_urls_from_text_and_html_deduplicated() -> None:
         ('Name <"john  doe"@example.com>', [("Name", '"john  doe"@example.com')]),
         ('"john doe" @ example.com', [("", '"john doe"@example.com')]),
         ('"Bank" notices@bank.example', [("Bank", "notices@bank.example")]),
+        ('"a b"@x.example c@y.example', [("", '"a b"@x.example'), ("", "c@y.example")]),
     ],
 )
 def test_address_lists(value: str, expected: list[tuple[str, str]]) -> None:
