@@ -204,7 +204,8 @@ class NextHopConnection:
         self.transport = transport
         self.protocol = protocol
         self.timeout = timeout
-        self.extensions: dict[str, str] = {}  # EHLO keywords (upper case) and their parameters
+        # EHLO keywords, upper case (ask ``"PIPELINING" in extensions``), and their parameters
+        self.extensions: dict[str, str] = {}
         self.broken = False
         # While the connection waits in the pool: the timer that closes it (RelayClient).
         self.expiry: asyncio.TimerHandle | None = None
@@ -281,9 +282,6 @@ class NextHopConnection:
         await self.send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return await self.read_reply()
 
-    def supports(self, extension: str) -> bool:
-        return extension.upper() in self.extensions
-
     def abort(self) -> None:
         """Drop the connection at once (no QUIT): for when nothing may be awaited any more."""
         self.broken = True
@@ -324,7 +322,7 @@ async def _ehlo(conn: NextHopConnection, helo: str) -> None:
 
 
 async def _starttls(conn: NextHopConnection, host: str, helo: str, tls: RelayTls) -> None:
-    if not conn.supports("STARTTLS"):
+    if "STARTTLS" not in conn.extensions:
         if tls.mode == "required":
             raise RelayError(
                 "protocol", "next hop does not offer STARTTLS (relay_tls.mode: required)"

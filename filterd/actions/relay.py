@@ -134,7 +134,7 @@ class Xforward:
     def commands(self, supported: Iterable[str]) -> list[str]:
         allowed = set(map(str.upper, supported))
         parts = [
-            f"{name}={value if _is_plain_xtext(value) else xtext(value)}"
+            f"{name}={xtext(value)}"
             for name, value in self.attrs.items()
             if name in allowed and value
         ]
